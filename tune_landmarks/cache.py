@@ -1,0 +1,150 @@
+"""Decoded-image cache: decode each image once per (dataset content, split, size, annotator).
+
+Decoding a 2000-px JPEG/BMP costs far more than augmenting it, so a sweep decodes every image once
+and all trials (processes) read the resized uint8 pixels from one memory-mapped `.npy` file.
+
+Resize convention (invertible, documented in the README): each axis is scaled on its own,
+`x_t = (x + 0.5) * sx - 0.5` with `sx = W_t / W` (pixel centres aligned, as cv2.resize does), so
+`x = (x_t + 0.5) / sx - 0.5` maps predictions back to original pixels exactly.
+"""
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pyarrow as pa
+import pyarrow.ipc as ipc
+from tqdm import tqdm
+
+from .read import Record
+
+CACHE_VERSION = 1
+
+
+def default_cache_root() -> Path:
+    return Path(os.environ.get("TUNE_LANDMARKS_CACHE", Path.home() / ".cache" / "tune_landmarks")).resolve()
+
+
+def to_target(points: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """Original pixels -> resized frame; points (..., 2), scale (..., 2) as (sx, sy)."""
+    return (points + 0.5) * scale - 0.5
+
+
+def to_original(points: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """Resized frame -> original pixels (the exact inverse of `to_target`)."""
+    return (points + 0.5) / scale - 0.5
+
+
+def decode_image(path: str | Path) -> np.ndarray:
+    """Any png/jpg/bmp, grey or 3-channel, as a 2-D uint8 array."""
+    img = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
+    if img is None:
+        raise OSError(f"{path}: image is missing or unreadable")
+    return img
+
+
+def resize(img: np.ndarray, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """Resize to (W, H); returns the image and the per-axis scale (sx, sy)."""
+    h, w = img.shape[:2]
+    tw, th = size
+    interp = cv2.INTER_AREA if tw < w or th < h else cv2.INTER_LINEAR
+    out = cv2.resize(img, (tw, th), interpolation=interp)
+    return out, np.array([tw / w, th / h], dtype=np.float64)
+
+
+@dataclass
+class CachedSplit:
+    """A split's decoded images (memory-mapped, shared between processes) and their geometry."""
+
+    path: Path
+    image_ids: list[str]
+    images: np.ndarray  # (N, H, W) uint8, memory-mapped read-only
+    keypoints: np.ndarray  # (N, K, 2) float64 in the resized frame
+    keypoints_orig: np.ndarray  # (N, K, 2) float64 in original pixels
+    scale: np.ndarray  # (N, 2) sx, sy
+    orig_size: np.ndarray  # (N, 2) W, H
+    spacing_mm: np.ndarray  # (N,)
+
+    def __len__(self) -> int:
+        return len(self.image_ids)
+
+
+def _key(records: list[Record], split: str, size: tuple[int, int], annotator: str) -> str:
+    h = hashlib.sha256()
+    h.update(json.dumps([CACHE_VERSION, split, list(size), annotator]).encode())
+    for r in records:
+        st = r.image_path.stat()
+        h.update(json.dumps([r.image_id, str(r.image_path), st.st_size, st.st_mtime_ns, r.spacing_mm,
+                             np.round(r.keypoints, 4).tolist()]).encode())
+    return h.hexdigest()[:24]
+
+
+def _load(path: Path) -> CachedSplit:
+    with pa.memory_map(str(path / "meta.arrow")) as src:
+        t = ipc.open_file(src).read_all()
+    n = t.num_rows
+    kps = np.asarray(t.column("keypoints").to_pylist(), dtype=np.float64).reshape(n, -1, 2)
+    kps_o = np.asarray(t.column("keypoints_orig").to_pylist(), dtype=np.float64).reshape(n, -1, 2)
+    return CachedSplit(
+        path=path,
+        image_ids=t.column("image_id").to_pylist(),
+        images=np.load(path / "images.npy", mmap_mode="r"),
+        keypoints=kps,
+        keypoints_orig=kps_o,
+        scale=np.stack([t.column("scale_x").to_numpy(), t.column("scale_y").to_numpy()], 1),
+        orig_size=np.stack([t.column("width").to_numpy(), t.column("height").to_numpy()], 1),
+        spacing_mm=t.column("spacing_mm").to_numpy().astype(np.float64),
+    )
+
+
+def build_cache(records: list[Record], split: str, size: tuple[int, int], annotator: str,
+                cache_root: str | Path | None = None, progress: bool = True) -> CachedSplit:
+    """Return the cached split, building it (atomically, under a file lock) if absent or stale."""
+    if not records:
+        raise ValueError(f"split {split!r}: nothing to cache (no records)")
+    root = Path(cache_root).resolve() if cache_root else default_cache_root()
+    root.mkdir(parents=True, exist_ok=True)
+    key = _key(records, split, size, annotator)
+    final = root / f"{split}-{size[0]}x{size[1]}-{annotator}-{key}"
+    if (final / "meta.arrow").is_file():
+        return _load(final)
+    with open(root / f".{final.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # a second builder on this node waits, then reuses
+        if (final / "meta.arrow").is_file():
+            return _load(final)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=root))
+        try:
+            tw, th = size
+            imgs = np.lib.format.open_memmap(tmp / "images.npy", mode="w+", dtype=np.uint8, shape=(len(records), th, tw))
+            cols: dict[str, list] = {k: [] for k in ("image_id", "path", "width", "height", "scale_x", "scale_y",
+                                                     "spacing_mm", "keypoints", "keypoints_orig")}
+            for i, r in enumerate(tqdm(records, desc=f"caching {split} at {tw}x{th}", disable=not progress, leave=False)):
+                img = decode_image(r.image_path)
+                imgs[i], scale = resize(img, size)
+                cols["image_id"].append(r.image_id)
+                cols["path"].append(str(r.image_path))
+                cols["width"].append(img.shape[1])
+                cols["height"].append(img.shape[0])
+                cols["scale_x"].append(float(scale[0]))
+                cols["scale_y"].append(float(scale[1]))
+                cols["spacing_mm"].append(float(r.spacing_mm))
+                cols["keypoints"].append(to_target(r.keypoints, scale).ravel().tolist())
+                cols["keypoints_orig"].append(r.keypoints.ravel().tolist())
+            imgs.flush()
+            del imgs
+            with ipc.new_file(str(tmp / "meta.arrow"), (t := pa.table(cols)).schema) as w:
+                w.write_table(t)
+            os.chmod(tmp, 0o755)
+            os.replace(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return _load(final)

@@ -1,0 +1,352 @@
+"""Readers for the Aariz and ISBI 2015 layouts.
+
+A reader returns `Record`s (image path, keypoints in original pixels, pixel spacing) and collects
+every problem it sees instead of stopping at the first one, so a user fixes a dataset in one pass.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .landmarks import AARIZ, ISBI2015, Landmark, symbols
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
+ANNOTATORS = ("senior", "junior", "mean")
+AARIZ_SPLITS = ("train", "valid", "test")
+ISBI_SPLITS = ("train", "test1", "test2")
+ISBI_SPACING_MM = 0.1
+MAPPING_CSV = "cephalogram_machine_mappings.csv"
+_AARIZ_ANNOTATOR_DIRS = {"senior": "Senior Orthodontists", "junior": "Junior Orthodontists"}
+
+
+class DatasetError(ValueError):
+    """A dataset that cannot be used; `problems` lists every problem, each naming its file."""
+
+    def __init__(self, root: Path, problems: list[str]):
+        self.root = Path(root)
+        self.problems = list(problems)
+        head = f"dataset {self.root}: {len(problems)} problem(s)"
+        super().__init__("\n".join([head] + [f"  - {p}" for p in problems]))
+
+
+@dataclass(frozen=True)
+class Record:
+    image_id: str
+    image_path: Path
+    keypoints: np.ndarray  # (K, 2) float64, x right / y down, original pixels
+    spacing_mm: float
+    machine: str = ""
+
+
+@dataclass
+class Split:
+    """One split of a dataset, with the problems found while reading it."""
+
+    name: str
+    records: list[Record]
+    problems: list[str] = field(default_factory=list)
+    bad_images: set[str] = field(default_factory=set)
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    root: Path
+    format: str  # "aariz" or "isbi"
+    catalogue: tuple[Landmark, ...]
+    splits: tuple[str, ...]  # the splits present
+
+    @property
+    def symbols(self) -> list[str]:
+        return symbols(self.catalogue)
+
+    @property
+    def default_splits(self) -> tuple[str, str]:
+        """(train, validation) split names for this layout."""
+        return ("train", "valid") if self.format == "aariz" else ("train", "test1")
+
+
+def _find_dir(parent: Path, name: str) -> Path | None:
+    """A child directory matched case-insensitively (the archive is lower case, the authors' loader capitalised)."""
+    exact = parent / name
+    if exact.is_dir():
+        return exact
+    if parent.is_dir():
+        for child in sorted(parent.iterdir()):
+            if child.is_dir() and child.name.lower() == name.lower():
+                return child
+    return None
+
+
+def _aariz_root(root: Path) -> Path:
+    """Accept both the folder holding the splits and its parent holding `Aariz/`."""
+    if any(_find_dir(root, s) for s in AARIZ_SPLITS):
+        return root
+    inner = _find_dir(root, "Aariz")
+    return inner if inner is not None else root
+
+
+def detect_format(root: str | Path) -> str:
+    root = Path(root)
+    if not root.is_dir():
+        raise DatasetError(root, [f"{root}: not a directory"])
+    if any((root / f"{s}_{a}.csv").is_file() for s in ISBI_SPLITS for a in ("senior", "junior")):
+        return "isbi"
+    aroot = _aariz_root(root)
+    if any(_find_dir(aroot, s) for s in AARIZ_SPLITS):
+        return "aariz"
+    raise DatasetError(root, [f"{root}: neither an Aariz layout ({{train,valid,test}}/Cephalograms) nor an "
+                              f"ISBI 2015 layout ({{train,test1,test2}}_{{senior,junior}}.csv)"])
+
+
+def describe(root: str | Path, fmt: str | None = None) -> DatasetInfo:
+    root = Path(root).resolve()
+    fmt = fmt or detect_format(root)
+    if fmt == "isbi":
+        present = tuple(s for s in ISBI_SPLITS if any((root / f"{s}_{a}.csv").is_file() for a in ("senior", "junior")))
+        return DatasetInfo(root, "isbi", ISBI2015, present)
+    if fmt == "aariz":
+        aroot = _aariz_root(root)
+        present = tuple(s for s in AARIZ_SPLITS if _find_dir(aroot, s) is not None)
+        return DatasetInfo(aroot, "aariz", AARIZ, present)
+    raise ValueError(f"The value of `format` is {fmt!r}, but must be one of 'aariz', 'isbi'.")
+
+
+def _combine(senior: np.ndarray | None, junior: np.ndarray | None, annotator: str) -> np.ndarray | None:
+    if annotator == "senior":
+        return senior
+    if annotator == "junior":
+        return junior
+    if senior is None or junior is None:
+        return None
+    # The Aariz authors' ground truth: ceil((junior + senior) / 2) per coordinate.
+    return np.ceil((senior + junior) / 2.0)
+
+
+def _check_annotator(annotator: str) -> None:
+    if annotator not in ANNOTATORS:
+        raise ValueError(f"The value of `annotator` is {annotator!r}, but must be one of {', '.join(ANNOTATORS)}.")
+
+
+def _check_bounds(path: Path, kps: np.ndarray, size: tuple[int, int] | None, syms: list[str]) -> list[str]:
+    if size is None:
+        return []
+    w, h = size
+    out = []
+    for s, (x, y) in zip(syms, kps):
+        if not (0 <= x < w and 0 <= y < h):
+            out.append(f"{path}: landmark {s} at ({x:g}, {y:g}) lies outside the {w}x{h} image")
+    return out
+
+
+def image_size(path: Path) -> tuple[int, int] | None:
+    """(width, height) from the file header without decoding pixels; None if unreadable."""
+    try:
+        from PIL import Image
+
+        with Image.open(path) as im:
+            im.verify()
+        with Image.open(path) as im:
+            return im.size
+    except Exception:
+        return None
+
+
+def read_mapping(path: str | Path) -> dict[str, tuple[float, str]]:
+    """cephalogram_id -> (pixel_size mm/px, machine) from the archive's CSV (BOM-prefixed, hence utf-8-sig)."""
+    path = Path(path)
+    out: dict[str, tuple[float, str]] = {}
+    problems = []
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f)
+        need = {"cephalogram_id", "pixel_size"}
+        if not need <= set(reader.fieldnames or []):
+            raise DatasetError(path.parent, [f"{path}: header must contain {sorted(need)}, got {reader.fieldnames}"])
+        for i, row in enumerate(reader, start=2):
+            try:
+                ps = float(row["pixel_size"])
+                if not ps > 0:
+                    raise ValueError
+            except (TypeError, ValueError):
+                problems.append(f"{path}:{i}: pixel_size {row.get('pixel_size')!r} is not a positive number")
+                continue
+            out[row["cephalogram_id"].strip()] = (ps, (row.get("machine") or "").strip())
+    if problems:
+        raise DatasetError(path.parent, problems)
+    return out
+
+
+def _read_aariz_json(path: Path, known: list[str]) -> tuple[np.ndarray | None, list[str]]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8-sig"))
+        items = data["landmarks"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return None, [f"{path}: unreadable annotation ({type(exc).__name__}: {exc})"]
+    found: dict[str, tuple[float, float]] = {}
+    problems = []
+    for item in items:
+        try:
+            sym = item["symbol"]
+            xy = (float(item["value"]["x"]), float(item["value"]["y"]))
+        except (KeyError, TypeError, ValueError):
+            problems.append(f"{path}: landmark entry without symbol/value.x/value.y: {item!r}"[:300])
+            continue
+        if sym not in known:
+            problems.append(f"{path}: unknown landmark symbol {sym!r}")
+        elif sym in found:
+            problems.append(f"{path}: landmark symbol {sym!r} appears twice")
+        else:
+            found[sym] = xy
+    missing = [s for s in known if s not in found]
+    if missing:
+        problems.append(f"{path}: missing landmark symbol(s) {', '.join(missing)}")
+    if problems:
+        return None, problems
+    return np.array([found[s] for s in known], dtype=np.float64), []
+
+
+def _read_aariz_split(info: DatasetInfo, split: str, annotator: str) -> Split:
+    known = info.symbols
+    sdir = _find_dir(info.root, split)
+    if sdir is None:
+        return Split(split, [], [f"{info.root / split}: split folder is missing"])
+    mapping_path = info.root / MAPPING_CSV
+    problems: list[str] = []
+    mapping: dict[str, tuple[float, str]] = {}
+    if not mapping_path.is_file():
+        problems.append(f"{mapping_path}: pixel-size table is missing")
+    else:
+        try:
+            mapping = read_mapping(mapping_path)
+        except DatasetError as exc:
+            problems.extend(exc.problems)
+    img_dir = _find_dir(sdir, "Cephalograms")
+    if img_dir is None:
+        return Split(split, [], problems + [f"{sdir / 'Cephalograms'}: image folder is missing"])
+    ann_dir = _find_dir(sdir, "Annotations")
+    lm_dir = _find_dir(ann_dir, "Cephalometric Landmarks") if ann_dir else None
+    records, bad = [], set()
+    images = sorted(p for p in img_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not images:
+        problems.append(f"{img_dir}: no images (.png/.jpg/.jpeg/.bmp)")
+    for img in images:
+        iid = img.stem
+        own: list[str] = []
+        per_annot: dict[str, np.ndarray | None] = {}
+        for who in (("senior", "junior") if annotator == "mean" else (annotator,)):
+            sub = _find_dir(lm_dir, _AARIZ_ANNOTATOR_DIRS[who]) if lm_dir else None
+            jpath = (sub or (sdir / "Annotations" / "Cephalometric Landmarks" / _AARIZ_ANNOTATOR_DIRS[who])) / f"{iid}.json"
+            if not jpath.is_file():
+                own.append(f"{jpath}: annotation file is missing")
+                per_annot[who] = None
+                continue
+            kps, errs = _read_aariz_json(jpath, known)
+            own.extend(errs)
+            per_annot[who] = kps
+        size = image_size(img)
+        if size is None:
+            own.append(f"{img}: image is missing or unreadable")
+        if iid not in mapping and mapping_path.is_file():
+            own.append(f"{img}: no pixel_size row for {iid!r} in {mapping_path}")
+        kps = _combine(per_annot.get("senior"), per_annot.get("junior"), annotator)
+        if kps is not None:
+            own.extend(_check_bounds(img, kps, size, known))
+        if own or kps is None:
+            problems.extend(own)
+            bad.add(iid)
+            continue
+        ps, machine = mapping[iid]
+        records.append(Record(iid, img, kps, ps, machine))
+    return Split(split, records, problems, bad)
+
+
+def _read_isbi_csv(path: Path, k: int) -> tuple[dict[str, np.ndarray], list[str]]:
+    out, problems = {}, []
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            rows = list(csv.reader(f))
+    except OSError as exc:
+        return {}, [f"{path}: unreadable ({exc})"]
+    if not rows or rows[0][:1] != ["image_path"] or len(rows[0]) != 1 + 2 * k:
+        return {}, [f"{path}: header must be image_path,1_x,1_y,...,{k}_x,{k}_y"]
+    for i, row in enumerate(rows[1:], start=2):
+        if not row:
+            continue
+        if len(row) != 1 + 2 * k:
+            problems.append(f"{path}:{i}: expected {1 + 2 * k} columns, got {len(row)}")
+            continue
+        try:
+            vals = np.array([float(v) for v in row[1:]], dtype=np.float64).reshape(k, 2)
+        except ValueError:
+            problems.append(f"{path}:{i}: non-numeric coordinate")
+            continue
+        if row[0] in out:
+            problems.append(f"{path}:{i}: image {row[0]} listed twice")
+        out[row[0]] = vals
+    return out, problems
+
+
+def _read_isbi_split(info: DatasetInfo, split: str, annotator: str) -> Split:
+    k = len(info.catalogue)
+    problems: list[str] = []
+    tables: dict[str, dict[str, np.ndarray]] = {}
+    for who in (("senior", "junior") if annotator == "mean" else (annotator,)):
+        path = info.root / f"{split}_{who}.csv"
+        if not path.is_file():
+            problems.append(f"{path}: annotation file is missing")
+            continue
+        tables[who], errs = _read_isbi_csv(path, k)
+        problems.extend(errs)
+    if problems and not tables:
+        return Split(split, [], problems)
+    names = sorted(set().union(*[set(t) for t in tables.values()]))
+    records, bad = [], set()
+    for name in names:
+        img = info.root / "images" / name
+        iid = Path(name).stem
+        own = [f"{info.root / f'{split}_{who}.csv'}: no row for {name}" for who, t in tables.items() if name not in t]
+        size = image_size(img)
+        if size is None:
+            own.append(f"{img}: image is missing or unreadable")
+        kps = _combine(tables.get("senior", {}).get(name), tables.get("junior", {}).get(name), annotator)
+        if kps is not None:
+            own.extend(_check_bounds(img, kps, size, info.symbols))
+        if own or kps is None:
+            problems.extend(own)
+            bad.add(iid)
+            continue
+        records.append(Record(iid, img, kps, ISBI_SPACING_MM))
+    return Split(split, records, problems, bad)
+
+
+def read_split(info: DatasetInfo, split: str, annotator: str = "mean") -> Split:
+    """Read one split; problems are collected in `Split.problems`, never raised one by one."""
+    _check_annotator(annotator)
+    if split not in info.splits:
+        return Split(split, [], [f"{info.root}: split {split!r} is missing (present: {', '.join(info.splits) or 'none'})"])
+    if info.format == "aariz":
+        return _read_aariz_split(info, split, annotator)
+    return _read_isbi_split(info, split, annotator)
+
+
+def load_split(info: DatasetInfo, split: str, annotator: str = "mean", skip_bad: bool = False) -> Split:
+    """Read a split for training: any problem raises `DatasetError`, unless `skip_bad` drops the named images."""
+    sp = read_split(info, split, annotator)
+    if not sp.records:
+        raise DatasetError(info.root, sp.problems or [f"{info.root}: split {split!r} has no usable images"])
+    if sp.problems and not skip_bad:
+        raise DatasetError(info.root, sp.problems + ["(--skip-bad drops the images named above)"])
+    if sp.problems:
+        print(f"--skip-bad: dropped {len(sp.bad_images)} image(s) of split {split!r} with problems")
+    return sp
+
+
+def spacing_range(records: list[Record]) -> tuple[float, float]:
+    if not records:
+        return (math.nan, math.nan)
+    vals = [r.spacing_mm for r in records]
+    return (min(vals), max(vals))

@@ -1,0 +1,203 @@
+"""The sweep's tables, built from the experiment directory alone (so `resume` can refresh them):
+trials.parquet (one row per trial), epochs.parquet (trial x epoch), landmarks.parquet (trial x landmark)."""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .search import CONTROL_KEY, SWEEP_FILE, Sweep, print_interrupted
+
+TERMINAL = ("TERMINATED", "ERROR")
+_SCALARS = ("epoch", "train_loss", "lr", "val_mre", "best_val_mre", "val_sd", "val_mre_difficult", "val_mre_other",
+            "max_drift", "mean_drift", "sdr_2mm", "sdr_2_5mm", "sdr_3mm", "sdr_4mm", "epoch_seconds", "train_seconds",
+            "data_wait_seconds", "peak_memory_mb")
+
+
+@dataclass
+class TrialRecord:
+    trial_id: str
+    status: str
+    control: bool
+    params: dict[str, Any]
+    path: str
+    epochs: list[dict[str, Any]]
+    error: str
+
+    @property
+    def best(self) -> dict[str, Any] | None:
+        ok = [e for e in self.epochs if e.get("val_mre") is not None and math.isfinite(e["val_mre"])]
+        return min(ok, key=lambda e: e["val_mre"]) if ok else None
+
+
+def _error_line(text: str | None) -> str:
+    if not text:
+        return ""
+    lines = [ln.strip() for ln in str(text).splitlines() if ln.strip()]
+    named = [ln for ln in lines if re.match(r"^[\w.]+(Error|Exception|Interrupt)\b", ln)]
+    return (named or lines or [""])[-1][:500]
+
+
+def load_sweep(exp: str | Path) -> Sweep:
+    path = Path(str(exp).removeprefix("file://")) / SWEEP_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{exp}: not a tune-landmarks experiment ({SWEEP_FILE} is missing)")
+    return Sweep.load(path)
+
+
+def collect(exp: str | Path) -> list[TrialRecord]:
+    """Every trial Ray knows of, with its per-epoch results, from the saved experiment state."""
+    from ray.tune import ExperimentAnalysis
+
+    ea = ExperimentAnalysis(str(exp))
+    out = []
+    for t in ea.trials:
+        df = ea.trial_dataframes.get(t.trial_id)
+        rows = df.to_dict("records") if df is not None and len(df) else []
+        err = ""
+        if t.status == "ERROR":
+            try:
+                err = _error_line(t.get_error())
+            except Exception as exc:  # the error file can be missing after a hard kill
+                err = f"(error file unreadable: {exc})"
+        out.append(TrialRecord(t.trial_id, t.status, bool(t.config.get(CONTROL_KEY)),
+                               {k: v for k, v in t.config.items() if k != CONTROL_KEY}, str(t.path), rows, err))
+    return sorted(out, key=lambda r: r.trial_id)
+
+
+def _atomic_parquet(table: pa.Table, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    pq.write_table(table, tmp)
+    tmp.replace(path)
+
+
+def write_tables(exp: str | Path, sweep: Sweep, trials: list[TrialRecord]) -> dict[str, Path]:
+    exp = Path(str(exp).removeprefix("file://"))
+    names = sorted({k for t in trials for k in t.params})
+    max_epochs = sweep.settings.epochs
+    trow: dict[str, list] = {k: [] for k in ("trial_id", "status", "control", "difficult", "epochs_done",
+                                              "stopped_early", "best_epoch", "error", "path")}
+    for k in names:
+        trow[f"param_{k}"] = []
+    at_best = [k for k in _SCALARS if k not in ("epoch", "best_val_mre")]
+    for k in at_best:
+        trow[f"best_{k}"] = []
+    for t in trials:
+        b = t.best or {}
+        trow["trial_id"].append(t.trial_id)
+        trow["status"].append(t.status)
+        trow["control"].append(t.control)
+        trow["difficult"].append(str((t.epochs[-1].get("difficult") if t.epochs else "") or ""))
+        trow["epochs_done"].append(len(t.epochs))
+        trow["stopped_early"].append(t.status == "TERMINATED" and len(t.epochs) < max_epochs)
+        trow["best_epoch"].append(int(b["epoch"]) if b else None)
+        trow["error"].append(t.error)
+        trow["path"].append(t.path)
+        for k in names:
+            v = t.params.get(k)
+            trow[f"param_{k}"].append(None if v is None else (v if isinstance(v, (int, float, bool)) else str(v)))
+        for k in at_best:
+            trow[f"best_{k}"].append(_num(b.get(k)))
+    erow: dict[str, list] = {"trial_id": [], "control": []} | {k: [] for k in _SCALARS}
+    lrow: dict[str, list] = {k: [] for k in ("trial_id", "control", "symbol", "start_mre_mm", "best_mre_mm",
+                                             "change_mm", "difficult")}
+    for t in trials:
+        for e in t.epochs:
+            erow["trial_id"].append(t.trial_id)
+            erow["control"].append(t.control)
+            for k in _SCALARS:
+                erow[k].append(_num(e.get(k)))
+        b = t.best
+        if not b:
+            continue
+        hard = set(str(b.get("difficult") or "").split(","))
+        for s in sweep.symbols:
+            start = sweep.start_errors.get(s)
+            best = _num(b.get(f"mre_{s}"))
+            lrow["trial_id"].append(t.trial_id)
+            lrow["control"].append(t.control)
+            lrow["symbol"].append(s)
+            lrow["start_mre_mm"].append(start)
+            lrow["best_mre_mm"].append(best)
+            lrow["change_mm"].append(None if best is None or start is None else best - start)
+            lrow["difficult"].append(s in hard)
+    paths = {"trials": exp / "trials.parquet", "epochs": exp / "epochs.parquet", "landmarks": exp / "landmarks.parquet"}
+    _atomic_parquet(pa.table(trow), paths["trials"])
+    _atomic_parquet(pa.table(erow), paths["epochs"])
+    _atomic_parquet(pa.table(lrow), paths["landmarks"])
+    return paths
+
+
+def _num(v: Any) -> float | None:
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return None
+    return f if math.isfinite(f) else None
+
+
+def best_trial(trials: list[TrialRecord]) -> TrialRecord | None:
+    scored = [t for t in trials if t.best]
+    return min(scored, key=lambda t: t.best["val_mre"]) if scored else None
+
+
+def summary_text(sweep: Sweep, trials: list[TrialRecord]) -> str:
+    """End-of-sweep summary: the best trial, the control and the start, with the best trial's landmarks."""
+    lines = []
+    done = sum(t.status in TERMINAL for t in trials)
+    err = sum(t.status == "ERROR" for t in trials)
+    early = sum(t.status == "TERMINATED" and len(t.epochs) < sweep.settings.epochs for t in trials)
+    lines.append(f"{len(trials)} trials: {done} finished ({err} errored, {early} stopped early by ASHA)")
+    bt = best_trial(trials)
+    start_mre = sum(sweep.start_errors.values()) / len(sweep.start_errors)
+    lines.append(f"start checkpoint: val MRE {start_mre:.3f} mm")
+    for c in [t for t in trials if t.control and t.best]:
+        lines.append(f"control {c.trial_id} (all landmarks, same epochs): best val MRE {c.best['val_mre']:.3f} mm "
+                     f"at epoch {int(c.best['epoch'])}")
+    if bt is None:
+        lines.append("no trial reported a result")
+        return "\n".join(lines)
+    b = bt.best
+    lines.append(f"best trial {bt.trial_id}{' (the CONTROL: plain fine-tuning on all landmarks)' if bt.control else ''}: "
+                 f"val MRE {b['val_mre']:.3f} mm at epoch {int(b['epoch'])}; difficult {_mm(b.get('val_mre_difficult'))}, "
+                 f"others {_mm(b.get('val_mre_other'))}, max drift {_mm(b.get('max_drift'), signed=True)}")
+    if b["val_mre"] >= start_mre:
+        lines.append("  no trial improved on the start checkpoint's val MRE")
+    lines.append("  parameters: " + ", ".join(f"{k}={_fmt(v)}" for k, v in sorted(bt.params.items())))
+    hard = set(str(b.get("difficult") or "").split(","))
+    lines.append(f"  {'landmark':<9}{'start':>8}{'best':>8}{'change':>9}")
+    for s in sorted(sweep.symbols, key=lambda s: -(_num(b.get(f"mre_{s}")) or 0)):
+        v = _num(b.get(f"mre_{s}"))
+        st = sweep.start_errors.get(s, float("nan"))
+        lines.append(f"  {s:<9}{st:>8.3f}{(v or float('nan')):>8.3f}{((v or float('nan')) - st):>+9.3f}"
+                     + ("  *" if s in hard else ""))
+    return "\n".join(lines)
+
+
+def _mm(v: Any, signed: bool = False) -> str:
+    f = _num(v)
+    return "n/a" if f is None else (f"{f:+.3f}" if signed else f"{f:.3f}") + " mm"
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def finish(exp: str, sweep: Sweep) -> int:
+    """After fit(): tables, summary, and exit 130 with the resume command if trials are unfinished."""
+    trials = collect(exp)
+    if Path(str(exp).removeprefix("file://")).is_dir():
+        paths = write_tables(exp, sweep, trials)
+        print("tables: " + ", ".join(str(p) for p in paths.values()))
+    print(summary_text(sweep, trials))
+    total = sweep.settings.num_samples + len(sweep.controls)
+    unfinished = total - sum(t.status in TERMINAL for t in trials)
+    if unfinished > 0:
+        print_interrupted(exp, unfinished, total)
+        return 130
+    return 0
