@@ -54,7 +54,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(args.workdir, smoke=args.smoke_test)
 
 
+# Modules that add their own subcommand with `register_cli(sub)`; each keeps heavy imports inside
+# its command function so `tune-landmarks --help` stays fast.
+PLUGGED = ("resume", "export", "predict", "report", "compare")
+
+
 def register(sub: Any) -> None:
+    import importlib
+
     from .cli import add_run_options
 
     s = sub.add_parser("search", help="Ray Tune + Optuna sweep of fine-tuning trials")
@@ -66,3 +73,12 @@ def register(sub: Any) -> None:
     s.add_argument("--workdir", default="demo_run")
     s.add_argument("--smoke-test", "--smoke_test", action="store_true", dest="smoke_test", help="tiny and fast")
     s.set_defaults(func=cmd_demo)
+
+    for name in PLUGGED:
+        try:
+            mod = importlib.import_module(f".{name}", __package__)
+        except ModuleNotFoundError as exc:
+            if exc.name != f"{__package__}.{name}":
+                raise
+            continue
+        mod.register_cli(sub)

@@ -1,0 +1,80 @@
+"""Shared fixtures: the real data in ../shared (CI has it; missing is a failure, never a skip), a
+synthetic Aariz-format set, and a tiny start checkpoint trained once per test session."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED = ROOT.parent / "shared" / "data"
+TINY = {"model": "hrnet_w18_small_v2", "image_size": (64, 64), "batch_size": 4}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _cache_dir(tmp_path_factory) -> Path:
+    """Every test process and subprocess caches decoded images in a private folder."""
+    d = tmp_path_factory.mktemp("cache")
+    os.environ["TUNE_LANDMARKS_CACHE"] = str(d)
+    return d
+
+
+def _need(path: Path) -> Path:
+    if not path.exists():
+        pytest.fail(f"real data missing: {path} (../shared/data must sit beside the repository; CI has it)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def isbi_root() -> Path:
+    return _need(SHARED / "isbi2015")
+
+
+@pytest.fixture(scope="session")
+def aariz_meta() -> Path:
+    return _need(SHARED / "aariz")
+
+
+@pytest.fixture(scope="session")
+def synth_root(tmp_path_factory) -> Path:
+    from tune_landmarks.synth import make_synthetic
+
+    return make_synthetic(tmp_path_factory.mktemp("synth") / "Aariz", num_images=20, seed=1, size=160)
+
+
+@pytest.fixture(scope="session")
+def start_ckpt(synth_root, tmp_path_factory) -> Path:
+    """A start model: a few epochs on all landmarks (what `tune-landmarks train` makes)."""
+    from tune_landmarks.config import TrainConfig
+    from tune_landmarks.run import train
+
+    out = tmp_path_factory.mktemp("start")
+    train(TrainConfig(dataset_path=str(synth_root), epochs=6, lr=3e-3, out=str(out), progress=False, **TINY))
+    return out / "best.pt"
+
+
+@pytest.fixture
+def copy_synth(synth_root, tmp_path) -> Path:
+    """A private, writable copy of the synthetic set (for tests that damage it)."""
+    dst = tmp_path / "Aariz"
+    shutil.copytree(synth_root, dst)
+    return dst
+
+
+def cli(*args: str, check: bool = False, timeout: float = 600, env: dict | None = None,
+        cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """Run the real console entry point in a subprocess."""
+    proc = subprocess.run([sys.executable, "-m", "tune_landmarks", *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, **(env or {})}, cwd=cwd)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\nstdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-4000:]}")
+    return proc
