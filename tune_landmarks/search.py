@@ -18,6 +18,7 @@ import sys
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # Ray's classic table, trimmed by CLIReporter below
@@ -25,7 +26,6 @@ os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # Ray's classic table, trimmed
 import optuna  # noqa: E402
 from optuna.storages import JournalStorage  # noqa: E402
 from optuna.storages.journal import JournalFileBackend  # noqa: E402
-from ray.tune import Callback  # noqa: E402
 from ray.tune.schedulers import ASHAScheduler  # noqa: E402
 from ray.tune.search import Searcher  # noqa: E402
 from ray.tune.search.optuna import OptunaSearch  # noqa: E402
@@ -145,7 +145,9 @@ class ControlArm(Searcher):
         if self.controls:
             self.control_ids.add(trial_id)
             return self.controls.pop(0)
-        return self.inner.suggest(trial_id)
+        params = self.inner.suggest(trial_id)
+        self.inner._ot_trials[trial_id].set_user_attr("ray_trial_id", trial_id)
+        return params
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         if trial_id not in self.control_ids:
@@ -169,6 +171,21 @@ class ControlArm(Searcher):
         with tempfile.TemporaryDirectory() as d:
             Path(d, "inner.pkl").write_bytes(state["inner"])
             self.inner.restore(os.path.join(d, "inner.pkl"))
+        self.fail_orphans()
+
+    def fail_orphans(self) -> int:
+        """Trials Optuna handed out after the last saved searcher state (a hard kill) are RUNNING in the
+        journal forever, while Ray asks for them again. Mark them FAIL (user attr `orphan`) so the study
+        holds each Ray trial once and TPE does not wait on them."""
+        known = {t.number for t in self.inner._ot_trials.values()}
+        study = self.inner._ot_study
+        n = 0
+        for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+            if t.number not in known:
+                study._storage.set_trial_user_attr(t._trial_id, "orphan", True)
+                study._storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL)
+                n += 1
+        return n
 
 
 class ControlFreeASHA(ASHAScheduler):
@@ -186,21 +203,16 @@ class ControlFreeASHA(ASHAScheduler):
         return super().on_trial_complete(tune_controller, trial, result)
 
 
-class AshaRungs(Callback):
-    """Ray does not save ASHA's rungs with the experiment; this callback does (Tune saves a callback's
-    get_state with the experiment state), so a resumed sweep stops the trials it would have stopped."""
-
-    def __init__(self, scheduler: ASHAScheduler):
-        self.scheduler = scheduler
-
-    def get_state(self) -> dict | None:
-        return {"rungs": [[(m, dict(r)) for m, r in b._rungs] for b in self.scheduler._brackets],
-                "num_stopped": self.scheduler._num_stopped}
-
-    def set_state(self, state: dict) -> None:
-        for b, rungs in zip(self.scheduler._brackets, state["rungs"]):
-            b._rungs = [(m, dict(r)) for m, r in rungs]
-        self.scheduler._num_stopped = state["num_stopped"]
+def replay_rungs(scheduler: ASHAScheduler, trials: list) -> int:
+    """Ray does not save ASHA's rungs with the experiment: a restored sweep starts with empty rungs and
+    would let weak trials run to the end. Feed every searched trial's recorded per-epoch results back,
+    in the order they happened, so the rungs are as they were before the interruption."""
+    events = [(e.get("timestamp", 0), e.get("training_iteration", e.get("epoch")), t.trial_id, e[METRIC])
+              for t in trials if not t.control for e in t.epochs if e.get(METRIC) is not None]
+    bracket = scheduler._brackets[0]
+    for _, it, tid, value in sorted(events, key=lambda ev: (ev[0], ev[1])):
+        bracket.on_result(SimpleNamespace(trial_id=tid), int(it), scheduler._metric_op * float(value))
+    return len(events)
 
 
 def make_searcher(space: SearchSpace, settings: SweepSettings, journal: Path,
@@ -274,6 +286,7 @@ def prepare_sweep(space_file: str, base: TrainConfig, settings: SweepSettings) -
     from .run import evaluate_split, prepare_data, resolve_device
 
     settings.validate()
+    settings.storage = storage_uri(settings.storage)
     space = load_space(space_file)
     if not base.resume:
         raise ValueError("search needs --resume START_CHECKPOINT: trials fine-tune from it")
@@ -342,7 +355,7 @@ def init_ray(address: str | None) -> None:
 
 
 def build_tuner(sweep: Sweep, restore: bool = False, restart_errored: bool = False):
-    """The Tuner for a new sweep, or the restored one (same trainable, searcher, scheduler, callbacks)."""
+    """The Tuner for a new sweep, or the restored one; returns it with the scheduler it will use."""
     from ray import tune
     from ray.tune import CLIReporter
 
@@ -354,13 +367,14 @@ def build_tuner(sweep: Sweep, restore: bool = False, restart_errored: bool = Fal
     resources = {"cpu": s.cpus_per_trial, "gpu": s.gpus_per_trial}
     fn = tune.with_resources(tune.with_parameters(trainable, base=sweep.base, start_errors=sweep.start_errors), resources)
     if restore:
-        return tune.Tuner.restore(exp, trainable=fn, resume_unfinished=True, resume_errored=not restart_errored,
-                                  restart_errored=restart_errored), scheduler
+        tuner = tune.Tuner.restore(exp, trainable=fn, resume_unfinished=True, resume_errored=not restart_errored,
+                                   restart_errored=restart_errored)
+        # the scheduler Tune will use is the one unpickled with the experiment, not the fresh one above
+        return tuner, tuner._local_tuner._tune_config.scheduler
     reporter = CLIReporter(parameter_columns=space.searched + [CONTROL_KEY],
                            metric_columns={"epoch": "ep", "val_mre": "val_mre", "val_mre_difficult": "difficult",
                                            "max_drift": "max_drift", "best_val_mre": "best"},
                            max_report_frequency=30, sort_by_metric=False)
-    cb = AshaRungs(scheduler)
     tuner = tune.Tuner(
         fn,
         tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler,
@@ -372,7 +386,7 @@ def build_tuner(sweep: Sweep, restore: bool = False, restart_errored: bool = Fal
             checkpoint_config=tune.CheckpointConfig(num_to_keep=s.keep_checkpoints, checkpoint_score_attribute=METRIC,
                                                     checkpoint_score_order="min"),
             failure_config=tune.FailureConfig(max_failures=s.max_failures),
-            callbacks=[cb], progress_reporter=reporter, verbose=1),
+            progress_reporter=reporter, verbose=1),
     )
     return tuner, scheduler
 
