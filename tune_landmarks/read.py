@@ -233,6 +233,13 @@ def _read_aariz_split(info: DatasetInfo, split: str, annotator: str) -> Split:
     images = sorted(p for p in img_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if not images:
         problems.append(f"{img_dir}: no images (.png/.jpg/.jpeg/.bmp)")
+    stems = {p.stem for p in images}
+    for who in (("senior", "junior") if annotator == "mean" else (annotator,)):
+        sub = _find_dir(lm_dir, _AARIZ_ANNOTATOR_DIRS[who]) if lm_dir else None
+        for j in sorted(sub.glob("*.json")) if sub else []:
+            if j.stem not in stems:
+                problems.append(f"{img_dir / j.stem}.<png|jpg|jpeg|bmp>: image is missing (annotated in {j})")
+                stems.add(j.stem)  # report once, not once per annotator
     for img in images:
         iid = img.stem
         own: list[str] = []
