@@ -11,8 +11,6 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from .results import TERMINAL, collect, finish, load_sweep
-
 
 def resolve_experiment(experiment: str, storage: str = "./sweeps") -> str:
     """A path (or URI) to an experiment, or a name under --storage; a clear error if it is neither."""
@@ -27,6 +25,7 @@ def resolve_experiment(experiment: str, storage: str = "./sweeps") -> str:
 def resume(experiment: str, storage: str = "./sweeps", restart_errored: bool = False, address: str | None = None) -> int:
     from ray import tune
 
+    from .results import TERMINAL, collect, finish, load_sweep
     from .search import build_tuner, init_ray, replay_rungs
 
     exp = resolve_experiment(experiment, storage)

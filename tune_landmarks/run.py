@@ -89,21 +89,28 @@ def autocast(device: torch.device, enabled: bool):
 
 
 @torch.no_grad()
+def predict_batch(model: LandmarkNet, images: np.ndarray, device: torch.device, decoder: str = "dark",
+                  sigma: float = 2.0, amp: bool = False) -> np.ndarray:
+    """Landmarks (N, K, 2) in the input frame for resized uint8 images (N, H, W); the model must be in eval
+    mode. Shared by evaluation and `predict`, so both see exactly the same preprocessing and decoding."""
+    x = torch.from_numpy(np.array(images)).unsqueeze(1).float().div_(255)
+    x = x.to(device)
+    if device.type == "cuda":
+        x = x.contiguous(memory_format=torch.channels_last)
+    with autocast(device, amp):
+        hm = model(x)
+    pts = heatmap.to_input_frame(heatmap.decode(hm.float(), decoder, sigma), model.stride)
+    return pts.cpu().numpy().astype(np.float64)
+
+
+@torch.no_grad()
 def predict_cached(model: LandmarkNet, split: CachedSplit, device: torch.device, decoder: str = "dark",
                    sigma: float = 2.0, batch_size: int = 8, amp: bool = False) -> np.ndarray:
     """Predicted landmarks (N, K, 2) in original-image pixels for every image of a cached split."""
     was_training = model.training
     model.eval()
-    out = []
-    for i in range(0, len(split), batch_size):
-        x = torch.from_numpy(np.array(split.images[i:i + batch_size])).unsqueeze(1).float().div_(255)
-        x = x.to(device)
-        if device.type == "cuda":
-            x = x.contiguous(memory_format=torch.channels_last)
-        with autocast(device, amp):
-            hm = model(x)
-        pts = heatmap.to_input_frame(heatmap.decode(hm.float(), decoder, sigma), model.stride)
-        out.append(pts.cpu().numpy().astype(np.float64))
+    out = [predict_batch(model, split.images[i:i + batch_size], device, decoder, sigma, amp)
+           for i in range(0, len(split), batch_size)]
     model.train(was_training)
     pred = np.concatenate(out)
     return to_original(pred, split.scale[:, None, :])
@@ -135,6 +142,17 @@ def lr_lambda(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
         t = (step - warmup_steps) / max(1, total_steps - warmup_steps)
         return 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
     return f
+
+
+def param_groups(model: LandmarkNet, weight_decay: float) -> list[dict[str, Any]]:
+    """timm's convention (no decay on biases and norms) plus the final heatmap conv: its rows are per
+    landmark, and AdamW's decoupled decay would move a masked landmark's channel without any gradient."""
+    final = {id(p) for p in model.head[-1].parameters()}
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim <= 1 or id(p) in final else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
 def _rng_state() -> dict[str, Any]:
@@ -226,7 +244,7 @@ def train(cfg: TrainConfig, callback: Callback | None = None, start_per_landmark
             p.requires_grad_(False)
     frozen = freeze_stages(model, cfg.freeze_stages)
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr)
     ds = LandmarkDataset(data.train, train_transform(AugmentConfig(cfg.aug_scale, cfg.aug_rotate, cfg.aug_translate,
                                                                    cfg.aug_brightness_contrast, cfg.aug_clahe_p)))
     steps_per_epoch = math.ceil(len(ds) / cfg.batch_size)
