@@ -80,34 +80,13 @@ class TrainConfig:
 
     def validate(self) -> "TrainConfig":
         """Check every value eagerly, before any data is read or any model is built."""
-        def need(ok: bool, name: str, rule: str) -> None:
-            if not ok:
-                raise ValueError(f"The value of `{name}` is {getattr(self, name)!r}, but must be {rule}.")
-
-        need(bool(self.dataset_path), "dataset_path", "a dataset directory")
-        need(self.format in (None, "aariz", "isbi"), "format", "'aariz' or 'isbi'")
-        need(self.annotator in ANNOTATORS, "annotator", f"one of {', '.join(ANNOTATORS)}")
-        need(len(self.image_size) == 2 and all(int(v) >= 32 and int(v) % 32 == 0 for v in self.image_size),
-             "image_size", "two multiples of 32 (width height), each >= 32")
-        need(self.epochs >= 1, "epochs", ">= 1")
-        need(self.batch_size >= 1, "batch_size", ">= 1")
-        need(self.lr > 0, "lr", "> 0")
-        need(self.weight_decay >= 0, "weight_decay", ">= 0")
-        need(0 <= self.warmup_epochs <= self.epochs, "warmup_epochs", f"between 0 and epochs ({self.epochs})")
-        need(self.grad_clip >= 0, "grad_clip", ">= 0 (0 = off)")
-        need(self.loss in LOSSES, "loss", f"one of {', '.join(LOSSES)}")
-        need(self.sigma > 0, "sigma", "> 0")
-        need(self.mode in MODES, "mode", f"one of {', '.join(MODES)}")
-        need(self.difficult_threshold is None or self.difficult_threshold > 0, "difficult_threshold", "> 0 mm")
-        need(not (self.difficult and self.difficult_threshold is not None), "difficult",
-             "empty when --difficult-threshold is given (choose one way to pick the difficult set)")
-        need(self.difficult_weight > 0, "difficult_weight", "> 0")
-        need(self.distill_weight >= 0, "distill_weight", ">= 0")
-        need(0 <= self.freeze_stages <= 4, "freeze_stages", "between 0 and 4")
-        need(self.decoder in DECODERS, "decoder", f"one of {', '.join(DECODERS)}")
-        need(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"), "device", "auto, cpu or cuda[:N]")
-        need(self.num_workers >= 0, "num_workers", ">= 0")
-        need(self.max_steps_per_epoch >= 0, "max_steps_per_epoch", ">= 0")
+        for name in RULES:
+            check_field(name, getattr(self, name))
+        if self.difficult and self.difficult_threshold is not None:
+            raise ValueError("--difficult and --difficult-threshold exclude each other (choose one way to pick the "
+                             "difficult set)")
+        if self.warmup_epochs > self.epochs:
+            raise ValueError(f"The value of `warmup_epochs` is {self.warmup_epochs}, but must be <= epochs ({self.epochs}).")
         if self.mode != "all" and not self.difficult and self.difficult_threshold is None:
             raise ValueError(f"mode {self.mode!r} needs --difficult SYMBOLS or --difficult-threshold MM")
         if self.distill_weight > 0 and not (self.resume or self.pretrained):
@@ -125,6 +104,45 @@ class TrainConfig:
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+
+# Single-field rules: (predicate, what the value must be). Used by validate() and by search-space checks.
+RULES: dict[str, tuple[Any, str]] = {
+    "dataset_path": (bool, "a dataset directory"),
+    "format": (lambda v: v in (None, "aariz", "isbi"), "'aariz' or 'isbi'"),
+    "annotator": (lambda v: v in ANNOTATORS, f"one of {', '.join(ANNOTATORS)}"),
+    "image_size": (lambda v: len(v) == 2 and all(int(x) >= 32 and int(x) % 32 == 0 for x in v),
+                   "two multiples of 32 (width height), each >= 32"),
+    "epochs": (lambda v: v >= 1, ">= 1"),
+    "batch_size": (lambda v: v >= 1, ">= 1"),
+    "lr": (lambda v: v > 0, "> 0"),
+    "weight_decay": (lambda v: v >= 0, ">= 0"),
+    "warmup_epochs": (lambda v: v >= 0, ">= 0"),
+    "grad_clip": (lambda v: v >= 0, ">= 0 (0 = off)"),
+    "loss": (lambda v: v in LOSSES, f"one of {', '.join(LOSSES)}"),
+    "sigma": (lambda v: v > 0, "> 0"),
+    "mode": (lambda v: v in MODES, f"one of {', '.join(MODES)}"),
+    "difficult_threshold": (lambda v: v is None or v > 0, "> 0 mm"),
+    "difficult_weight": (lambda v: v > 0, "> 0"),
+    "distill_weight": (lambda v: v >= 0, ">= 0"),
+    "freeze_stages": (lambda v: 0 <= v <= 4, "between 0 and 4"),
+    "decoder": (lambda v: v in DECODERS, f"one of {', '.join(DECODERS)}"),
+    "device": (lambda v: v in ("auto", "cpu", "cuda") or v.startswith("cuda:"), "auto, cpu or cuda[:N]"),
+    "num_workers": (lambda v: v >= 0, ">= 0"),
+    "max_steps_per_epoch": (lambda v: v >= 0, ">= 0"),
+    "awing_omega": (lambda v: v > 0, "> 0"),
+    "awing_theta": (lambda v: v > 0, "> 0"),
+    "awing_epsilon": (lambda v: v > 0, "> 0"),
+    "awing_alpha": (lambda v: v > 1, "> 1"),
+    "awing_weight": (lambda v: v >= 0, ">= 0"),
+}
+
+
+def check_field(name: str, value: Any) -> Any:
+    """Raise the uniform message if `value` breaks the single-field rule of option `name`."""
+    rule = RULES.get(name)
+    if rule is not None and not rule[0](value):
+        raise ValueError(f"The value of `{name}` is {value!r}, but must be {rule[1]}.")
+    return value
 
 
 def coerce(name: str, value: Any) -> Any:

@@ -59,7 +59,8 @@ def evaluate_checkpoint(checkpoint: str | Path, dataset_path: str | Path, split:
         start_pl = st.summary.per_landmark
         mode = cfg.mode
         trained = info.symbols if mode == "all" else difficult if mode == "masked" else info.symbols
-    pred = predict_cached(model, cached, dev, cfg.decoder, cfg.sigma)
+    # the precision the run validated with, so an export reproduces its recorded metrics
+    pred = predict_cached(model, cached, dev, cfg.decoder, cfg.sigma, amp=cfg.mixed_precision)
     err = radial_errors_mm(pred, cached.keypoints_orig, cached.spacing_mm)
     summ = summarize(err, info.symbols, difficult, start_pl, trained)
     return Evaluation(summ, list(cached.image_ids), info.symbols, pred, cached.keypoints_orig, err, difficult)

@@ -16,12 +16,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .config import FIELDS, coerce, load_yaml
+from .config import FIELDS, check_field, coerce, load_yaml
 
 TYPES = ("loguniform", "uniform", "int", "categorical", "fixed")
 # options that belong to the sweep, not to a trial: a space may not change them
 DRIVER_OWNED = ("dataset_path", "format", "out", "resume", "cache_dir", "device", "progress", "train_split",
-                "val_split", "image_size", "model", "annotator", "threads")
+                "val_split", "image_size", "model", "annotator", "threads", "epochs")
 
 
 @dataclass(frozen=True)
@@ -77,7 +77,7 @@ def _param(path: Path, name: str, spec: Any) -> Param:
 
     def check_value(v: Any) -> Any:
         try:
-            return coerce(name, v)
+            return check_field(name, coerce(name, v))
         except ValueError as exc:
             raise SpaceError(f"{where}: {exc}") from None
 

@@ -1,0 +1,193 @@
+"""`export`: a real tiny sweep on the synthetic set, exported, proven, tampered with, and used again."""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import io
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+from conftest import TINY, cli
+
+from tune_landmarks.config import FIELDS, TrainConfig
+from tune_landmarks.export import CONTROL_WON, TOLERANCE_MM, checkpoint_for_epoch, choose, export
+from tune_landmarks.model import sha256_file
+
+SPACE = """\
+lr: {type: loguniform, low: 1.0e-4, high: 3.0e-3}
+mode: {type: fixed, value: masked}
+difficult_threshold: {type: uniform, low: 0.6, high: 1.2}
+"""
+
+
+@pytest.fixture(scope="module")
+def experiment(synth_root, start_ckpt, tmp_path_factory) -> Path:
+    """Two masked trials and one control, three epochs each, on the synthetic set."""
+    import ray
+
+    from tune_landmarks.search import SweepSettings, run_search
+
+    tmp = tmp_path_factory.mktemp("sweep")
+    (tmp / "space.yaml").write_text(SPACE)
+    base = TrainConfig(dataset_path=str(synth_root), resume=str(start_ckpt), epochs=3, progress=False, **TINY)
+    settings = SweepSettings(name="exp", storage=str(tmp / "sweeps"), num_samples=2, max_concurrent=2,
+                             cpus_per_trial=1, control_trials=1)
+    try:
+        assert run_search(str(tmp / "space.yaml"), base, settings) == 0
+    finally:
+        ray.shutdown()
+    return tmp / "sweeps" / "exp"
+
+
+@pytest.fixture(scope="module")
+def trials(experiment):
+    from tune_landmarks.results import collect
+
+    return collect(experiment)
+
+
+@pytest.fixture(scope="module")
+def exported(experiment, tmp_path_factory) -> tuple[Path, str]:
+    """The export with the held-out split and one confirmation seed; (folder, what it printed)."""
+    out = tmp_path_factory.mktemp("export") / "model"
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert export(experiment, out, split="test", confirm=1) == out
+    return out, printed.getvalue()
+
+
+def test_export_writes_the_best_epoch_of_the_best_trial(exported, trials, start_ckpt):
+    from safetensors.torch import load_file
+
+    from tune_landmarks.model import read_checkpoint
+
+    out, stdout = exported
+    winner, best = choose(trials)
+    meta = json.loads((out / "model.json").read_text())
+    assert (meta["trial_id"], meta["epoch"]) == (winner.trial_id, int(best["epoch"]))
+    assert meta["control"] == winner.control
+    assert meta["metrics"]["val_mre"] == pytest.approx(best["val_mre"])
+    assert meta["hyperparameters"] == winner.params
+    assert set(meta["config"]) == set(FIELDS) and meta["config"]["lr"] == pytest.approx(winner.params["lr"])
+    assert meta["arch"] == {"model": TINY["model"], "num_landmarks": 29} and meta["image_size"] == [64, 64]
+    assert meta["heatmap"] == {"sigma": 2.0, "decoder": "dark", "stride": 4}
+    assert meta["start_checkpoint"]["sha256"] == sha256_file(start_ckpt)
+    # the weights are exactly those of the checkpoint Ray kept for that epoch
+    source = read_checkpoint(Path(meta["source"]["checkpoint"]) / "checkpoint.pt")
+    assert source["epoch"] + 1 == meta["epoch"]
+    weights = load_file(str(out / "model.safetensors"))
+    assert weights.keys() == source["model"].keys()
+    assert all((weights[k] == v).all() for k, v in source["model"].items())
+    assert meta["difficult"] == source["difficult"]
+
+    proof = json.loads((out / "verification.json").read_text())
+    assert proof["passed"] and proof["split"] == "valid" and proof["max_abs_difference_mm"] <= TOLERANCE_MM
+    assert "verified" in stdout and (CONTROL_WON in stdout) == winner.control
+
+    test = json.loads((out / "test_metrics.json").read_text())
+    assert test["split"] == "test" and test["images"] > 0 and test["mre"] > 0
+    assert yaml.safe_load((out / "best_hyperparameters.yaml").read_text()) == winner.params
+    table = pq.read_table(out / "landmarks.parquet").to_pylist()
+    assert [r["symbol"] for r in table] == meta["symbols"]
+    assert all(r["change_mm"] == pytest.approx(r["best_mre_mm"] - r["start_mre_mm"]) for r in table)
+    assert {r["symbol"] for r in table if r["difficult"]} == set(meta["difficult"])
+    assert (out / "landmarks.md").read_text().count("\n|") == 2 + 29  # header, rule, one row per landmark
+
+    confirm = json.loads((out / "confirm_seeds.json").read_text())
+    arms = {a["arm"]: a for a in confirm["arms"]}
+    assert set(arms) == ({"winner"} if winner.control else {"winner", "control"})
+    assert arms["winner"]["trial_id"] == winner.trial_id and len(arms["winner"]["runs"]) == 1
+    assert confirm["seeds"] == [1]  # the sweep's trials all ran seed 0
+    for a in arms.values():
+        assert a["mean"] == pytest.approx(a["runs"][0]["best_val_mre"])
+        assert (out / a["runs"][0]["out"]).is_dir()
+    assert not list(out.parent.glob(".model.*")), "the temporary folder was left behind"
+
+
+def test_selection_takes_each_trials_best_epoch_not_its_last(trials, experiment):
+    _, best = choose(trials)
+    assert best["val_mre"] == min(e["val_mre"] for t in trials for e in t.epochs)
+    # a trial that ended worse than it peaked must still win on its peak
+    a = next(t for t in trials if len(t.epochs) >= 2)
+    b = next(t for t in trials if t is not a)
+    rows = a.epochs[:2]
+    peaked = dataclasses.replace(a, epochs=[{**rows[0], "val_mre": 0.9}, {**rows[1], "val_mre": 0.5},
+                                            {**rows[1], "epoch": 3, "val_mre": 0.95}])
+    steady = dataclasses.replace(b, trial_id="steady", epochs=[{**e, "val_mre": 0.6} for e in b.epochs])
+    chosen, epoch = choose([steady, peaked])
+    assert chosen is peaked and epoch["epoch"] == rows[1]["epoch"] and epoch["val_mre"] == 0.5
+
+    # the checkpoint Ray kept for each epoch is found by its epoch.json
+    for t in trials:
+        trial_dir = experiment / Path(t.path).name
+        for d in trial_dir.glob("checkpoint_*"):
+            e = json.loads((d / "epoch.json").read_text())["epoch"]
+            assert checkpoint_for_epoch(trial_dir, e) == d
+
+
+def test_a_dropped_best_checkpoint_fails_clearly(experiment, trials, tmp_path):
+    """Ray keeps only the best few checkpoints (and the latest): if the winner's is gone, say so, write
+    nothing."""
+    copy = tmp_path / "exp"
+    shutil.copytree(experiment, copy)
+    winner, best = choose(trials)
+    trial_dir = copy / Path(winner.path).name
+    shutil.rmtree(checkpoint_for_epoch(trial_dir, int(best["epoch"])))
+    gone = rf"epoch {int(best['epoch'])} \(the trial's best\) was not kept"
+    with pytest.raises(FileNotFoundError, match=gone):
+        export(copy, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_tampered_weights_fail_verification(exported, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    bad = tmp_path / "bad"
+    shutil.copytree(exported[0], bad)
+    weights = load_file(str(bad / "model.safetensors"))
+    weights["backbone.conv1.weight"][0, 0, 1, 1] += 5.0  # one weight of the stem
+    save_file(weights, str(bad / "model.safetensors"))
+    proc = cli("export", "--verify", bad)
+    assert proc.returncode == 1
+    assert f"{bad / 'model.safetensors'}: does not reproduce" in proc.stderr and "> 0.001 mm" in proc.stderr
+    assert json.loads((bad / "verification.json").read_text())["passed"] is False
+
+
+def test_finetune_and_evaluate_take_the_exported_folder(exported, synth_root, tmp_path):
+    out = exported[0]
+    meta = json.loads((out / "model.json").read_text())
+    ev = cli("evaluate", "--checkpoint", out, "--dataset-path", synth_root, "--split", "valid", check=True)
+    mre = float(re.search(r"^MRE ([\d.]+) ", ev.stdout, re.MULTILINE).group(1))
+    assert mre == pytest.approx(meta["metrics"]["val_mre"], abs=1e-3)
+    cli("finetune", "--resume", out, "--dataset-path", synth_root, "--model", TINY["model"],
+        "--image-size", "64", "64", "--batch-size", "4", "--mode", "all", "--epochs", "1",
+        "--max-steps-per-epoch", "1", "--no-progress",
+        "--out", tmp_path / "ft", check=True)
+    assert (tmp_path / "ft" / "best.pt").is_file()
+
+
+def test_bad_requests_fail_before_any_work(experiment, tmp_path):
+    not_exp = rf"{re.escape(str(tmp_path))}: not a tune-landmarks experiment"
+    with pytest.raises(FileNotFoundError, match=not_exp):
+        export(tmp_path, tmp_path / "out")
+    for split in ("valid", "train", "nope"):
+        wrong = rf"`split` is '{split}', but must be a held-out split .*: test\."
+        with pytest.raises(ValueError, match=wrong):
+            export(experiment, tmp_path / "out", split=split)
+    with pytest.raises(ValueError, match=r"`confirm_seeds` is -1, but must be >= 0"):
+        export(experiment, tmp_path / "out", confirm=-1)
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="busy: folder is not empty and holds no earlier export"):
+        export(experiment, tmp_path / "busy")
+    assert not (tmp_path / "out").exists() and [p.name for p in tmp_path.iterdir()] == ["busy"]
+    # the command line: the experiment by name under --storage, and one clear message with exit 1
+    proc = cli("export", experiment.name, "--storage", experiment.parent, "--out", tmp_path / "out",
+               "--split", "valid")
+    assert proc.returncode == 1 and "error: The value of `split` is 'valid'" in proc.stderr
+    assert not (tmp_path / "out").exists()

@@ -1,0 +1,105 @@
+"""`tune-landmarks report` on a real tiny sweep (3 masked trials + 1 control on the synthetic set), and on
+a copy of it with pieces missing (no control checkpoint, no start checkpoint, too few Optuna trials)."""
+from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
+
+import cv2
+import pytest
+from conftest import TINY, cli
+
+SPACE = """lr: {type: loguniform, low: 1.0e-4, high: 3.0e-3}
+mode: {type: fixed, value: masked}
+difficult_threshold: {type: uniform, low: 0.1, high: 5}
+"""
+
+
+@pytest.fixture(scope="module")
+def experiment(synth_root, start_ckpt, tmp_path_factory) -> Path:
+    import ray
+
+    from tune_landmarks.config import TrainConfig
+    from tune_landmarks.search import SweepSettings, run_search
+
+    tmp = tmp_path_factory.mktemp("sweep")
+    (tmp / "space.yaml").write_text(SPACE)
+    base = TrainConfig(dataset_path=str(synth_root), resume=str(start_ckpt), epochs=2, progress=False, **TINY)
+    settings = SweepSettings(name="rep", storage=str(tmp), num_samples=3, max_concurrent=2, cpus_per_trial=1,
+                             control_trials=1)
+    try:
+        assert run_search(str(tmp / "space.yaml"), base, settings) == 0
+    finally:
+        ray.shutdown()
+    return tmp / "rep"
+
+
+def page_images(out: Path) -> tuple[str, list[str]]:
+    page = (out / "index.html").read_text()
+    return page, re.findall(r'<img src="([^"]+)"', page)
+
+
+def assert_valid_pngs(out: Path, names: list[str]) -> None:
+    for name in names:
+        img = cv2.imread(str(out / name))
+        assert img is not None and img.shape[0] > 100 and img.shape[1] > 100, name
+
+
+def test_report_of_a_real_sweep(experiment, tmp_path):
+    out = tmp_path / "report"
+    proc = cli("report", experiment.name, "--storage", experiment.parent, "--out", out, "--bootstrap", "300",
+               check=True)
+    assert f"wrote {out / 'index.html'}" in proc.stdout
+    page, shown = page_images(out)
+    on_disk = sorted(p.name for p in out.glob("*.png"))
+    assert sorted(shown) == on_disk  # every PNG is on the page, every image on the page exists
+    assert {"landmarks.png", "history.png", "importances.png", "parallel.png", "epochs.png",
+            "forest_best_trial_vs_start.png", "forest_control_vs_start.png",
+            "forest_best_trial_vs_control.png"} == set(on_disk)
+    assert_valid_pngs(out, on_disk)
+    assert "<h2>Verdict on masking</h2>" in page
+    assert re.search(r"<p class='verdict'>Verdict: ", page)
+    assert "best trial vs control" in page and "difficult" in page
+    trial_ids = [p.name.removeprefix("trial_") for p in experiment.glob("trial_*")]
+    assert len(trial_ids) == 4 and all(t in page for t in trial_ids)  # the trials table
+    assert page.count("<table") == 3  # verdict intervals, trials, the best trial's landmarks
+    assert not list(tmp_path.glob(".report-*"))  # the staging folder is gone
+
+
+def test_report_says_what_is_missing(experiment, tmp_path):
+    import optuna
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    from tune_landmarks.results import load_sweep
+    from tune_landmarks.search import JOURNAL_FILE, SWEEP_FILE
+
+    exp = tmp_path / "rep"
+    shutil.copytree(experiment, exp)
+    sweep = load_sweep(exp)
+    sweep.base["resume"] = str(tmp_path / "gone.pt")
+    sweep.save(exp / SWEEP_FILE)
+    control = next(p for p in exp.glob("trial_*") if '"control": true' in (p / "params.json").read_text())
+    for ckpt in control.glob("checkpoint_*"):
+        shutil.rmtree(ckpt)
+    (exp / JOURNAL_FILE).unlink()  # a study with a single complete trial instead
+    study = optuna.create_study(study_name="rep", storage=JournalStorage(JournalFileBackend(str(exp / JOURNAL_FILE))))
+    study.optimize(lambda t: t.suggest_float("lr", 1e-4, 3e-3, log=True), n_trials=1)
+
+    out = tmp_path / "report"
+    cli("report", exp, "--out", out, check=True)
+    page, shown = page_images(out)
+    assert f"start: not available — {tmp_path / 'gone.pt'} not found" in page
+    assert f"control: not available — trial {control.name.removeprefix('trial_')} has no kept checkpoint" in page
+    assert "No comparison possible" in page
+    assert "Importances need at least 2 complete trials; the study has 1." in page
+    assert "importances.png" not in shown and "landmarks.png" in shown and "parallel.png" in shown
+    assert_valid_pngs(out, shown)
+
+
+def test_report_refuses_a_folder_that_is_no_experiment(tmp_path):
+    proc = cli("report", tmp_path, "--out", tmp_path / "out")
+    assert proc.returncode == 1
+    assert f"{tmp_path}: not a tune-landmarks experiment (no sweep.json in {tmp_path})" in proc.stderr
+    assert not (tmp_path / "out").exists()

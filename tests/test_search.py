@@ -1,0 +1,187 @@
+"""Sweeps with real Ray and real Optuna: tables, early stopping, the control arm, a failing trial,
+a real `ray start --head` cluster, and search-space validation before Ray starts."""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import optuna
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import TINY, cli
+from tune_landmarks.config import TrainConfig
+from tune_landmarks.space import SpaceError, load_space
+
+SPACE = """
+lr: {type: categorical, choices: [0.003, 1.0e+30]}   # 1e30 makes a trial diverge (NaN) on purpose
+warmup_epochs: {type: int, low: 0, high: 1}
+awing_omega: {type: uniform, low: 8.0, high: 20.0}
+difficult_threshold: {type: uniform, low: 0.05, high: 20.0}
+mode: {type: fixed, value: masked}
+"""
+
+
+def _journal_trials(path: Path, name: str) -> list[optuna.trial.FrozenTrial]:
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    return optuna.load_study(study_name=name, storage=JournalStorage(JournalFileBackend(str(path)))).trials
+
+
+@pytest.fixture(scope="module")
+def sweep(synth_root, start_ckpt, tmp_path_factory):
+    """One real sweep: 6 searched trials + 1 control, 4 epochs, ASHA from epoch 1."""
+    import ray
+
+    from tune_landmarks.search import SweepSettings, run_search
+
+    tmp = tmp_path_factory.mktemp("sweep")
+    space = tmp / "space.yaml"
+    space.write_text(SPACE)
+    base = TrainConfig(dataset_path=str(synth_root), resume=str(start_ckpt), epochs=4, progress=False, **TINY)
+    settings = SweepSettings(name="s1", storage=str(tmp / "store"), num_samples=6, max_concurrent=2, cpus_per_trial=1,
+                             seed=3, control_trials=1, grace_period=1, reduction_factor=2)
+    try:
+        code = run_search(str(space), base, settings)
+    finally:
+        ray.shutdown()
+    return code, tmp / "store" / "s1"
+
+
+def test_sweep_tables_early_stopping_and_journal(sweep):
+    code, exp = sweep
+    assert code == 0
+    trials = pq.read_table(exp / "trials.parquet").to_pandas()
+    assert len(trials) == 7
+    assert {"trial_id", "status", "control", "difficult", "epochs_done", "stopped_early", "best_epoch",
+            "best_val_mre", "best_val_mre_difficult", "best_max_drift", "param_lr", "error"} <= set(trials.columns)
+    ok = trials[trials.status == "TERMINATED"]
+    assert len(ok) >= 4
+    assert ok.stopped_early.sum() >= 1 and (ok.epochs_done < 4).sum() >= 1  # ASHA stopped at least one early
+    epochs = pq.read_table(exp / "epochs.parquet").to_pandas()
+    assert len(epochs) == trials.epochs_done.sum()
+    assert {"trial_id", "epoch", "val_mre", "val_mre_difficult", "max_drift", "sdr_2mm", "epoch_seconds",
+            "peak_memory_mb"} <= set(epochs.columns)
+    lms = pq.read_table(exp / "landmarks.parquet").to_pandas()
+    assert len(lms) == 29 * trials.best_epoch.notna().sum()
+    assert {"symbol", "start_mre_mm", "best_mre_mm", "change_mm", "difficult"} <= set(lms.columns)
+    searched = trials[~trials.control]
+    journal = _journal_trials(exp / "optuna_journal.log", "s1")
+    assert len(journal) == len(searched) == 6
+    assert sorted(t.user_attrs["ray_trial_id"] for t in journal) == sorted(searched.trial_id)
+    assert all(t.state != optuna.trial.TrialState.RUNNING for t in journal)
+
+
+def test_control_arm_has_the_same_budget(sweep):
+    _, exp = sweep
+    trials = pq.read_table(exp / "trials.parquet").to_pandas()
+    control = trials[trials.control]
+    assert len(control) == 1
+    c = control.iloc[0]
+    assert c.param_mode == "all" and c.status == "TERMINATED" and c.epochs_done == 4  # never stopped by ASHA
+    assert c.param_lr == 0.003  # the space's central value for a categorical is its first choice
+
+
+def test_diverging_trial_errors_and_the_sweep_goes_on(sweep):
+    _, exp = sweep
+    trials = pq.read_table(exp / "trials.parquet").to_pandas()
+    bad = trials[trials.status == "ERROR"]
+    assert len(bad) >= 1
+    assert (bad.param_lr == 1e30).all()
+    assert bad.error.str.contains("FloatingPointError: loss at epoch 1 step").all(), bad.error.tolist()
+    assert (trials[trials.param_lr == 1e30].status == "ERROR").all()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_search_joins_a_real_cluster(synth_root, start_ckpt, tmp_path):
+    """`ray start --head` on 127.0.0.1 with free ports, `search --address`, then stop exactly that cluster."""
+    ray_bin = Path(sys.executable).parent / "ray"
+    temp_dir = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # unix socket paths must stay short
+    port = _free_port()
+    cmd = [str(ray_bin), "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(port),
+           "--num-cpus", "2", "--include-dashboard", "false", "--disable-usage-stats", "--temp-dir", temp_dir,
+           "--ray-client-server-port", str(_free_port()), "--node-manager-port", str(_free_port()),
+           "--object-manager-port", str(_free_port()), "--min-worker-port", "0", "--max-worker-port", "0",
+           "--dashboard-agent-listen-port", str(_free_port()), "--metrics-export-port", str(_free_port()),
+           "--runtime-env-agent-port", str(_free_port()), "--dashboard-agent-grpc-port", str(_free_port())]
+    head = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            assert head.poll() is None, head.stdout.read()
+            time.sleep(1)
+        time.sleep(3)
+        space = tmp_path / "space.yaml"
+        space.write_text("lr: {type: loguniform, low: 1.0e-4, high: 1.0e-3}\nmode: {type: fixed, value: all}\n")
+        p = cli("search", "--space", space, "--dataset_path", synth_root, "--resume", start_ckpt, "--name", "c1",
+                "--storage", tmp_path / "store", "--num-samples", "2", "--max-concurrent", "2", "--no-control",
+                "--epochs", "1", "--address", f"127.0.0.1:{port}", "--model", "hrnet_w18_small_v2",
+                "--image_size", "64", "64", "--batch_size", "4")
+        assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+        assert "Started a local Ray instance" not in p.stdout + p.stderr
+        assert f"Connecting to existing Ray cluster at address: 127.0.0.1:{port}" in p.stdout + p.stderr
+        trials = pq.read_table(tmp_path / "store" / "c1" / "trials.parquet").to_pandas()
+        assert len(trials) == 2 and (trials.status == "TERMINATED").all()
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)  # `ray start --block` takes its cluster down with it
+        head.wait(timeout=60)
+    with socket.socket() as s:
+        assert s.connect_ex(("127.0.0.1", port)) != 0  # that cluster is gone
+
+
+@pytest.mark.parametrize("text,message", [
+    ("bogus: {type: uniform, low: 0, high: 1}", "`bogus`: unknown option"),
+    ("lr: {type: uniform, low: 1.0, high: 0.5}", "`lr`: low (1.0) must be < high (0.5)"),
+    ("lr: {type: loguniform, low: 0, high: 0.1}", "`lr`: a log range needs low > 0"),
+    ("lr: {type: gaussian, low: 0, high: 1}", "`lr`: type 'gaussian' is not one of"),
+    ("epochs: {type: uniform, low: 1, high: 5}", "`epochs`: set by the search command"),
+    ("batch_size: {type: uniform, low: 1, high: 5}", "`batch_size`: option is an integer; use type int"),
+    ("mode: {type: categorical, choices: [masked, half]}", "`mode`: The value of `mode`"),
+    ("lr: {type: int, low: 0.5, high: 3}", "`lr`: `low` is 0.5, but must be an integer"),
+    ("loss: {type: uniform, low: 0, high: 1}", "`loss`: option is not numeric"),
+    ("lr: {type: uniform, low: 1.0e-4, choices: [1]}", "`lr`: key(s) choices do not belong to type uniform"),
+    ("lr: 0.1", "`lr`: must be a mapping with `type`"),
+    ("mode: {type: fixed, value: masked}", "nothing to search"),
+    ("lr: [unclosed", "cannot read YAML"),
+])
+def test_invalid_spaces_name_file_and_key(tmp_path, text, message):
+    f = tmp_path / "bad.yaml"
+    f.write_text(text + "\n")
+    with pytest.raises(SpaceError) as e:
+        load_space(f)
+    assert str(f) in str(e.value) and message in str(e.value)
+
+
+def test_invalid_space_fails_before_ray_starts(synth_root, start_ckpt, tmp_path):
+    f = tmp_path / "bad.yaml"
+    f.write_text("lr: {type: loguniform, low: -1, high: 0.1}\n")
+    t0 = time.perf_counter()
+    p = cli("search", "--space", f, "--dataset_path", synth_root, "--resume", start_ckpt, "--name", "x",
+            "--storage", tmp_path / "store")
+    assert p.returncode == 1 and f"{f}: `lr`: a log range needs low > 0" in p.stderr
+    assert "Ray" not in p.stdout + p.stderr and not (tmp_path / "store").exists()
+    assert time.perf_counter() - t0 < 60
+
+
+def test_shipped_spaces_are_valid():
+    root = Path(__file__).resolve().parent.parent / "search_spaces"
+    files = sorted(root.glob("*.yaml"))
+    assert {"difficult_only.yaml", "weighted_vs_masked.yaml", "demo.yaml"} <= {f.name for f in files}
+    for f in files:
+        space = load_space(f)
+        assert space.searched

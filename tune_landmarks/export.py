@@ -1,0 +1,408 @@
+"""`tune-landmarks export`: the sweep's best trial, at its best epoch, as a self-contained model folder.
+
+The folder holds `model.safetensors` (weights only) and `model.json` (architecture, image size, symbols,
+decoder, the trial's full run config and sampled parameters, its validation metrics, the start
+checkpoint's sha256), `best_hyperparameters.yaml`, the per-landmark table and `verification.json`:
+the exported files are re-evaluated on the validation split and must reproduce the recorded val MRE
+within TOLERANCE_MM, or nothing is published. A held-out `--split` is scored once, after the choice.
+Everything is written into a temporary sibling folder and renamed into place at the end.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import statistics
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .metrics import Summary
+    from .results import TrialRecord
+    from .search import Sweep
+
+TOLERANCE_MM = 1e-3
+CONTROL_WON = "plain fine-tuning on all landmarks beat every masked configuration"
+MODEL_JSON = "model.json"
+WEIGHTS = "model.safetensors"
+EPOCH_JSON = "epoch.json"
+
+
+class VerificationError(ValueError):
+    """The exported files do not reproduce the metrics recorded for them."""
+
+
+@dataclass
+class Selection:
+    """The exported trial, its best epoch's reported results, and the checkpoint Ray kept for that epoch."""
+
+    trial: TrialRecord
+    epoch: dict[str, Any]
+    checkpoint: Path
+
+
+def write_atomic(path: str | Path, data: bytes | str) -> Path:
+    """Write to a temporary sibling, then os.replace: a reader never sees half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; an export is meant to be shared
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _finite(v: Any) -> float | None:
+    """JSON has no NaN: metrics that do not apply (no difficult set, no drift) become null."""
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return None
+    return f if math.isfinite(f) else None
+
+
+def _mm(v: float | None, spec: str = ".3f") -> str:
+    return "n/a" if v is None else format(v, spec)
+
+
+def choose(trials: list[TrialRecord]) -> tuple[TrialRecord, dict[str, Any]]:
+    """The trial with the lowest val MRE at its best epoch (not its last: ASHA and overfitting make the
+    last epoch a poor proxy), and that epoch's reported results."""
+    from .results import best_trial
+
+    bt = best_trial(trials)
+    if bt is None:
+        raise ValueError("no trial of this experiment reported a validation result; nothing to export")
+    return bt, bt.best
+
+
+def checkpoint_for_epoch(trial_dir: Path, epoch: int) -> Path:
+    """The checkpoint folder whose epoch.json names `epoch` (1-based); Ray keeps only the best few."""
+    kept = {}
+    for d in sorted(trial_dir.glob("checkpoint_*")):
+        if (d / EPOCH_JSON).is_file() and (d / "checkpoint.pt").is_file():
+            kept[int(json.loads((d / EPOCH_JSON).read_text())["epoch"])] = d
+    if epoch not in kept:
+        raise FileNotFoundError(
+            f"{trial_dir}: the checkpoint of epoch {epoch} (the trial's best) was not kept; kept epochs: "
+            f"{', '.join(map(str, sorted(kept))) or 'none'} "
+            "(a sweep keeps the best --keep-checkpoints by val MRE, and the latest)")
+    return kept[epoch]
+
+
+def select(trials: list[TrialRecord], exp: Path) -> Selection:
+    """The chosen trial and epoch, with the checkpoint folder to export them from."""
+    trial, epoch = choose(trials)
+    trial_dir = exp / Path(trial.path).name  # the experiment may have been moved since Ray wrote trial.path
+    return Selection(trial, epoch, checkpoint_for_epoch(trial_dir, int(epoch["epoch"])))
+
+
+def _validation_source(base: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """Where the sweep measured val MRE (the data, annotator and split the proof must use), and the dataset's
+    held-out splits (neither trained on nor chosen with)."""
+    from .config import from_dict
+    from .read import describe
+
+    cfg = from_dict(base)
+    info = describe(cfg.dataset_path, cfg.format)
+    val, train = cfg.val_split or info.default_splits[1], cfg.train_split or info.default_splits[0]
+    source = {"dataset_path": str(info.root), "format": info.format, "annotator": cfg.annotator, "split": val,
+              "cache_dir": cfg.cache_dir}
+    return source, [s for s in info.splits if s not in (val, train)]
+
+
+def _check_out(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out}: exists and is not a folder; choose another --out")
+    if out.is_dir() and any(out.iterdir()) and not (out / MODEL_JSON).is_file():
+        raise FileExistsError(f"{out}: folder is not empty and holds no earlier export ({MODEL_JSON}); "
+                              "choose another --out")
+
+
+def _check_split(split: str | None, held_out: list[str], source: dict[str, Any]) -> None:
+    if split is not None and split not in held_out:
+        raise ValueError(f"The value of `split` is {split!r}, but must be a held-out split of "
+                         f"{source['dataset_path']} (neither trained on nor used to choose): "
+                         f"{', '.join(held_out) or 'there is none'}.")
+
+
+def landmark_rows(sweep: Sweep, epoch: dict[str, Any], difficult: list[str]) -> list[dict[str, Any]]:
+    """Per landmark: the start checkpoint's val MRE, the exported epoch's, the change, and whether it was
+    trained as difficult."""
+    rows = []
+    for s in sweep.symbols:
+        start, best = _finite(sweep.start_errors.get(s)), _finite(epoch.get(f"mre_{s}"))
+        change = None if start is None or best is None else best - start
+        rows.append({"symbol": s, "start_mre_mm": start, "best_mre_mm": best, "change_mm": change,
+                     "difficult": s in difficult})
+    return rows
+
+
+def _landmarks_md(rows: list[dict[str, Any]], heading: str) -> str:
+    lines = [f"# {heading}", "", "| landmark | start MRE mm | best MRE mm | change mm | difficult |",
+             "|---|---:|---:|---:|:---:|"]
+    lines += [f"| {r['symbol']} | {_mm(r['start_mre_mm'])} | {_mm(r['best_mre_mm'])} | "
+              f"{_mm(r['change_mm'], '+.3f')} | {'*' if r['difficult'] else ''} |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def _epoch_metrics(epoch: dict[str, Any], symbols: list[str]) -> dict[str, Any]:
+    """The validation metrics the trial reported for the exported epoch (what the proof must reproduce)."""
+    scalars = {k: _finite(v) for k, v in epoch.items()
+               if k.startswith(("val_", "sdr_")) or k.endswith("_drift")}
+    return scalars | {"per_landmark": {s: _finite(epoch.get(f"mre_{s}")) for s in symbols}}
+
+
+def _write_model(dest: Path, sel: Selection, sweep: Sweep, exp: Path, source: dict[str, Any]) -> None:
+    """model.safetensors, model.json, best_hyperparameters.yaml and the landmark table into `dest`."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import yaml
+    from safetensors.torch import save_file
+
+    from .model import read_checkpoint, sha256_file
+    from .search import trial_config
+
+    ckpt = read_checkpoint(sel.checkpoint / "checkpoint.pt")
+    weights = {k: v.contiguous() for k, v in ckpt["model"].items()}
+    save_file(weights, str(dest / WEIGHTS), metadata={"format": "pt"})
+    os.chmod(dest / WEIGHTS, 0o644)
+    cfg = trial_config(sweep.base, sel.trial.params, str(exp / Path(sel.trial.path).name))
+    epoch = int(sel.epoch["epoch"])
+    difficult = list(ckpt.get("difficult") or [])
+    start = Path(sweep.base["resume"])
+    meta = {
+        "arch": ckpt["arch"], "image_size": list(cfg.image_size), "symbols": list(ckpt["symbols"]),
+        "heatmap": {"sigma": cfg.sigma, "decoder": cfg.decoder, "stride": 4},  # LandmarkNet's output stride
+        "config": cfg.to_dict(), "hyperparameters": sel.trial.params, "difficult": difficult,
+        "metrics": _epoch_metrics(sel.epoch, sweep.symbols), "validation": source,
+        "trial_id": sel.trial.trial_id, "epoch": epoch, "control": sel.trial.control,
+        "start_checkpoint": {"path": str(start), "sha256": sha256_file(start)},
+        "source": {"experiment": str(exp), "checkpoint": str(sel.checkpoint)},
+    }
+    (dest / MODEL_JSON).write_text(json.dumps(meta, indent=2))
+    (dest / "best_hyperparameters.yaml").write_text(
+        f"# trial {sel.trial.trial_id}{' (control arm)' if sel.trial.control else ''}, epoch {epoch}: "
+        f"val MRE {sel.epoch['val_mre']:.4f} mm\n"
+        "# usable as `tune-landmarks finetune --config` (with --dataset-path and --resume)\n"
+        + yaml.safe_dump(sel.trial.params, sort_keys=True))
+    rows = landmark_rows(sweep, sel.epoch, difficult)
+    pq.write_table(pa.Table.from_pylist(rows), dest / "landmarks.parquet")
+    heading = f"Trial {sel.trial.trial_id}, epoch {epoch} vs the start checkpoint (validation MRE)"
+    (dest / "landmarks.md").write_text(_landmarks_md(rows, heading))
+
+
+def _scores(summary: Summary) -> dict[str, Any]:
+    """A summary as JSON (NaN, e.g. from weights that were set to NaN, becomes null)."""
+    return {"mre": _finite(summary.mre), "sd": _finite(summary.sd),
+            "mre_difficult": _finite(summary.mre_difficult), "mre_other": _finite(summary.mre_other),
+            "sdr": {f"{t:g}mm": v for t, v in summary.sdr.items()},
+            "per_landmark": {s: _finite(v) for s, v in summary.per_landmark.items()}}
+
+
+def _verified(rec: dict[str, Any]) -> str:
+    return (f"val MRE {rec['reproduced_val_mre']:.4f} mm on {rec['split']!r} reproduced (recorded "
+            f"{rec['recorded_val_mre']:.4f}, max |difference| {rec['max_abs_difference_mm']:.2e} mm)")
+
+
+def verify(export_dir: str | Path, device: str = "auto") -> dict[str, Any]:
+    """Re-evaluate an export on the validation data named in its model.json and require the recorded val MRE
+    (and each landmark's MRE) within TOLERANCE_MM; writes verification.json either way."""
+    from .evaluate import evaluate_checkpoint
+    from .model import sha256_file
+
+    export_dir = Path(export_dir)
+    meta_path = export_dir / MODEL_JSON
+    if not meta_path.is_file():
+        raise FileNotFoundError(f"{export_dir}: not an exported model ({MODEL_JSON} is missing)")
+    meta = json.loads(meta_path.read_text())
+    src, recorded = meta["validation"], meta["metrics"]
+    ev = evaluate_checkpoint(export_dir, src["dataset_path"], src["split"], fmt=src["format"],
+                             annotator=src["annotator"], device=device, cache_dir=src["cache_dir"])
+    got = _scores(ev.summary)
+    pairs = {"val MRE": (recorded["val_mre"], got["mre"])} | {
+        f"{s} MRE": (v, got["per_landmark"][s]) for s, v in recorded["per_landmark"].items() if v is not None}
+    diffs = {k: math.inf if b is None else abs(b - a) for k, (a, b) in pairs.items()}
+    worst = max(diffs, key=diffs.get)
+    passed = diffs[worst] <= TOLERANCE_MM
+    record = {"passed": passed, "tolerance_mm": TOLERANCE_MM, "split": src["split"],
+              "dataset_path": src["dataset_path"], "annotator": src["annotator"], "images": len(ev.image_ids),
+              "recorded_val_mre": recorded["val_mre"], "reproduced_val_mre": got["mre"],
+              "max_abs_difference_mm": _finite(diffs[worst]), "worst": worst,
+              "reproduced": got, "weights_sha256": sha256_file(export_dir)}
+    write_atomic(export_dir / "verification.json", json.dumps(record, indent=2))
+    if not passed:
+        raise VerificationError(
+            f"{export_dir / WEIGHTS}: does not reproduce its recorded validation metrics on {src['split']!r} "
+            f"of {src['dataset_path']}: {worst} recorded {pairs[worst][0]:.6f} mm, reproduced "
+            f"{_mm(pairs[worst][1], '.6f')} mm (|difference| {diffs[worst]:.6f} > {TOLERANCE_MM:g} mm); "
+            "the weights or the data changed")
+    return record
+
+
+def _held_out(export_dir: Path, split: str, src: dict[str, Any], device: str) -> dict[str, Any]:
+    """Score the held-out split once, after the choice was made."""
+    from .evaluate import evaluate_checkpoint
+
+    ev = evaluate_checkpoint(export_dir, src["dataset_path"], split, fmt=src["format"],
+                             annotator=src["annotator"], device=device, cache_dir=src["cache_dir"])
+    record = {"split": split, "dataset_path": src["dataset_path"], "annotator": src["annotator"],
+              "images": len(ev.image_ids), "note": "scored once after selection; never used for choosing"}
+    record |= _scores(ev.summary)
+    (export_dir / "test_metrics.json").write_text(json.dumps(record, indent=2))
+    return record
+
+
+def _spread(values: list[float]) -> dict[str, float | None]:
+    return {"mean": statistics.fmean(values), "sd": statistics.stdev(values) if len(values) > 1 else None,
+            "min": min(values), "max": max(values)}
+
+
+def confirm_seeds(sweep: Sweep, trials: list[TrialRecord], winner: TrialRecord, n: int, dest: Path,
+                  device: str = "auto") -> dict[str, Any]:
+    """Re-run the winner's configuration (and the control's, if the sweep has one) from the same start with
+    `n` new seeds, both arms on the same seeds, to show how much of the winner's margin is luck."""
+    from .config import from_dict
+    from .results import best_trial
+    from .run import prepare_data, train
+    from .search import CONTROL_KEY, trial_config
+
+    base_seed = int(sweep.base.get("seed", 0))
+    first = 1 + max([base_seed] + [int(t.params.get("seed", base_seed)) for t in trials]
+                    + [int(c.get("seed", base_seed)) for c in sweep.controls])
+    seeds = list(range(first, first + n))
+    arms = [("winner", winner.params, winner)]
+    if sweep.controls and not winner.control:
+        control = best_trial([t for t in trials if t.control])
+        arms.append(("control", control.params if control else sweep.controls[0], control))
+    data = prepare_data(from_dict(sweep.base), progress=False)
+    out: dict[str, Any] = {"seeds": seeds, "arms": []}
+    for arm, params, trial in arms:
+        runs = []
+        for seed in seeds:
+            run_dir = dest / "confirm" / f"{arm}-seed{seed}"
+            sampled = {k: v for k, v in params.items() if k != CONTROL_KEY}
+            cfg = trial_config(sweep.base, sampled, str(run_dir))
+            cfg.out, cfg.seed, cfg.device = str(run_dir), seed, device
+            res = train(cfg, start_per_landmark=sweep.start_errors, data=data, keep_files=False)
+            runs.append({"seed": seed, "best_val_mre": res.best.mre, "best_epoch": res.best_epoch,
+                         "out": str(run_dir.relative_to(dest))})
+            print(f"  {arm} seed {seed}: best val MRE {res.best.mre:.3f} mm at epoch {res.best_epoch}")
+        out["arms"].append({"arm": arm, "trial_id": trial.trial_id if trial else None,
+                            "control": arm == "control" or winner.control,
+                            "sweep_val_mre": trial.best["val_mre"] if trial and trial.best else None,
+                            "runs": runs, **_spread([r["best_val_mre"] for r in runs])})
+    (dest / "confirm_seeds.json").write_text(json.dumps(out, indent=2))
+    return out
+
+
+def format_confirm(result: dict[str, Any]) -> str:
+    """The winner's (and the control's) sweep val MRE next to the mean and spread over the new seeds."""
+    head = "".join(f"{h:>8}" for h in ("sweep", "seeds", "mean", "sd", "min", "max"))
+    lines = [f"{'arm':<9}{'trial':<11}{head}   (val MRE mm)"]
+    for a in result["arms"]:
+        cells = "".join(f"{_mm(a[k]):>8}" for k in ("mean", "sd", "min", "max"))
+        lines.append(f"{a['arm']:<9}{a['trial_id'] or '-':<11}{_mm(a['sweep_val_mre']):>8}{len(a['runs']):>8}"
+                     + cells)
+    return "\n".join(lines)
+
+
+def _publish(tmp: Path, out: Path) -> None:
+    """Rename the finished folder into place; an earlier export there is replaced only now."""
+    os.chmod(tmp, 0o755)
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, out)
+
+
+def export(experiment: str | Path, out: str | Path, split: str | None = None, confirm: int = 0,
+           device: str = "auto") -> Path:
+    """Export the best trial's best epoch to `out` (see the module docstring); returns `out`."""
+    from .results import collect, load_sweep
+
+    if confirm < 0:
+        raise ValueError(f"The value of `confirm_seeds` is {confirm}, but must be >= 0.")
+    exp = Path(str(experiment).removeprefix("file://")).resolve()
+    out = Path(out).resolve()
+    sweep = load_sweep(exp)
+    _check_out(out)
+    source, held_out = _validation_source(sweep.base)
+    _check_split(split, held_out, source)
+    start = Path(sweep.base["resume"])
+    if not start.is_file():
+        raise FileNotFoundError(f"{start}: the sweep's start checkpoint is missing "
+                                "(its sha256 goes into the export)")
+    trials = collect(exp)
+    sel = select(trials, exp)
+    b = sel.epoch
+    print(f"best trial {sel.trial.trial_id}{' (control arm)' if sel.trial.control else ''}: val MRE "
+          f"{b['val_mre']:.3f} mm at epoch {int(b['epoch'])} of {len(sel.trial.epochs)} ({sel.checkpoint})")
+    if sel.trial.control:
+        print(f"The control arm won: {CONTROL_WON}.")
+    start_mre = statistics.fmean(sweep.start_errors.values())
+    if b["val_mre"] >= start_mre:
+        print(f"note: no trial improved on the start checkpoint's val MRE ({start_mre:.3f} mm)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        _write_model(tmp, sel, sweep, exp, source)
+        print(f"verified: the exported files' {_verified(verify(tmp, device))}")
+        if split:
+            test = _held_out(tmp, split, source, device)
+            print(f"held-out {split!r} ({test['images']} images, scored once): MRE {test['mre']:.3f} mm, "
+                  f"SDR@2mm {test['sdr']['2mm']:.1f}%")
+        if confirm:
+            print(f"confirming with {confirm} further seed(s) from the same start:")
+            print(format_confirm(confirm_seeds(sweep, trials, sel.trial, confirm, tmp, device)))
+        _publish(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    print(f"exported {out}: {WEIGHTS}, {MODEL_JSON}, best_hyperparameters.yaml, landmarks.parquet/.md, "
+          "verification.json" + (", test_metrics.json" if split else "")
+          + (", confirm_seeds.json" if confirm else ""))
+    return out
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    if args.verify:
+        if args.experiment or args.out:
+            raise ValueError("export: give either EXPERIMENT --out DIR, or --verify DIR alone")
+        print(f"verified {args.verify}: {_verified(verify(args.verify, args.device))}")
+        return 0
+    if not args.experiment or not args.out:
+        raise ValueError("export needs EXPERIMENT and --out DIR (or --verify DIR to re-check an export)")
+    from .resume import resolve_experiment
+
+    exp = resolve_experiment(args.experiment, args.storage)
+    export(exp, args.out, args.split, args.confirm_seeds, args.device)
+    return 0
+
+
+def register_cli(sub: Any) -> None:
+    p = sub.add_parser("export", help="export the best trial's best epoch as a verified model folder")
+    p.add_argument("experiment", nargs="?", help="experiment path, or a name under --storage")
+    p.add_argument("--out", help="export folder (an earlier export there is replaced)")
+    p.add_argument("--storage", default="./sweeps")
+    p.add_argument("--split", help="held-out split scored once after the choice (e.g. test); "
+                   "never used to choose")
+    p.add_argument("--confirm-seeds", "--confirm_seeds", type=int, default=0, dest="confirm_seeds",
+                   metavar="N",
+                   help="re-run the winner (and the control) with N further seeds from the same start")
+    p.add_argument("--verify", metavar="DIR",
+                   help="only re-check an existing export against its recorded metrics")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_export)

@@ -1,0 +1,202 @@
+"""`tune-landmarks predict`: landmarks for new cephalograms of any size and format.
+
+Per image: `<stem>.json` in the Aariz annotation schema (so the dataset readers and scoring scripts take it
+as it is), `<stem>.overlay.png` with each landmark marked and labelled; one `predictions.csv` for the batch.
+Coordinates are original-image pixels. Preprocessing and decoding are the evaluation's own
+(cache.decode_image, cache.resize, run.predict_batch, cache.to_original), so a prediction here equals the
+one `evaluate` scores.
+An unreadable input is listed and skipped; the others are still predicted.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import cv2
+import numpy as np
+
+from .export import write_atomic
+from .landmarks import title_of
+from .read import IMAGE_SUFFIXES
+
+if TYPE_CHECKING:
+    import torch
+
+    from .config import TrainConfig
+    from .model import LandmarkNet
+
+CSV_NAME = "predictions.csv"
+OVERLAY_SUFFIX = ".overlay.png"
+
+
+@dataclass
+class Prediction:
+    path: Path
+    points: np.ndarray  # (K, 2) original pixels, x right / y down
+
+
+@dataclass
+class PredictReport:
+    predicted: list[Prediction] = field(default_factory=list)
+    failed: list[tuple[str, str]] = field(default_factory=list)  # (input, why)
+
+
+def find_images(inputs: Sequence[str | Path]) -> tuple[list[Path], list[tuple[str, str]]]:
+    """Files as given (the decoder decides), folders scanned (not recursively) for image suffixes; missing
+    paths and folders without images are returned as failures."""
+    images: dict[Path, Path] = {}
+    failed = []
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            found = sorted(q for q in p.iterdir() if q.is_file() and q.suffix.lower() in IMAGE_SUFFIXES)
+            if not found:
+                failed.append((str(p), f"folder holds no images ({', '.join(IMAGE_SUFFIXES)})"))
+            images.update((q.resolve(), q) for q in found)
+        elif p.is_file():
+            images.setdefault(p.resolve(), p)
+        else:
+            failed.append((str(p), "no such file or folder"))
+    return list(images.values()), failed
+
+
+def _check_names(images: list[Path]) -> None:
+    """Outputs are named by the image's stem; two inputs with one stem would overwrite each other."""
+    by_stem: dict[str, list[Path]] = {}
+    for p in images:
+        by_stem.setdefault(p.stem, []).append(p)
+    clashes = [ps for ps in by_stem.values() if len(ps) > 1]
+    if clashes:
+        raise ValueError("inputs whose outputs would overwrite each other (same file name stem): "
+                         + "; ".join(", ".join(map(str, ps)) for ps in clashes))
+
+
+def load_model(path: str | Path, device: torch.device) -> tuple[LandmarkNet, TrainConfig, list[str]]:
+    """The model, its run config (image size, decoder, sigma) and its landmark symbols."""
+    from .evaluate import config_of
+    from .model import CheckpointError, create_model, load_weights, read_checkpoint
+
+    ckpt = read_checkpoint(path)
+    symbols = list(ckpt.get("symbols") or [])
+    if not symbols or not ckpt.get("arch"):
+        raise CheckpointError(f"{path}: names no architecture or landmark symbols; use an exported model "
+                              "folder (tune-landmarks export) or a best.pt/last.pt written by tune-landmarks")
+    cfg = config_of(ckpt)
+    model = create_model(cfg.model, len(symbols))
+    load_weights(model, ckpt, path, symbols)
+    return model.to(device).eval(), cfg, symbols
+
+
+def draw_overlay(grey: np.ndarray, points: np.ndarray, symbols: list[str]) -> np.ndarray:
+    """The image with each landmark as a red dot and its symbol in yellow (outlined), scaled to the image."""
+    img = cv2.cvtColor(grey, cv2.COLOR_GRAY2BGR)
+    s = max(img.shape[:2]) / 1000
+    radius, thick, font = max(2, round(5 * s)), max(1, round(2 * s)), max(0.35, 0.7 * s)
+    for (x, y), sym in zip(points, symbols, strict=True):
+        c = (round(x), round(y))
+        cv2.circle(img, c, radius, (0, 0, 255), -1, cv2.LINE_AA)
+        org = (c[0] + radius + 2, c[1] - radius - 2)
+        cv2.putText(img, sym, org, cv2.FONT_HERSHEY_SIMPLEX, font, (0, 0, 0), thick + 2, cv2.LINE_AA)
+        cv2.putText(img, sym, org, cv2.FONT_HERSHEY_SIMPLEX, font, (0, 255, 255), thick, cv2.LINE_AA)
+    return img
+
+
+def _coord(v: float, integer: bool) -> int | float:
+    return round(v) if integer else round(float(v), 3)
+
+
+def annotation(ceph_id: str, points: np.ndarray, symbols: list[str], integer: bool = False) -> dict[str, Any]:
+    """The Aariz annotation schema; landmark_id is the landmark's index in the model's order."""
+    return {"ceph_id": ceph_id, "landmarks": [
+        {"landmark_id": i, "symbol": s, "title": title_of(s),
+         "value": {"x": _coord(x, integer), "y": _coord(y, integer)}}
+        for i, (s, (x, y)) in enumerate(zip(symbols, points, strict=True))]}
+
+
+def _write_image_outputs(out: Path, path: Path, grey: np.ndarray, points: np.ndarray, symbols: list[str],
+                         integer: bool) -> None:
+    ann = annotation(path.stem, points, symbols, integer)
+    write_atomic(out / f"{path.stem}.json", json.dumps(ann, indent=1))
+    ok, png = cv2.imencode(".png", draw_overlay(grey, points, symbols))
+    if not ok:
+        raise OSError(f"{path}: could not encode the overlay PNG")
+    write_atomic(out / f"{path.stem}{OVERLAY_SUFFIX}", png.tobytes())
+
+
+def _csv_text(preds: list[Prediction], symbols: list[str], integer: bool) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["image", "symbol", "x", "y"])
+    for p in preds:
+        w.writerows([str(p.path), s, _coord(x, integer), _coord(y, integer)]
+                    for s, (x, y) in zip(symbols, p.points, strict=True))
+    return buf.getvalue()
+
+
+def predict(model_path: str | Path, inputs: Sequence[str | Path], out: str | Path, integer: bool = False,
+            device: str = "auto", batch_size: int = 8) -> PredictReport:
+    """Predict every readable input and write its outputs to `out`; see the module docstring."""
+    from .cache import decode_image, resize, to_original
+    from .run import predict_batch, resolve_device
+
+    if batch_size < 1:
+        raise ValueError(f"The value of `batch_size` is {batch_size}, but must be > 0.")
+    images, failed = find_images(inputs)
+    _check_names(images)
+    dev = resolve_device(device)
+    model, cfg, symbols = load_model(model_path, dev)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    report = PredictReport(failed=failed)
+    for i in range(0, len(images), batch_size):
+        batch = []
+        for path in images[i:i + batch_size]:
+            try:
+                grey = decode_image(path)
+            except (OSError, cv2.error) as exc:
+                report.failed.append((str(path), str(exc).removeprefix(f"{path}: ")))
+                continue
+            small, scale = resize(grey, tuple(cfg.image_size))
+            batch.append((path, grey, small, scale))
+        if not batch:
+            continue
+        small = np.stack([b[2] for b in batch])
+        pts = predict_batch(model, small, dev, cfg.decoder, cfg.sigma, cfg.mixed_precision)
+        pts = to_original(pts, np.stack([b[3] for b in batch])[:, None, :])
+        for (path, grey, _, _), p in zip(batch, pts, strict=True):
+            _write_image_outputs(out, path, grey, p, symbols, integer)
+            report.predicted.append(Prediction(path, p))
+    if report.predicted:
+        write_atomic(out / CSV_NAME, _csv_text(report.predicted, symbols, integer))
+    return report
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    rep = predict(args.model, args.inputs, args.out, args.integer, args.device, args.batch_size)
+    if rep.predicted:
+        print(f"predicted {len(rep.predicted)} image(s) -> {args.out}: one JSON and one {OVERLAY_SUFFIX} per "
+              f"image, {CSV_NAME}")
+    if rep.failed:
+        print(f"error: {len(rep.failed)} input(s) not predicted:\n"
+              + "\n".join(f"  - {p}: {why}" for p, why in rep.failed), file=sys.stderr)
+        return 1
+    return 0
+
+
+def register_cli(sub: Any) -> None:
+    p = sub.add_parser("predict", help="landmarks for new images: Aariz-style JSON, one CSV, overlay PNGs")
+    p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR", help="png/jpg/bmp files or folders of them")
+    p.add_argument("--model", required=True, help="exported model folder (or a best.pt/last.pt)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--integer", action="store_true",
+                   help="round coordinates to whole pixels (default: floats)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--batch-size", "--batch_size", type=int, default=8, dest="batch_size")
+    p.set_defaults(func=cmd_predict)
