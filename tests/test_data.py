@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import cli
+
 from tune_landmarks.augment import AugmentConfig, LandmarkDataset, train_transform
 from tune_landmarks.cache import build_cache, decode_image, resize, to_original, to_target
 from tune_landmarks.landmarks import AARIZ, ISBI2015, parse_symbols, symbols

@@ -10,8 +10,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
-
 from conftest import TINY, cli
+
 from tune_landmarks import heatmap
 from tune_landmarks.config import TrainConfig
 from tune_landmarks.loss import AWingParams, adaptive_wing, landmark_weights, per_landmark, weighted_total

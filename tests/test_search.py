@@ -14,8 +14,8 @@ from pathlib import Path
 import optuna
 import pyarrow.parquet as pq
 import pytest
-
 from conftest import TINY, cli
+
 from tune_landmarks.config import TrainConfig
 from tune_landmarks.space import SpaceError, load_space
 
@@ -112,11 +112,13 @@ def test_search_joins_a_real_cluster(synth_root, start_ckpt, tmp_path):
     port = _free_port()
     cmd = [str(ray_bin), "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(port),
            "--num-cpus", "2", "--include-dashboard", "false", "--disable-usage-stats", "--temp-dir", temp_dir,
-           "--ray-client-server-port", str(_free_port()), "--node-manager-port", str(_free_port()),
+           "--node-manager-port", str(_free_port()),
            "--object-manager-port", str(_free_port()), "--min-worker-port", "0", "--max-worker-port", "0",
            "--dashboard-agent-listen-port", str(_free_port()), "--metrics-export-port", str(_free_port()),
            "--runtime-env-agent-port", str(_free_port()), "--dashboard-agent-grpc-port", str(_free_port())]
-    head = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}  # every port on 127.0.0.1 only
+    head = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                            env=env)
     try:
         deadline = time.time() + 120
         while time.time() < deadline:

@@ -6,7 +6,6 @@ import argparse
 import dataclasses
 import os
 import sys
-from pathlib import Path
 from typing import Any, Sequence
 
 from .config import FIELDS, TrainConfig, from_dict, load_yaml
@@ -38,10 +37,22 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
 
 
 def run_config(args: argparse.Namespace, base: TrainConfig | None = None) -> TrainConfig:
+    """Defaults, then --config YAML, then flags. A start checkpoint supplies the architecture and image
+    size unless they are given, so `finetune --resume X` needs no --model to match X."""
     values = load_yaml(args.config) if getattr(args, "config", None) else {}
     cfg = from_dict(values, base, source=str(getattr(args, "config", "config")))
     given = {k: v for k, v in vars(args).items() if k in FIELDS}
-    return from_dict(given, cfg, source="command line")
+    cfg = from_dict(given, cfg, source="command line")
+    explicit = set(values) | set(given)
+    if cfg.resume and not {"model", "image_size"} <= explicit:
+        from .model import read_checkpoint
+
+        ckpt = read_checkpoint(cfg.resume)
+        if "model" not in explicit and ckpt.get("arch"):
+            cfg.model = ckpt["arch"]["model"]
+        if "image_size" not in explicit and ckpt.get("image_size"):
+            cfg.image_size = tuple(ckpt["image_size"])
+    return cfg
 
 
 def _fail(msg: str, code: int = 2) -> int:

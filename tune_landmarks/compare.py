@@ -283,7 +283,7 @@ def compare(inputs: Sequence[str | Path], out: str | Path, dataset_path: str | P
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from .export import write_atomic
+    from .atomic import write_bytes
     from .landmarks import parse_symbols
 
     if len(inputs) < 2:
@@ -337,7 +337,7 @@ def compare(inputs: Sequence[str | Path], out: str | Path, dataset_path: str | P
         fig = forest_figure(rows, f"{cand_name} vs {ref_name} ({rows[0].n_images} images)")
         written[out / f"forest_{file}.png"] = png_bytes(fig)
     for path, data in written.items():  # everything computed first: an error above leaves no file behind
-        print(f"wrote {write_atomic(path, data)}")
+        print(f"wrote {write_bytes(path, data)}")
     return {cand: rows for _, cand, rows in results}
 
 

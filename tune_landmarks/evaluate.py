@@ -5,8 +5,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 
+from .atomic import write_parquet
 from .cache import build_cache
 from .config import TrainConfig, from_dict
 from .metrics import Summary, predictions_table, radial_errors_mm, summarize
@@ -67,9 +67,4 @@ def evaluate_checkpoint(checkpoint: str | Path, dataset_path: str | Path, split:
 
 
 def write_predictions(ev: Evaluation, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    pq.write_table(predictions_table(ev.image_ids, ev.symbols, ev.pred, ev.true, ev.errors), tmp)
-    tmp.replace(path)
-    return path
+    return write_parquet(predictions_table(ev.image_ids, ev.symbols, ev.pred, ev.true, ev.errors), path)

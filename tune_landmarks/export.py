@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .atomic import write_bytes
+
 if TYPE_CHECKING:
     from .metrics import Summary
     from .results import TrialRecord
@@ -43,22 +45,6 @@ class Selection:
     trial: TrialRecord
     epoch: dict[str, Any]
     checkpoint: Path
-
-
-def write_atomic(path: str | Path, data: bytes | str) -> Path:
-    """Write to a temporary sibling, then os.replace: a reader never sees half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data.encode() if isinstance(data, str) else data)
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; an export is meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def _finite(v: Any) -> float | None:
@@ -239,7 +225,7 @@ def verify(export_dir: str | Path, device: str = "auto") -> dict[str, Any]:
               "recorded_val_mre": recorded["val_mre"], "reproduced_val_mre": got["mre"],
               "max_abs_difference_mm": _finite(diffs[worst]), "worst": worst,
               "reproduced": got, "weights_sha256": sha256_file(export_dir)}
-    write_atomic(export_dir / "verification.json", json.dumps(record, indent=2))
+    write_bytes(export_dir / "verification.json", json.dumps(record, indent=2))
     if not passed:
         raise VerificationError(
             f"{export_dir / WEIGHTS}: does not reproduce its recorded validation metrics on {src['split']!r} "

@@ -7,14 +7,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import timm
 import torch
 import torch.nn as nn
+
+from .atomic import atomic_path
 
 ALIASES = {"hrnet": "hrnet_w32"}
 HRNET_STAGES = (("layer1",), ("transition1", "stage2"), ("transition2", "stage3"), ("transition3", "stage4"))
@@ -153,18 +153,10 @@ def load_weights(model: LandmarkNet, ckpt: dict[str, Any], path: str | Path, sym
 
 
 def save_atomic(obj: Any, path: str | Path) -> Path:
-    """torch.save to a temp file in the same folder, then os.replace: a reader never sees half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
+    """torch.save through a temp file + os.replace: a reader never sees half a checkpoint."""
+    with atomic_path(path) as tmp:
         torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return Path(path)
 
 
 def sha256_file(path: str | Path) -> str:

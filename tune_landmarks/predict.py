@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import cv2
 import numpy as np
 
-from .export import write_atomic
+from .atomic import write_bytes
 from .landmarks import title_of
 from .read import IMAGE_SUFFIXES
 
@@ -123,11 +123,11 @@ def annotation(ceph_id: str, points: np.ndarray, symbols: list[str], integer: bo
 def _write_image_outputs(out: Path, path: Path, grey: np.ndarray, points: np.ndarray, symbols: list[str],
                          integer: bool) -> None:
     ann = annotation(path.stem, points, symbols, integer)
-    write_atomic(out / f"{path.stem}.json", json.dumps(ann, indent=1))
+    write_bytes(out / f"{path.stem}.json", json.dumps(ann, indent=1))
     ok, png = cv2.imencode(".png", draw_overlay(grey, points, symbols))
     if not ok:
         raise OSError(f"{path}: could not encode the overlay PNG")
-    write_atomic(out / f"{path.stem}{OVERLAY_SUFFIX}", png.tobytes())
+    write_bytes(out / f"{path.stem}{OVERLAY_SUFFIX}", png.tobytes())
 
 
 def _csv_text(preds: list[Prediction], symbols: list[str], integer: bool) -> str:
@@ -174,7 +174,7 @@ def predict(model_path: str | Path, inputs: Sequence[str | Path], out: str | Pat
             _write_image_outputs(out, path, grey, p, symbols, integer)
             report.predicted.append(Prediction(path, p))
     if report.predicted:
-        write_atomic(out / CSV_NAME, _csv_text(report.predicted, symbols, integer))
+        write_bytes(out / CSV_NAME, _csv_text(report.predicted, symbols, integer))
     return report
 
 

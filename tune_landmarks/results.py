@@ -9,8 +9,8 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
+from .atomic import write_parquet
 from .search import CONTROL_KEY, SWEEP_FILE, Sweep, print_interrupted
 
 TERMINAL = ("TERMINATED", "ERROR")
@@ -70,12 +70,6 @@ def collect(exp: str | Path) -> list[TrialRecord]:
     return sorted(out, key=lambda r: r.trial_id)
 
 
-def _atomic_parquet(table: pa.Table, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    pq.write_table(table, tmp)
-    tmp.replace(path)
-
-
 def write_tables(exp: str | Path, sweep: Sweep, trials: list[TrialRecord]) -> dict[str, Path]:
     exp = Path(str(exp).removeprefix("file://"))
     names = sorted({k for t in trials for k in t.params})
@@ -127,9 +121,9 @@ def write_tables(exp: str | Path, sweep: Sweep, trials: list[TrialRecord]) -> di
             lrow["change_mm"].append(None if best is None or start is None else best - start)
             lrow["difficult"].append(s in hard)
     paths = {"trials": exp / "trials.parquet", "epochs": exp / "epochs.parquet", "landmarks": exp / "landmarks.parquet"}
-    _atomic_parquet(pa.table(trow), paths["trials"])
-    _atomic_parquet(pa.table(erow), paths["epochs"])
-    _atomic_parquet(pa.table(lrow), paths["landmarks"])
+    write_parquet(pa.table(trow), paths["trials"])
+    write_parquet(pa.table(erow), paths["epochs"])
+    write_parquet(pa.table(lrow), paths["landmarks"])
     return paths
 
 

@@ -20,20 +20,19 @@ from typing import Any, Callable
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from . import heatmap
+from .atomic import write_parquet
 from .augment import AugmentConfig, LandmarkDataset, train_transform
 from .cache import CachedSplit, build_cache, to_original
 from .config import TrainConfig
 from .landmarks import parse_symbols
 from .loss import check_finite, landmark_weights, per_landmark, weighted_total
 from .metrics import Summary, format_table, radial_errors_mm, summarize
-from .model import (LandmarkNet, arch_of, create_model, freeze_stages, load_weights, read_checkpoint, save_atomic,
-                    set_train_mode)
+from .model import LandmarkNet, arch_of, create_model, freeze_stages, load_weights, read_checkpoint, save_atomic, set_train_mode
 from .read import DatasetInfo, describe, load_split
 
 Callback = Callable[[dict[str, Any], Path], None]
@@ -181,14 +180,16 @@ def _seed_all(seed: int) -> None:
 
 
 def train(cfg: TrainConfig, callback: Callback | None = None, start_per_landmark: dict[str, float] | None = None,
-          data: Data | None = None, keep_files: bool = True) -> RunResult:
+          data: Data | None = None, keep_files: bool = True, quiet: bool = False) -> RunResult:
     """Run (or continue) one training/fine-tuning run; see the module docstring.
 
-    `keep_files=False` (sweep trials) keeps last.pt only until the callback has taken it and writes no
+    `cfg.progress` shows the per-epoch progress bar; `quiet` (sweep trials, whose console is Ray's table)
+    also silences the one-line summaries. `keep_files=False` (sweep trials) keeps last.pt only until the callback has taken it and writes no
     best.pt: Ray stores the reported checkpoints, and a 50-trial sweep should not hold 100 more copies."""
     cfg.validate()
     out = Path(cfg.out).resolve()
     data = data or prepare_data(cfg, cfg.progress)
+    say = (lambda *a: None) if quiet else print
     symbols = data.info.symbols
     if cfg.difficult:
         parse_symbols(cfg.difficult, symbols)
@@ -214,8 +215,7 @@ def train(cfg: TrainConfig, callback: Callback | None = None, start_per_landmark
     elif start_per_landmark is None and (cfg.resume or cfg.pretrained):
         start_summ, _, _ = evaluate_split(model, data.val, symbols, device, cfg)
         start_per_landmark = start_summ.per_landmark
-        if cfg.progress:
-            print(f"start checkpoint on {data.val_split}: MRE {start_summ.mre:.3f} mm")
+        say(f"start checkpoint on {data.val_split}: MRE {start_summ.mre:.3f} mm")
 
     if resume_state is not None and resume_state.get("difficult") is not None:
         difficult = list(resume_state["difficult"])
@@ -233,8 +233,8 @@ def train(cfg: TrainConfig, callback: Callback | None = None, start_per_landmark
     (out / "difficult.json").write_text(json.dumps(
         {"difficult": difficult, "threshold_mm": cfg.difficult_threshold, "mode": cfg.mode, "trained": trained,
          "start_per_landmark_mm": start_per_landmark}, indent=2))
-    if cfg.progress and cfg.mode != "all":
-        print(f"difficult ({len(difficult)}): " + ", ".join(
+    if cfg.mode != "all":
+        say(f"difficult ({len(difficult)}): " + ", ".join(
             f"{s} {start_per_landmark[s]:.2f}mm" if start_per_landmark else s for s in difficult))
 
     teacher = None
@@ -268,8 +268,7 @@ def train(cfg: TrainConfig, callback: Callback | None = None, start_per_landmark
         best_epoch = int(resume_state.get("best_epoch", -1))
         history = json.loads(resume_state.get("history", "[]"))
         _set_rng_state(resume_state["rng"])
-        if cfg.progress:
-            print(f"resumed {cfg.resume} at epoch {start_epoch}")
+        say(f"resumed {cfg.resume} at epoch {start_epoch}")
 
     best_summ = last_summ = None
     for epoch in range(start_epoch, cfg.epochs):
@@ -336,8 +335,7 @@ def train(cfg: TrainConfig, callback: Callback | None = None, start_per_landmark
             save_atomic({k: state[k] for k in ("model", "arch", "symbols", "config", "image_size", "epoch", "difficult",
                                                 "start_per_landmark", "val_mre")}, out / "best.pt")
         _write_metrics(out, history, difficult, start_per_landmark)
-        if cfg.progress:
-            print(f"epoch {epoch + 1}/{cfg.epochs}  loss {rec['train_loss']:.4f}  val MRE {summ.mre:.3f} mm"
+        say(f"epoch {epoch + 1}/{cfg.epochs}  loss {rec['train_loss']:.4f}  val MRE {summ.mre:.3f} mm"
                   + (f"  difficult {summ.mre_difficult:.3f}  others {summ.mre_other:.3f}" if difficult else "")
                   + (f"  max drift {summ.max_drift:+.3f}" if summ.drift else "")
                   + f"  SDR@2mm {summ.sdr[2.0]:.1f}%  {epoch_seconds:.1f}s" + ("  *best" if improved else ""))
@@ -351,8 +349,7 @@ def train(cfg: TrainConfig, callback: Callback | None = None, start_per_landmark
         last_summ = summarize(np.array([list(history[-1]["per_landmark"].values())]), symbols, difficult)
     if best_summ is None:
         best_summ = summarize(np.array([list(history[best_epoch]["per_landmark"].values())]), symbols, difficult)
-    if cfg.progress:
-        print(format_table(best_summ, difficult, start_per_landmark))
+    say(format_table(best_summ, difficult, start_per_landmark))
     return RunResult(out, best_epoch + 1, best_summ, last_summ, difficult, start_per_landmark, history)
 
 
@@ -372,6 +369,4 @@ def _write_metrics(out: Path, history: list[dict[str, Any]], difficult: list[str
             rows["difficult"].append(s in difficult)
             for k in scalars:
                 rows[k].append(rec[k])
-    tmp = out / ".metrics.parquet.tmp"
-    pq.write_table(pa.table(rows), tmp)
-    tmp.replace(out / "metrics.parquet")
+    write_parquet(pa.table(rows), out / "metrics.parquet")

@@ -56,6 +56,7 @@ class SweepSettings:
     reduction_factor: float = 2.0
     grace_period: int | None = None  # default: max(1, ceil(largest warmup in the space))
     keep_checkpoints: int = 2
+    reuse_actors: bool = True  # False starts a fresh trial process per trial (scripts/bench_ray_overhead.py)
 
     def validate(self) -> "SweepSettings":
         def need(ok: bool, name: str, rule: str) -> None:
@@ -126,7 +127,7 @@ def trainable(config: dict[str, Any], base: dict[str, Any], start_errors: dict[s
         tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(str(d)))
         shutil.rmtree(d, ignore_errors=True)
 
-    train(cfg, callback=report, start_per_landmark=start_errors or None, keep_files=False)
+    train(cfg, callback=report, start_per_landmark=start_errors or None, keep_files=False, quiet=True)
 
 
 # ---------------------------------------------------------------- searcher, scheduler, state
@@ -281,7 +282,6 @@ def control_configs(space: SearchSpace, k: int) -> list[dict[str, Any]]:
 def prepare_sweep(space_file: str, base: TrainConfig, settings: SweepSettings) -> tuple[Sweep, "object"]:
     """Everything that can fail before Ray starts: the space, the data (cached once for all trials),
     the start checkpoint's per-landmark errors (computed once, handed to every trial)."""
-    from .evaluate import config_of
     from .model import create_model, load_weights, read_checkpoint
     from .run import evaluate_split, prepare_data, resolve_device
 
@@ -296,8 +296,6 @@ def prepare_sweep(space_file: str, base: TrainConfig, settings: SweepSettings) -
     if space.max_warmup() > base.epochs:
         raise ValueError(f"{space.path}: warmup_epochs reaches {space.max_warmup()}, more than --epochs {base.epochs}")
     ckpt = read_checkpoint(base.resume)
-    stored = config_of(ckpt)
-    base.model = stored.model if base.model == TrainConfig.model else base.model
     base.resume = str(Path(base.resume).resolve())
     base.dataset_path = str(Path(base.dataset_path).resolve())
     base.threads = max(1, int(settings.cpus_per_trial))
@@ -379,7 +377,7 @@ def build_tuner(sweep: Sweep, restore: bool = False, restart_errored: bool = Fal
         fn,
         tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler,
                                     num_samples=s.num_samples + len(sweep.controls),
-                                    max_concurrent_trials=s.max_concurrent, reuse_actors=True,
+                                    max_concurrent_trials=s.max_concurrent, reuse_actors=s.reuse_actors,
                                     trial_dirname_creator=trial_dirname),
         run_config=tune.RunConfig(
             name=s.name, storage_path=storage_uri(s.storage),
