@@ -362,26 +362,44 @@ def _group_table(comparisons: list[tuple[str, list[PairedDiff]]]) -> Any:
     return pa.table(cols)
 
 
+Verdict = dict[tuple[str, str], list[PairedDiff]]
+
+
+def compute_verdict(models: dict[str, tuple[Path | None, str]], evaluate: dict[str, Any], n_boot: int,
+                    seed: int) -> tuple[Verdict, list[str]]:
+    """Score the start, the best trial and the control on the same images and compare them pairwise;
+    returns {(candidate, reference): rows} and the difficult set (the best trial's)."""
+    scored: dict[str, Scored] = {role: evaluated(path, **evaluate) for role, (path, _) in models.items() if path}
+    best = scored.get("best trial")
+    hard = best.difficult if best else []
+    results: Verdict = {}
+    for cand, ref in (("best trial", "start"), ("control", "start"), ("best trial", "control")):
+        if cand in scored and ref in scored:
+            results[(cand, ref)] = paired_bootstrap(scored[ref].errors, aligned(scored[ref], scored[cand]),
+                                                    scored[ref].symbols, hard, n_boot=n_boot, seed=seed)
+    return results, hard
+
+
+def verdict_lines(results: Verdict) -> list[str]:
+    """The sentences, then each comparison's group intervals, as plain text (the end-of-sweep summary)."""
+    lines = verdict_sentences(results.get(("best trial", "start")), results.get(("best trial", "control")))
+    for (cand, ref), rows in results.items():
+        for r in (r for r in rows if r.is_group):
+            lines.append(f"  {cand} vs {ref}, {r.landmark}: {_interval(r.diff_mm, r.diff_low_mm, r.diff_high_mm, 'mm', 3)}"
+                         + (" *" if r.significant else ""))
+    return lines
+
+
 def verdict_section(page: Page, models: dict[str, tuple[Path | None, str]], evaluate: dict[str, Any],
                     n_boot: int, seed: int) -> None:
-    """Score the start, the best trial and the control on the same images and compare them pairwise.
-    `models` maps role -> (checkpoint or None, why it is missing)."""
+    """The page's verdict: `models` maps role -> (checkpoint or None, why it is missing)."""
     page.heading("Verdict on masking")
     for role, (path, why) in models.items():
         page.text(f"{role}: {path}" if path else f"{role}: not available — {why}", "" if path else "note")
     if sum(path is not None for path, _ in models.values()) < 2:
         page.note("No comparison possible: fewer than two of the start, best trial and control checkpoints exist.")
         return
-    scored: dict[str, Scored] = {role: evaluated(path, **evaluate) for role, (path, _) in models.items() if path}
-    best = scored.get("best trial")
-    hard = best.difficult if best else []
-    pairs = [("best trial", "start"), ("control", "start"), ("best trial", "control")]
-    results: dict[tuple[str, str], list[PairedDiff]] = {}
-    for cand, ref in pairs:
-        if cand in scored and ref in scored:
-            rows = paired_bootstrap(scored[ref].errors, aligned(scored[ref], scored[cand]), scored[ref].symbols,
-                                    hard, n_boot=n_boot, seed=seed)
-            results[(cand, ref)] = rows
+    results, hard = compute_verdict(models, evaluate, n_boot, seed)
     n = next(iter(results.values()))[0].n_images
     page.text(f"Paired differences on the {n} images of the validation split (candidate - reference; negative = "
               f"lower error), {n_boot} bootstrap resamples of images, {CONFIDENCE:.0%} percentile intervals; "
@@ -453,6 +471,32 @@ def study_sections(page: Page, study: Any, no_study: str, start_mre: float, cont
         page.note("No complete searched trial with a varying parameter to draw.")
 
 
+def _scoring(base: dict[str, Any], split: str, device: str) -> dict[str, Any]:
+    """How the verdict scores checkpoints: the sweep's own dataset, validation split and annotator."""
+    return {"dataset_path": base["dataset_path"], "split": split, "fmt": base.get("format"),
+            "annotator": base.get("annotator", "mean"), "device": device, "cache_dir": base.get("cache_dir")}
+
+
+def sweep_verdict(exp: str | Path, n_boot: int = 1000, seed: int = 0, device: str = "auto") -> list[str]:
+    """The verdict as text lines for the end-of-sweep summary (empty when fewer than two models exist)."""
+    from .read import describe
+    from .results import load_sweep
+
+    exp = Path(exp)
+    sweep = load_sweep(exp)
+    base = sweep.base
+    split = base.get("val_split") or describe(base["dataset_path"], base.get("format")).default_splits[1]
+    rows = _read_table(exp / "trials.parquet").to_pylist()
+    models = checkpoints(exp, base.get("resume"), _best([r for r in rows if not r["control"]]),
+                         _best([r for r in rows if r["control"]]))
+    if sum(path is not None for path, _ in models.values()) < 2:
+        return []
+    results, hard = compute_verdict(models, _scoring(base, split, device), n_boot, seed)
+    n = next(iter(results.values()))[0].n_images
+    return [f"verdict on masking ({n} {split} images, paired bootstrap, 95% intervals; difficult: "
+            f"{', '.join(hard) or 'none'}):"] + verdict_lines(results)
+
+
 def report(exp: str | Path, out: str | Path, *, storage: str | None = None, n_boot: int = 2000, seed: int = 0,
            device: str = "auto") -> Path:
     """Write `out`/index.html and its PNGs for one experiment; returns the page's path. Every input is read
@@ -495,10 +539,8 @@ def report(exp: str | Path, out: str | Path, *, storage: str | None = None, n_bo
         if control is not None and (best is None or control["best_val_mre"] < best["best_val_mre"]):
             page.note(f"The control {control['trial_id']} (all landmarks) has the lowest val MRE of all trials.")
 
-        verdict_section(page, checkpoints(exp, base.get("resume"), best, control),
-                        {"dataset_path": base["dataset_path"], "split": split, "fmt": base.get("format"),
-                         "annotator": base.get("annotator", "mean"), "device": device,
-                         "cache_dir": base.get("cache_dir")}, n_boot, seed)
+        verdict_section(page, checkpoints(exp, base.get("resume"), best, control), _scoring(base, split, device),
+                        n_boot, seed)
 
         page.heading("Per-landmark error: start vs best trial")
         lm = landmarks_t.filter(pc.equal(landmarks_t["trial_id"], best["trial_id"])) if best else None

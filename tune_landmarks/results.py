@@ -194,4 +194,8 @@ def finish(exp: str, sweep: Sweep) -> int:
     if unfinished > 0:
         print_interrupted(exp, unfinished, total)
         return 130
+    if Path(str(exp).removeprefix("file://")).is_dir():
+        from .report import sweep_verdict
+
+        print("\n".join(sweep_verdict(str(exp).removeprefix("file://"))))
     return 0
