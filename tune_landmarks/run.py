@@ -297,7 +297,10 @@ def train(cfg: TrainConfig, callback: Callback | None = None, start_per_landmark
             loss = weighted_total(per_landmark(pred, target, cfg.loss, awing), weights)
             if teacher is not None:
                 idx = torch.tensor(untrained_idx, device=device)
-                d = per_landmark(pred.index_select(1, idx), teach.float().index_select(1, idx), cfg.loss, awing).mean()
+                # the teacher's maps clamped to [0, 1], the range a target has: adaptive wing is undefined
+                # (infinite) for targets above alpha, and raw outputs can leave [0, 1]
+                soft = teach.float().index_select(1, idx).clamp(0, 1)
+                d = per_landmark(pred.index_select(1, idx), soft, cfg.loss, awing).mean()
                 loss = loss + cfg.distill_weight * d
             check_finite(loss.item(), f"loss at epoch {epoch + 1} step {step + 1}")
             opt.zero_grad(set_to_none=True)
