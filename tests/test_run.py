@@ -269,3 +269,16 @@ def test_load_weights_accepts_common_wrappers(start_ckpt, tmp_path):
         assert torch.equal(m.state_dict()["head.3.weight"], sd["head.3.weight"])
     with pytest.raises(CheckpointError, match="not found"):
         read_checkpoint(tmp_path / "nope.pt")
+
+
+def test_distillation_guard_trains_untrained_channels_towards_the_teacher(synth_root, start_ckpt, tmp_path):
+    """With the guard on, the channels outside the loss get the teacher's gradient (they move) and the
+    loss stays finite even where student and teacher agree exactly (bn_eval: identical at step 1)."""
+    res = train(TrainConfig(dataset_path=str(synth_root), resume=str(start_ckpt), out=str(tmp_path / "d"), epochs=1,
+                            lr=1e-3, mode="masked", difficult=["UMT", "Go"], distill_weight=1.0, bn_eval=True,
+                            progress=False, **TINY))
+    assert math.isfinite(res.history[0]["train_loss"])
+    start = read_checkpoint(start_ckpt)["model"]["head.3.weight"]
+    end = read_checkpoint(tmp_path / "d" / "last.pt")
+    other = [i for i, s in enumerate(end["symbols"]) if s not in ("UMT", "Go")]
+    assert not torch.equal(end["model"]["head.3.weight"][other], start[other])
