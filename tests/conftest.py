@@ -62,6 +62,34 @@ def start_ckpt(synth_root, tmp_path_factory) -> Path:
     return out / "best.pt"
 
 
+TINY_SPACE = """\
+lr: {type: loguniform, low: 1.0e-4, high: 3.0e-3}
+mode: {type: fixed, value: masked}
+difficult_threshold: {type: uniform, low: 0.1, high: 5.0}
+"""
+
+
+@pytest.fixture(scope="session")
+def tiny_sweep(synth_root, start_ckpt, tmp_path_factory) -> Path:
+    """One real finished sweep shared by the export, report and resume tests (read-only for them):
+    three masked trials and one control, three epochs each, ASHA from epoch 1."""
+    import ray
+
+    from tune_landmarks.config import TrainConfig
+    from tune_landmarks.search import SweepSettings, run_search
+
+    tmp = tmp_path_factory.mktemp("tiny_sweep")
+    (tmp / "space.yaml").write_text(TINY_SPACE)
+    base = TrainConfig(dataset_path=str(synth_root), resume=str(start_ckpt), epochs=3, progress=False, **TINY)
+    settings = SweepSettings(name="tiny", storage=str(tmp / "sweeps"), num_samples=3, max_concurrent=2,
+                             cpus_per_trial=1, control_trials=1, seed=1)
+    try:
+        assert run_search(str(tmp / "space.yaml"), base, settings) == 0
+    finally:
+        ray.shutdown()
+    return tmp / "sweeps" / "tiny"
+
+
 @pytest.fixture
 def copy_synth(synth_root, tmp_path) -> Path:
     """A private, writable copy of the synthetic set (for tests that damage it)."""

@@ -14,34 +14,15 @@ import pytest
 import yaml
 from conftest import TINY, cli
 
-from tune_landmarks.config import FIELDS, TrainConfig
+from tune_landmarks.config import FIELDS
 from tune_landmarks.export import CONTROL_WON, TOLERANCE_MM, checkpoint_for_epoch, choose, export
 from tune_landmarks.model import sha256_file
 
-SPACE = """\
-lr: {type: loguniform, low: 1.0e-4, high: 3.0e-3}
-mode: {type: fixed, value: masked}
-difficult_threshold: {type: uniform, low: 0.6, high: 1.2}
-"""
-
 
 @pytest.fixture(scope="module")
-def experiment(synth_root, start_ckpt, tmp_path_factory) -> Path:
-    """Two masked trials and one control, three epochs each, on the synthetic set."""
-    import ray
-
-    from tune_landmarks.search import SweepSettings, run_search
-
-    tmp = tmp_path_factory.mktemp("sweep")
-    (tmp / "space.yaml").write_text(SPACE)
-    base = TrainConfig(dataset_path=str(synth_root), resume=str(start_ckpt), epochs=3, progress=False, **TINY)
-    settings = SweepSettings(name="exp", storage=str(tmp / "sweeps"), num_samples=2, max_concurrent=2,
-                             cpus_per_trial=1, control_trials=1)
-    try:
-        assert run_search(str(tmp / "space.yaml"), base, settings) == 0
-    finally:
-        ray.shutdown()
-    return tmp / "sweeps" / "exp"
+def experiment(tiny_sweep) -> Path:
+    """Three masked trials and one control, three epochs each, on the synthetic set (conftest)."""
+    return tiny_sweep
 
 
 @pytest.fixture(scope="module")

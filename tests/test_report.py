@@ -8,31 +8,12 @@ from pathlib import Path
 
 import cv2
 import pytest
-from conftest import TINY, cli
-
-SPACE = """lr: {type: loguniform, low: 1.0e-4, high: 3.0e-3}
-mode: {type: fixed, value: masked}
-difficult_threshold: {type: uniform, low: 0.1, high: 5}
-"""
+from conftest import cli
 
 
 @pytest.fixture(scope="module")
-def experiment(synth_root, start_ckpt, tmp_path_factory) -> Path:
-    import ray
-
-    from tune_landmarks.config import TrainConfig
-    from tune_landmarks.search import SweepSettings, run_search
-
-    tmp = tmp_path_factory.mktemp("sweep")
-    (tmp / "space.yaml").write_text(SPACE)
-    base = TrainConfig(dataset_path=str(synth_root), resume=str(start_ckpt), epochs=2, progress=False, **TINY)
-    settings = SweepSettings(name="rep", storage=str(tmp), num_samples=3, max_concurrent=2, cpus_per_trial=1,
-                             control_trials=1)
-    try:
-        assert run_search(str(tmp / "space.yaml"), base, settings) == 0
-    finally:
-        ray.shutdown()
-    return tmp / "rep"
+def experiment(tiny_sweep) -> Path:
+    return tiny_sweep
 
 
 def page_images(out: Path) -> tuple[str, list[str]]:

@@ -1,0 +1,152 @@
+"""Interrupting and resuming sweeps with real processes and real signals (SIGINT, SIGKILL), and the
+ASHA rung replay that Ray does not do itself."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pyarrow.parquet as pq
+import pytest
+from conftest import cli
+
+SPACE = """
+lr: {type: loguniform, low: 1.0e-4, high: 3.0e-3}
+awing_omega: {type: uniform, low: 8.0, high: 20.0}
+difficult_threshold: {type: uniform, low: 0.05, high: 20.0}
+mode: {type: fixed, value: masked}
+"""
+SAMPLES, EPOCHS = 4, 3
+
+
+def _launch(synth_root, start_ckpt, tmp_path, name) -> subprocess.Popen:
+    space = tmp_path / "space.yaml"
+    space.write_text(SPACE)
+    env = {**os.environ, "TUNE_GLOBAL_CHECKPOINT_S": "1", "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "tune_landmarks", "search", "--space", str(space), "--dataset_path", str(synth_root),
+           "--resume", str(start_ckpt), "--name", name, "--storage", str(tmp_path / "store"), "--num-samples",
+           str(SAMPLES), "--max-concurrent", "1", "--epochs", str(EPOCHS), "--grace-period", "1", "--batch_size", "4"]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                            start_new_session=True)
+
+
+def _checkpointed(exp: Path) -> set[str]:
+    return {p.parent.parent.name for p in exp.glob("trial_*/checkpoint_*/checkpoint.pt")}
+
+
+def _wait_for_checkpoints(proc: subprocess.Popen, exp: Path, n: int, timeout: float = 400) -> set[str]:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert proc.poll() is None, f"search ended early:\n{proc.stdout.read()[-3000:]}"
+        done = _checkpointed(exp)
+        if len(done) >= n:
+            time.sleep(3)  # > TUNE_GLOBAL_CHECKPOINT_S: Ray's experiment state knows these checkpoints
+            return _checkpointed(exp)
+        time.sleep(0.5)
+    raise AssertionError("no checkpoints in time")
+
+
+def _epochs_reported(trial_dir: Path) -> list[int]:
+    lines = (trial_dir / "result.json").read_text().splitlines()
+    return [json.loads(ln)["epoch"] for ln in lines if ln.strip()]
+
+
+def _check_complete(exp: Path, name: str, had_checkpoint: set[str]) -> None:
+    trials = pq.read_table(exp / "trials.parquet").to_pandas()
+    assert len(trials) == SAMPLES + 1  # the searched trials and the control
+    assert set(trials.status) <= {"TERMINATED", "ERROR"} and (trials.status == "TERMINATED").all()
+    for d in had_checkpoint:  # a trial that had a checkpoint continued from it: epoch 1 was not redone
+        assert _epochs_reported(exp / d).count(1) == 1, (d, _epochs_reported(exp / d))
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    study = optuna.load_study(study_name=name, storage=JournalStorage(JournalFileBackend(str(exp / "optuna_journal.log"))))
+    live = [t for t in study.trials if not t.user_attrs.get("orphan")]
+    ids = [t.user_attrs["ray_trial_id"] for t in live]
+    assert sorted(ids) == sorted(trials[~trials.control].trial_id)  # each Ray trial once
+    assert all(t.state != optuna.trial.TrialState.RUNNING for t in study.trials)
+    epochs = pq.read_table(exp / "epochs.parquet").to_pandas()
+    assert set(epochs.trial_id) == set(trials[trials.epochs_done > 0].trial_id)
+
+
+def test_sigint_exits_130_with_the_resume_command_then_resume_finishes(synth_root, start_ckpt, tmp_path):
+    exp = tmp_path / "store" / "int"
+    proc = _launch(synth_root, start_ckpt, tmp_path, "int")
+    had = _wait_for_checkpoints(proc, exp, 2)
+    os.kill(proc.pid, signal.SIGINT)
+    out, _ = proc.communicate(timeout=180)
+    assert proc.returncode == 130, out[-3000:]
+    assert f"trials unfinished — resume with: tune-landmarks resume {exp}" in out
+    before = pq.read_table(exp / "trials.parquet").to_pandas()
+    stopped = before[before.stopped_early]
+    p = cli("resume", exp, timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert "ASHA rungs rebuilt from" in p.stdout
+    after = pq.read_table(exp / "trials.parquet").to_pandas().set_index("trial_id")
+    for _, row in stopped.iterrows():  # a trial stopped before the interruption is not resumed
+        assert after.loc[row.trial_id, "epochs_done"] == row.epochs_done
+    _check_complete(exp, "int", had)
+    again = cli("resume", exp)
+    assert again.returncode == 0 and "finished" in again.stdout and "tune-landmarks export" in again.stdout
+
+
+def test_sigkill_of_the_driver_then_resume(synth_root, start_ckpt, tmp_path):
+    exp = tmp_path / "store" / "kill"
+    proc = _launch(synth_root, start_ckpt, tmp_path, "kill")
+    had = _wait_for_checkpoints(proc, exp, 2)
+    os.kill(proc.pid, signal.SIGKILL)  # the driver, by its pid
+    proc.wait(timeout=30)
+    time.sleep(2)
+    try:  # the machine "crashed": nothing of that Ray session survives either
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    time.sleep(2)
+    p = cli("resume", exp, timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    _check_complete(exp, "kill", had)
+
+
+def test_resume_refuses_missing_and_foreign_directories(tmp_path):
+    p = cli("resume", tmp_path / "nope")
+    assert p.returncode == 1 and "no such experiment" in p.stderr
+    (tmp_path / "foreign").mkdir()
+    p = cli("resume", tmp_path / "foreign")
+    assert p.returncode == 1 and "not a tune-landmarks experiment (sweep.json is missing)" in p.stderr
+
+
+def test_asha_replay_rebuilds_the_rungs(tiny_sweep):
+    finished = tiny_sweep
+    from tune_landmarks.results import collect, load_sweep
+    from tune_landmarks.search import make_scheduler, replay_rungs
+
+    sweep = load_sweep(finished)
+    trials = collect(finished)
+    fresh = make_scheduler(sweep.space(), sweep.settings)
+    assert all(not r for _, r in fresh._brackets[0]._rungs)  # what Ray gives a restored sweep: empty rungs
+    n = replay_rungs(fresh, trials)
+    searched = [t for t in trials if not t.control]  # the control arm never enters the rungs
+    assert n == sum(len(t.epochs) for t in searched) > 0
+    rungs = dict(fresh._brackets[0]._rungs)
+    for t in searched:
+        for e in t.epochs:
+            if e["epoch"] in rungs:
+                assert rungs[e["epoch"]][t.trial_id] == pytest.approx(-e["val_mre"])
+    from types import SimpleNamespace
+
+    from ray.tune.schedulers import TrialScheduler
+
+    first = min(rungs)
+    worst = max(-v for v in rungs[first].values())
+    best = min(-v for v in rungs[first].values())
+    bracket = fresh._brackets[0]
+    # a resumed trial below the rung's cut-off is stopped, one above it continues
+    assert bracket.on_result(SimpleNamespace(trial_id="late-bad"), first, -(worst + 1.0)) == TrialScheduler.STOP
+    assert bracket.on_result(SimpleNamespace(trial_id="late-good"), first, -(best - 1.0)) == TrialScheduler.CONTINUE
+    empty = make_scheduler(sweep.space(), sweep.settings)._brackets[0]
+    assert empty.on_result(SimpleNamespace(trial_id="late-bad"), first, -(worst + 1.0)) == TrialScheduler.CONTINUE
