@@ -67,7 +67,7 @@ def collect(exp: str | Path) -> list[TrialRecord]:
                 err = f"(error file unreadable: {exc})"
         out.append(TrialRecord(t.trial_id, t.status, bool(t.config.get(CONTROL_KEY)),
                                {k: v for k, v in t.config.items() if k != CONTROL_KEY}, str(t.path), rows, err))
-    return sorted(out, key=lambda r: r.trial_id)
+    return out  # in the order Ray created the trials (its ids are random hex)
 
 
 def write_tables(exp: str | Path, sweep: Sweep, trials: list[TrialRecord]) -> dict[str, Path]:
