@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .atomic import write_bytes
+from .metrics import finite_or_none
 
 if TYPE_CHECKING:
     from .metrics import Summary
@@ -45,15 +46,6 @@ class Selection:
     trial: TrialRecord
     epoch: dict[str, Any]
     checkpoint: Path
-
-
-def _finite(v: Any) -> float | None:
-    """JSON has no NaN: metrics that do not apply (no difficult set, no drift) become null."""
-    try:
-        f = float(v)
-    except (TypeError, ValueError):
-        return None
-    return f if math.isfinite(f) else None
 
 
 def _mm(v: float | None, spec: str = ".3f") -> str:
@@ -126,7 +118,7 @@ def landmark_rows(sweep: Sweep, epoch: dict[str, Any], difficult: list[str]) -> 
     trained as difficult."""
     rows = []
     for s in sweep.symbols:
-        start, best = _finite(sweep.start_errors.get(s)), _finite(epoch.get(f"mre_{s}"))
+        start, best = finite_or_none(sweep.start_errors.get(s)), finite_or_none(epoch.get(f"mre_{s}"))
         change = None if start is None or best is None else best - start
         rows.append({"symbol": s, "start_mre_mm": start, "best_mre_mm": best, "change_mm": change,
                      "difficult": s in difficult})
@@ -143,9 +135,9 @@ def _landmarks_md(rows: list[dict[str, Any]], heading: str) -> str:
 
 def _epoch_metrics(epoch: dict[str, Any], symbols: list[str]) -> dict[str, Any]:
     """The validation metrics the trial reported for the exported epoch (what the proof must reproduce)."""
-    scalars = {k: _finite(v) for k, v in epoch.items()
+    scalars = {k: finite_or_none(v) for k, v in epoch.items()
                if k.startswith(("val_", "sdr_")) or k.endswith("_drift")}
-    return scalars | {"per_landmark": {s: _finite(epoch.get(f"mre_{s}")) for s in symbols}}
+    return scalars | {"per_landmark": {s: finite_or_none(epoch.get(f"mre_{s}")) for s in symbols}}
 
 
 def _write_model(dest: Path, sel: Selection, sweep: Sweep, exp: Path, source: dict[str, Any]) -> None:
@@ -189,10 +181,10 @@ def _write_model(dest: Path, sel: Selection, sweep: Sweep, exp: Path, source: di
 
 def _scores(summary: Summary) -> dict[str, Any]:
     """A summary as JSON (NaN, e.g. from weights that were set to NaN, becomes null)."""
-    return {"mre": _finite(summary.mre), "sd": _finite(summary.sd),
-            "mre_difficult": _finite(summary.mre_difficult), "mre_other": _finite(summary.mre_other),
+    return {"mre": finite_or_none(summary.mre), "sd": finite_or_none(summary.sd),
+            "mre_difficult": finite_or_none(summary.mre_difficult), "mre_other": finite_or_none(summary.mre_other),
             "sdr": {f"{t:g}mm": v for t, v in summary.sdr.items()},
-            "per_landmark": {s: _finite(v) for s, v in summary.per_landmark.items()}}
+            "per_landmark": {s: finite_or_none(v) for s, v in summary.per_landmark.items()}}
 
 
 def _verified(rec: dict[str, Any]) -> str:
@@ -223,7 +215,7 @@ def verify(export_dir: str | Path, device: str = "auto") -> dict[str, Any]:
     record = {"passed": passed, "tolerance_mm": TOLERANCE_MM, "split": src["split"],
               "dataset_path": src["dataset_path"], "annotator": src["annotator"], "images": len(ev.image_ids),
               "recorded_val_mre": recorded["val_mre"], "reproduced_val_mre": got["mre"],
-              "max_abs_difference_mm": _finite(diffs[worst]), "worst": worst,
+              "max_abs_difference_mm": finite_or_none(diffs[worst]), "worst": worst,
               "reproduced": got, "weights_sha256": sha256_file(export_dir)}
     write_bytes(export_dir / "verification.json", json.dumps(record, indent=2))
     if not passed:

@@ -12,6 +12,15 @@ import pyarrow as pa
 SDR_THRESHOLDS_MM = (2.0, 2.5, 3.0, 4.0)
 
 
+def finite_or_none(v: object) -> float | None:
+    """A metric as a float, or None where it does not apply (NaN, missing): JSON and Parquet have no NaN."""
+    try:
+        f = float(v)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+    return f if np.isfinite(f) else None
+
+
 def radial_errors_mm(pred: np.ndarray, true: np.ndarray, spacing_mm: np.ndarray) -> np.ndarray:
     """pred, true (N, K, 2) original pixels; spacing (N,) mm/px per image -> (N, K) mm."""
     return np.linalg.norm(np.asarray(pred, float) - np.asarray(true, float), axis=-1) * np.asarray(spacing_mm, float)[:, None]

@@ -11,6 +11,7 @@ from typing import Any
 import pyarrow as pa
 
 from .atomic import write_parquet
+from .metrics import finite_or_none
 from .search import CONTROL_KEY, SWEEP_FILE, Sweep, print_interrupted
 
 TERMINAL = ("TERMINATED", "ERROR")
@@ -96,7 +97,7 @@ def write_tables(exp: str | Path, sweep: Sweep, trials: list[TrialRecord]) -> di
             v = t.params.get(k)
             trow[f"param_{k}"].append(None if v is None else (v if isinstance(v, (int, float, bool)) else str(v)))
         for k in at_best:
-            trow[f"best_{k}"].append(_num(b.get(k)))
+            trow[f"best_{k}"].append(finite_or_none(b.get(k)))
     erow: dict[str, list] = {"trial_id": [], "control": []} | {k: [] for k in _SCALARS}
     lrow: dict[str, list] = {k: [] for k in ("trial_id", "control", "symbol", "start_mre_mm", "best_mre_mm",
                                              "change_mm", "difficult")}
@@ -105,14 +106,14 @@ def write_tables(exp: str | Path, sweep: Sweep, trials: list[TrialRecord]) -> di
             erow["trial_id"].append(t.trial_id)
             erow["control"].append(t.control)
             for k in _SCALARS:
-                erow[k].append(_num(e.get(k)))
+                erow[k].append(finite_or_none(e.get(k)))
         b = t.best
         if not b:
             continue
         hard = set(str(b.get("difficult") or "").split(","))
         for s in sweep.symbols:
             start = sweep.start_errors.get(s)
-            best = _num(b.get(f"mre_{s}"))
+            best = finite_or_none(b.get(f"mre_{s}"))
             lrow["trial_id"].append(t.trial_id)
             lrow["control"].append(t.control)
             lrow["symbol"].append(s)
@@ -125,14 +126,6 @@ def write_tables(exp: str | Path, sweep: Sweep, trials: list[TrialRecord]) -> di
     write_parquet(pa.table(erow), paths["epochs"])
     write_parquet(pa.table(lrow), paths["landmarks"])
     return paths
-
-
-def _num(v: Any) -> float | None:
-    try:
-        f = float(v)
-    except (TypeError, ValueError):
-        return None
-    return f if math.isfinite(f) else None
 
 
 def best_trial(trials: list[TrialRecord]) -> TrialRecord | None:
@@ -165,8 +158,8 @@ def summary_text(sweep: Sweep, trials: list[TrialRecord]) -> str:
     lines.append("  parameters: " + ", ".join(f"{k}={_fmt(v)}" for k, v in sorted(bt.params.items())))
     hard = set(str(b.get("difficult") or "").split(","))
     lines.append(f"  {'landmark':<9}{'start':>8}{'best':>8}{'change':>9}")
-    for s in sorted(sweep.symbols, key=lambda s: -(_num(b.get(f"mre_{s}")) or 0)):
-        v = _num(b.get(f"mre_{s}"))
+    for s in sorted(sweep.symbols, key=lambda s: -(finite_or_none(b.get(f"mre_{s}")) or 0)):
+        v = finite_or_none(b.get(f"mre_{s}"))
         st = sweep.start_errors.get(s, float("nan"))
         lines.append(f"  {s:<9}{st:>8.3f}{(v or float('nan')):>8.3f}{((v or float('nan')) - st):>+9.3f}"
                      + ("  *" if s in hard else ""))
@@ -174,7 +167,7 @@ def summary_text(sweep: Sweep, trials: list[TrialRecord]) -> str:
 
 
 def _mm(v: Any, signed: bool = False) -> str:
-    f = _num(v)
+    f = finite_or_none(v)
     return "n/a" if f is None else (f"{f:+.3f}" if signed else f"{f:.3f}") + " mm"
 
 

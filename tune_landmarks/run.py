@@ -184,8 +184,9 @@ def train(cfg: TrainConfig, callback: Callback | None = None, start_per_landmark
     """Run (or continue) one training/fine-tuning run; see the module docstring.
 
     `cfg.progress` shows the per-epoch progress bar; `quiet` (sweep trials, whose console is Ray's table)
-    also silences the one-line summaries. `keep_files=False` (sweep trials) keeps last.pt only until the callback has taken it and writes no
-    best.pt: Ray stores the reported checkpoints, and a 50-trial sweep should not hold 100 more copies."""
+    also silences the one-line summaries. `keep_files=False` (sweep trials) keeps last.pt only until the
+    callback has taken it and writes no best.pt: Ray stores the reported checkpoints, and a 50-trial
+    sweep should not hold 100 more copies."""
     cfg.validate()
     out = Path(cfg.out).resolve()
     data = data or prepare_data(cfg, cfg.progress)

@@ -88,7 +88,8 @@ def _draw(rng: np.random.Generator, w: int, h: int) -> tuple[np.ndarray, np.ndar
     cv2.ellipse(img, (int(at["S"][0]), int(at["S"][1] - r)), (r, r), 0, 0, 180, 0.8, max(1, int(0.006 * size)), cv2.LINE_AA)
     cv2.ellipse(img, (int(at["Or"][0]), int(at["Or"][1] - 1.6 * r)), (int(1.6 * r), int(1.6 * r)), 0, 0, 360, 0.35,
                 max(1, int(0.004 * size)), cv2.LINE_AA)
-    cv2.circle(img, (int(at["Po"][0] - 0.5 * r), int(at["Po"][1] + 0.6 * r)), int(0.8 * r), 0.3, max(1, int(0.004 * size)), cv2.LINE_AA)
+    ear = (int(at["Po"][0] - 0.5 * r), int(at["Po"][1] + 0.6 * r))
+    cv2.circle(img, ear, int(0.8 * r), 0.3, max(1, int(0.004 * size)), cv2.LINE_AA)
     # molars and premolars: blocks whose cusp tips are the landmarks
     for s, dy, bw in (("UMT", -1, 0.035), ("LMT", 1, 0.035), ("UPM", -1, 0.02), ("LPM", 1, 0.02)):
         x, y = at[s]
