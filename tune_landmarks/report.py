@@ -335,7 +335,8 @@ def verdict_sentences(vs_start: list[PairedDiff] | None, vs_control: list[Paired
             out.append("Verdict: " + ("masking beat plain fine-tuning on all landmarks." if a.diff_mm < 0 else
                                       "plain fine-tuning (the control) beat masking on all landmarks."))
         elif d is not None and d.significant and d.diff_mm < 0:
-            out.append("Verdict: masking helped the difficult landmarks, with no clear change over all landmarks.")
+            out.append("Verdict: masking did better than the control on the difficult landmarks, with no clear "
+                       "difference over all landmarks.")
         else:
             out.append("Verdict: no clear difference between masking and plain fine-tuning at this budget "
                        "and number of validation images.")
