@@ -408,6 +408,23 @@ def masked_finetune(args: argparse.Namespace, dataset: Path, work: Path, start: 
     return res
 
 
+@contextlib.contextmanager
+def finetune_setup(args: argparse.Namespace) -> Iterator[tuple[Path, Path, Path, Any, int]]:
+    """The fine-tune benchmarks' shared set-up: (work, dataset, start checkpoint, cached data, steps/epoch)."""
+    from tune_landmarks.run import prepare_data
+
+    with workdir(args) as work:
+        dataset = synthetic_data(work, args)
+        start = start_checkpoint(args, dataset, work)
+        data = prepare_data(config(args, dataset, work), progress=False)
+        yield work, dataset, start, data, steps_per_epoch(len(data.train), args.batch_size, args.max_steps)
+
+
+def loop_step_seconds(history: list[dict[str, Any]], n_steps: int) -> float:
+    """Median seconds per training step inside run.train, over every epoch but the first."""
+    return median([t / n_steps for t in after_first(history, "train_seconds")])
+
+
 def history_repeats(args: argparse.Namespace, p: argparse.ArgumentParser) -> str:
     """Times read from run.train's history are medians over epochs 2..E: a record needs >= 5 of them."""
     if not args.smoke_test and args.epochs < 6:

@@ -17,7 +17,6 @@ import torch
 from tune_landmarks.landmarks import AARIZ, WORKFLOW_DIFFICULT, symbols
 from tune_landmarks.loss import landmark_weights
 from tune_landmarks.model import create_model
-from tune_landmarks.run import prepare_data
 
 
 def main() -> None:
@@ -44,11 +43,7 @@ def main() -> None:
     times = _bench.interleaved(steps, args.repeats, device)
     del model, opt, steps
 
-    with _bench.workdir(args) as work:
-        dataset = _bench.synthetic_data(work, args)
-        start = _bench.start_checkpoint(args, dataset, work)
-        data = prepare_data(_bench.config(args, dataset, work), progress=False)
-        n_steps = _bench.steps_per_epoch(len(data.train), args.batch_size, args.max_steps)
+    with _bench.finetune_setup(args) as (work, dataset, start, data, n_steps):
         runs = {amp: _bench.masked_finetune(args, dataset, work, start, f"amp{int(amp)}", data=data, mixed_precision=amp)
                 for amp in (False, True)}
     amp_name = "bf16" if device.type == "cpu" or torch.cuda.is_bf16_supported() else "fp16"
@@ -60,7 +55,7 @@ def main() -> None:
               [[k, _bench.median(times[k]), _bench.paired_ratio(times, k, "fp32")] for k in dtypes])
     rows = []
     for amp, r in runs.items():
-        loop = _bench.median([t / n_steps for t in _bench.after_first(r.history, "train_seconds")])
+        loop = _bench.loop_step_seconds(r.history, n_steps)
         rows.append(["--mixed-precision" if amp else "fp32", r.best.mre, r.best.mre_difficult, r.last.mre,
                      r.best_epoch, loop])
     rec.table(["fine-tune", "best val MRE mm", "difficult MRE mm", "last val MRE mm", "best epoch",

@@ -16,8 +16,6 @@ from typing import Any
 
 import _bench
 
-from tune_landmarks.run import prepare_data
-
 
 def _at_best(res: Any) -> dict[str, Any]:
     """The history entry of the best epoch (lowest val MRE: what a sweep keeps)."""
@@ -33,11 +31,7 @@ def main() -> None:
     device = _bench.setup(args)
     variants = {"plain": {}, "distill": {"distill_weight": args.distill_weight}, "bn_eval": {"bn_eval": True},
                 "distill+bn_eval": {"distill_weight": args.distill_weight, "bn_eval": True}}
-    with _bench.workdir(args) as work:
-        dataset = _bench.synthetic_data(work, args)
-        start = _bench.start_checkpoint(args, dataset, work)
-        data = prepare_data(_bench.config(args, dataset, work), progress=False)
-        n_steps = _bench.steps_per_epoch(len(data.train), args.batch_size, args.max_steps)
+    with _bench.finetune_setup(args) as (work, dataset, start, data, n_steps):
         runs, failed = {}, {}
         for k, kw in variants.items():
             try:
@@ -50,7 +44,7 @@ def main() -> None:
     plain = runs["plain"]
     start_pl = plain.start_per_landmark or {}
     start_diff = sum(start_pl[s] for s in plain.difficult) / len(plain.difficult) if start_pl else float("nan")
-    step = {k: _bench.median([t / n_steps for t in _bench.after_first(r.history, "train_seconds")])
+    step = {k: _bench.loop_step_seconds(r.history, n_steps)
             for k, r in runs.items()}
     rec = _bench.Record("bench_drift_guard: distillation and bn_eval vs drift", args, device, repeats=repeats)
     rec.value("settings", f"{args.model} at {args.image_size}px, batch {args.batch_size}; masked on the workflow's "

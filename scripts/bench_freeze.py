@@ -17,7 +17,6 @@ import torch
 from tune_landmarks.landmarks import AARIZ, WORKFLOW_DIFFICULT, symbols
 from tune_landmarks.loss import landmark_weights
 from tune_landmarks.model import create_model, freeze_stages
-from tune_landmarks.run import prepare_data
 
 
 def main() -> None:
@@ -48,11 +47,7 @@ def main() -> None:
     times = _bench.interleaved(steps, args.repeats, device)
 
     # accuracy: the same fine-tune at every level
-    with _bench.workdir(args) as work:
-        dataset = _bench.synthetic_data(work, args)
-        start = _bench.start_checkpoint(args, dataset, work)
-        data = prepare_data(_bench.config(args, dataset, work), progress=False)
-        n_steps = _bench.steps_per_epoch(len(data.train), args.batch_size, args.max_steps)
+    with _bench.finetune_setup(args) as (work, dataset, start, data, n_steps):
         runs = {n: _bench.masked_finetune(args, dataset, work, start, f"freeze{n}", data=data, freeze_stages=n)
                 for n in args.levels}
     start_diff = float("nan")
@@ -62,7 +57,7 @@ def main() -> None:
     rows = []
     for n in args.levels:
         r, key = runs[n], f"freeze {n}"
-        loop = _bench.median([t / n_steps for t in _bench.after_first(r.history, "train_seconds")])
+        loop = _bench.loop_step_seconds(r.history, n_steps)
         rows.append([n, _bench.median(times[key]), _bench.paired_ratio(times, key, "freeze 0"), loop,
                      r.best.mre, r.best.mre_difficult, r.best.mre_difficult - start_diff, r.best_epoch])
     rec.value("settings", f"{args.model} at {args.image_size}px, batch {args.batch_size}; fine-tune: masked on the "

@@ -65,7 +65,8 @@ def test_report_says_what_is_missing(experiment, tmp_path):
     for ckpt in control.glob("checkpoint_*"):
         shutil.rmtree(ckpt)
     (exp / JOURNAL_FILE).unlink()  # a study with a single complete trial instead
-    study = optuna.create_study(study_name=sweep.settings.name, storage=JournalStorage(JournalFileBackend(str(exp / JOURNAL_FILE))))
+    journal = JournalStorage(JournalFileBackend(str(exp / JOURNAL_FILE)))
+    study = optuna.create_study(study_name=sweep.settings.name, storage=journal)
     study.optimize(lambda t: t.suggest_float("lr", 1e-4, 3e-3, log=True), n_trials=1)
 
     out = tmp_path / "report"
