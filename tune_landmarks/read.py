@@ -69,6 +69,14 @@ class DatasetInfo:
         """(train, validation) split names for this layout."""
         return ("train", "valid") if self.format == "aariz" else ("train", "test1")
 
+    def train_split(self, given: str | None = None) -> str:
+        """The split trained on: `given`, else this layout's default. The one place the default lives."""
+        return given or self.default_splits[0]
+
+    def val_split(self, given: str | None = None) -> str:
+        """The split validated (and selected) on: `given`, else this layout's default."""
+        return given or self.default_splits[1]
+
 
 def _find_dir(parent: Path, name: str) -> Path | None:
     """A child directory matched case-insensitively (the archive is lower case, the authors' loader capitalised)."""
