@@ -2,14 +2,15 @@
 
 Why one module: every benchmark must time the same way (CUDA synchronised, modes interleaved within
 each repeat so machine drift cancels), describe the machine the same way, and append records in one
-format. `make_step` mirrors the inner loop of `run.train` statement for statement (run.py exposes no
-step function to call), so a step timed here is the step a fine-tune takes.
+format. `make_step` times `run.train_step` itself, with run.train's own objective, optimiser (AdamW over its
+parameter groups), schedule, loss scaler and clip, so a step timed here is exactly the step a trial takes.
 Records of `--smoke-test` runs never go to BENCHMARKS.md (they measure nothing), only to `--record`.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import logging
 import math
 import os
 import platform
@@ -87,13 +88,16 @@ def parse(p: argparse.ArgumentParser, smoke: dict[str, Any], argv: Sequence[str]
 
 
 def setup(args: argparse.Namespace) -> torch.device:
-    """Apply --threads and resolve --device (cuda must exist when asked for)."""
+    """Apply --threads, show run.train's log lines (epoch summaries), resolve --device as run.train does
+    (cuda must exist when asked for)."""
+    from tune_landmarks.infer import resolve_device
+
     torch.set_num_threads(args.threads)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA device here")
-    if args.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(args.device)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        return resolve_device(args.device)
+    except ValueError as exc:
+        raise SystemExit(f"--device {args.device}: {exc}") from None
 
 
 @contextlib.contextmanager
@@ -313,51 +317,57 @@ def random_batch(batch: int, size: int, k: int, device: torch.device, seed: int 
     return x.to(device), kps.to(device)
 
 
+class Sliced(torch.nn.Module):
+    """A model whose output is only some landmarks' heatmaps, so the loss is computed on those alone."""
+
+    def __init__(self, model: torch.nn.Module, channels: Sequence[int]):
+        super().__init__()
+        self.model, self.stride = model, model.stride
+        self.idx = torch.tensor(list(channels), device=next(model.parameters()).device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x).index_select(1, self.idx)
+
+
+def step_config() -> Any:
+    """What a timed step runs with: TrainConfig's defaults (adaptive wing, sigma, clip, weight decay) at a
+    fine-tuning lr."""
+    from tune_landmarks.config import TrainConfig
+
+    return TrainConfig(lr=1e-6)
+
+
+def shared_optimiser(model: torch.nn.Module) -> tuple[torch.optim.Optimizer, Any]:
+    """run.train's optimiser and lr schedule for `model` (build it after freezing, as run.train does), for
+    several step functions to share: one optimiser state in memory, whichever variant steps it."""
+    from tune_landmarks.run import build_optimizer, build_scheduler
+
+    opt = build_optimizer(model, step_config())
+    return opt, build_scheduler(opt, step_config(), steps=1)
+
+
 def make_step(model: torch.nn.Module, x: torch.Tensor, kps: torch.Tensor, weights: torch.Tensor,
-              opt: torch.optim.Optimizer | None = None, amp_dtype: torch.dtype | None = None,
-              frozen: Sequence[str] = (), bn_eval: bool = False, grad_clip: float = 5.0,
-              sigma: float = 2.0, channels: Sequence[int] | None = None) -> Callable[[], float]:
-    """One optimisation step as `run.train` takes it: Gaussian targets made on the device, forward under
-    autocast, per-landmark adaptive wing, normalised weighted total, backward (GradScaler for fp16),
-    clip, AdamW. `weights` is the loss mode (landmark_weights); returns the loss.
+              optimiser: tuple[torch.optim.Optimizer, Any] | None = None, amp_dtype: torch.dtype | None = None,
+              frozen: Sequence[str] = (), bn_eval: bool = False, channels: Sequence[int] | None = None
+              ) -> Callable[[], float]:
+    """One call = one `run.train_step` on the batch (x, kps), with the Objective, optimiser, schedule, scaler
+    and clip that run.train builds from `step_config()`; returns the loss. `weights` is the loss mode
+    (landmark_weights); `amp_dtype` the autocast dtype (None = fp32); `frozen`/`bn_eval` as set_train_mode
+    takes them (set once, as run.train does once per epoch); `optimiser` from `shared_optimiser`, else its own.
 
-    `channels` (not what run.train does) computes the loss on those heatmaps only: the most a masked
-    loss could save by skipping the zero-weight landmarks instead of multiplying them by 0."""
-    from tune_landmarks import heatmap
-    from tune_landmarks.loss import AWingParams, per_landmark, weighted_total
+    `channels` (not what run.train does) computes the targets and the loss for those heatmaps only: the most
+    a masked loss could save by skipping the zero-weight landmarks instead of multiplying them by 0."""
     from tune_landmarks.model import set_train_mode
+    from tune_landmarks.run import Objective, Optimisation, train_step
 
-    device = x.device
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = opt or torch.optim.AdamW(params, lr=1e-6, weight_decay=1e-4)
-    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16 and device.type == "cuda")
-    hm_size = (x.shape[2] // model.stride, x.shape[3] // model.stride)
-    awing = AWingParams()
-    idx = torch.tensor(list(channels), device=device) if channels is not None else None
-    if idx is not None:
-        weights = weights[idx.cpu()]
-    if device.type == "cuda":
-        x = x.contiguous(memory_format=torch.channels_last)
-    set_train_mode(model, list(frozen), bn_eval)  # once, as run.train does once per epoch
-
-    def step() -> float:
-        target = heatmap.encode(heatmap.to_heatmap_frame(kps, model.stride), hm_size, sigma)
-        amp = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else contextlib.nullcontext()
-        with amp:
-            pred = model(x)
-        if idx is not None:
-            pred, target = pred.index_select(1, idx), target.index_select(1, idx)
-        loss = weighted_total(per_landmark(pred, target, "adaptive_wing", awing), weights)
-        opt.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        if grad_clip:
-            scaler.unscale_(opt)
-            torch.nn.utils.clip_grad_norm_(params, grad_clip)
-        scaler.step(opt)
-        scaler.update()
-        return float(loss.detach())
-
-    return step
+    cfg = step_config()
+    opt, sched = optimiser or shared_optimiser(model)
+    optim = Optimisation.create(opt, sched, x.device, amp_dtype, cfg.grad_clip)
+    set_train_mode(model, list(frozen), bn_eval)
+    if channels is not None:
+        model, kps, weights = Sliced(model, channels), kps[:, list(channels)], weights[list(channels)]
+    objective = Objective.from_config(cfg, weights)
+    return lambda: train_step(model, x, kps, objective, optim)
 
 
 def synthetic_data(work: Path, args: argparse.Namespace) -> Path:
@@ -371,7 +381,7 @@ def synthetic_data(work: Path, args: argparse.Namespace) -> Path:
 
 
 def config(args: argparse.Namespace, dataset: Path, work: Path, **kw: Any):
-    """A TrainConfig from the benchmark's flags (quiet, its own cache, the same threads and device)."""
+    """A TrainConfig from the benchmark's flags (no progress bar, its own cache, the same threads and device)."""
     from tune_landmarks.config import TrainConfig
 
     base = {"dataset_path": str(dataset), "model": args.model, "image_size": (args.image_size, args.image_size),
@@ -411,7 +421,7 @@ def masked_finetune(args: argparse.Namespace, dataset: Path, work: Path, start: 
 @contextlib.contextmanager
 def finetune_setup(args: argparse.Namespace) -> Iterator[tuple[Path, Path, Path, Any, int]]:
     """The fine-tune benchmarks' shared set-up: (work, dataset, start checkpoint, cached data, steps/epoch)."""
-    from tune_landmarks.run import prepare_data
+    from tune_landmarks.run import prepare_data, steps_per_epoch
 
     with workdir(args) as work:
         dataset = synthetic_data(work, args)
@@ -432,12 +442,6 @@ def history_repeats(args: argparse.Namespace, p: argparse.ArgumentParser) -> str
     return f"median over epochs 2..{args.epochs} ({args.epochs - 1} values) of each run"
 
 
-def steps_per_epoch(n_train: int, batch_size: int, max_steps: int) -> int:
-    """As run.train counts them (its history does not store the number)."""
-    n = math.ceil(n_train / batch_size)
-    return min(n, max_steps) if max_steps else n
-
-
 def after_first(history: list[dict[str, Any]], key: str) -> list[float]:
     """A per-epoch value for every epoch but the first (which pays one-off costs)."""
     return [float(h[key]) for h in history[1:]]
@@ -448,11 +452,12 @@ def sweep(space: Path, base: Any, **settings: Any) -> tuple[list[Any], float, in
     reads them back from the experiment, the wall seconds of the whole call, and its exit code."""
     import dataclasses
 
+    from tune_landmarks.experiment import Experiment, SweepSettings
     from tune_landmarks.results import collect
-    from tune_landmarks.search import SweepSettings, experiment_path, run_search
+    from tune_landmarks.search import run_search
 
     s = SweepSettings(**settings)
     t = time.perf_counter()
     code = run_search(str(space), dataclasses.replace(base), s)
     wall = time.perf_counter() - t
-    return collect(experiment_path(s)), wall, code
+    return collect(Experiment.at(s.storage, s.name)), wall, code

@@ -36,7 +36,7 @@ def main() -> None:
     model = create_model(args.model, len(syms)).to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-6)
+    opt = _bench.shared_optimiser(model)
     x, kps = _bench.random_batch(args.batch_size, args.image_size, len(syms), device)
     w = landmark_weights(syms, list(WORKFLOW_DIFFICULT), "masked", 2.5)
     steps = {k: _bench.make_step(model, x, kps, w, opt, amp_dtype=d) for k, d in dtypes.items()}

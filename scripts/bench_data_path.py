@@ -20,7 +20,7 @@ import numpy as np
 from tune_landmarks.augment import AugmentConfig, LandmarkDataset, train_transform
 from tune_landmarks.cache import CachedSplit, decode_image, resize
 from tune_landmarks.read import load_split
-from tune_landmarks.run import Data, prepare_data, train
+from tune_landmarks.run import Data, prepare_data, steps_per_epoch, train
 
 
 class DecodingImages:
@@ -93,7 +93,7 @@ def main() -> None:
         res = train(cfg, data=Data(data.info, data.train, head(data.val, args.val_images), data.train_split,
                                    data.val_split))
     share = [h["data_wait_seconds"] / h["train_seconds"] for h in res.history[1:]]
-    n_steps = _bench.steps_per_epoch(len(data.train), args.batch_size, args.max_steps)
+    n_steps = steps_per_epoch(len(data.train), args.batch_size, args.max_steps)
     rec = _bench.Record("bench_data_path: decode vs cache, and data wait in run.train", args, device)
     rec.value("settings", f"{'synthetic set' if synthetic else root} ({data.info.format}, split {data.train_split}), "
                           f"{args.images} images of {int(orig[:, 0].mean())}x{int(orig[:, 1].mean())} px (mean) "

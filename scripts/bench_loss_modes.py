@@ -47,7 +47,7 @@ def main() -> None:
         model = create_model(name, len(syms)).to(device)
         if device.type == "cuda":
             model = model.to(memory_format=torch.channels_last)
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-6)
+        opt = _bench.shared_optimiser(model)
         for size in sorted(args.sizes):
             x, kps = _bench.random_batch(args.batch_size, size, len(syms), device)
             steps = {m: _bench.make_step(model, x, kps, weights[m], opt, channels=hard if m.endswith("_sliced") else None)

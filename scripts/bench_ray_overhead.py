@@ -24,9 +24,10 @@ from typing import Any
 import _bench
 
 from tune_landmarks.config import TrainConfig
+from tune_landmarks.experiment import SweepSettings, trial_config
 from tune_landmarks.landmarks import WORKFLOW_DIFFICULT
 from tune_landmarks.run import train
-from tune_landmarks.search import SweepSettings, init_ray, trial_config
+from tune_landmarks.search import init_ray
 
 
 def cli_flags(cfg: TrainConfig) -> list[str]:

@@ -11,11 +11,11 @@ import dataclasses
 import tempfile
 
 from tune_landmarks.config import TrainConfig
-from tune_landmarks.evaluate import config_of
 from tune_landmarks.heatmap import DECODERS
+from tune_landmarks.infer import config_of, evaluate_split, resolve_device
 from tune_landmarks.model import create_model, load_weights, read_checkpoint
 from tune_landmarks.read import describe
-from tune_landmarks.run import evaluate_split, prepare_data, resolve_device, train
+from tune_landmarks.run import prepare_data, train
 from tune_landmarks.synth import make_synthetic
 
 
@@ -30,7 +30,7 @@ def main() -> None:
         tmp = tempfile.mkdtemp()
         a.dataset_path = str(make_synthetic(f"{tmp}/data", num_images=8, seed=0, size=128))
         train(TrainConfig(dataset_path=a.dataset_path, model="hrnet_w18_small_v2", image_size=(64, 64), epochs=1,
-                          out=f"{tmp}/run", progress=False), quiet=True)
+                          out=f"{tmp}/run", progress=False))
         a.checkpoint = f"{tmp}/run/best.pt"
     if not (a.checkpoint and a.dataset_path):
         p.error("--checkpoint and --dataset_path are required (or --smoke-test)")

@@ -76,7 +76,8 @@ def tiny_sweep(synth_root, start_ckpt, tmp_path_factory) -> Path:
     import ray
 
     from tune_landmarks.config import TrainConfig
-    from tune_landmarks.search import SweepSettings, run_search
+    from tune_landmarks.experiment import SweepSettings
+    from tune_landmarks.search import run_search
 
     tmp = tmp_path_factory.mktemp("tiny_sweep")
     (tmp / "space.yaml").write_text(TINY_SPACE)

@@ -33,6 +33,7 @@ def _state(path: Path) -> tuple[int, int] | None:
     return (path.stat().st_size, path.stat().st_mtime_ns) if path.exists() else None
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script", list(EXPECTED))
 def test_smoke_run_writes_its_record(script: str, tmp_path: Path) -> None:
     record = tmp_path / "rec.md"

@@ -107,7 +107,8 @@ def test_mismatched_or_missing_input_fails_with_one_message(tmp_path, case):
 
 
 def test_broken_table_and_bad_arguments_are_refused(tmp_path):
-    from tune_landmarks.compare import compare, paired_bootstrap
+    from tune_landmarks.compare import compare
+    from tune_landmarks.verdict import paired_bootstrap
 
     ref = write_table(tmp_path / "ref.parquet", REF)
     dup = write_table(tmp_path / "dup.parquet", CAND, order=np.r_[np.arange(REF.size - 1), 0])

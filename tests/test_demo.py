@@ -1,9 +1,11 @@
 """The README's main command, end to end at smoke size: data, start model, sweep, export, report."""
 from __future__ import annotations
 
+import pytest
 from conftest import cli
 
 
+@pytest.mark.slow
 def test_demo_smoke_runs_every_step(tmp_path):
     p = cli("demo", "--workdir", tmp_path / "demo", "--smoke-test", timeout=900)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]

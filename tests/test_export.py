@@ -1,10 +1,10 @@
 """`export`: a real tiny sweep on the synthetic set, exported, proven, tampered with, and used again."""
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import io
 import json
+import logging
 import re
 import shutil
 from pathlib import Path
@@ -15,8 +15,11 @@ import yaml
 from conftest import TINY, cli
 
 from tune_landmarks.config import FIELDS
+from tune_landmarks.experiment import Experiment
 from tune_landmarks.export import CONTROL_WON, TOLERANCE_MM, checkpoint_for_epoch, choose, export
 from tune_landmarks.model import sha256_file
+
+pytestmark = pytest.mark.slow  # every test here needs a real Ray sweep
 
 
 @pytest.fixture(scope="module")
@@ -34,11 +37,17 @@ def trials(experiment):
 
 @pytest.fixture(scope="module")
 def exported(experiment, tmp_path_factory) -> tuple[Path, str]:
-    """The export with the held-out split and one confirmation seed; (folder, what it printed)."""
+    """The export with the held-out split and one confirmation seed; (folder, what it logged for the console)."""
     out = tmp_path_factory.mktemp("export") / "model"
     printed = io.StringIO()
-    with contextlib.redirect_stdout(printed):
+    handler, logger = logging.StreamHandler(printed), logging.getLogger("tune_landmarks")
+    logger.addHandler(handler)
+    level, logger.level = logger.level, logging.INFO
+    try:
         assert export(experiment, out, split="test", confirm=1) == out
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
     return out, printed.getvalue()
 
 
@@ -108,7 +117,7 @@ def test_selection_takes_each_trials_best_epoch_not_its_last(trials, experiment)
         trial_dir = experiment / Path(t.path).name
         for d in trial_dir.glob("checkpoint_*"):
             e = json.loads((d / "epoch.json").read_text())["epoch"]
-            assert checkpoint_for_epoch(trial_dir, e) == d
+            assert experiment / checkpoint_for_epoch(Experiment(str(experiment)), t.trial_id, e) == d
 
 
 def test_a_dropped_best_checkpoint_fails_clearly(experiment, trials, tmp_path):
@@ -117,8 +126,7 @@ def test_a_dropped_best_checkpoint_fails_clearly(experiment, trials, tmp_path):
     copy = tmp_path / "exp"
     shutil.copytree(experiment, copy)
     winner, best = choose(trials)
-    trial_dir = copy / Path(winner.path).name
-    shutil.rmtree(checkpoint_for_epoch(trial_dir, int(best["epoch"])))
+    shutil.rmtree(copy / checkpoint_for_epoch(Experiment(str(copy)), winner.trial_id, int(best["epoch"])))
     gone = rf"epoch {int(best['epoch'])} \(the trial's best\) was not kept"
     with pytest.raises(FileNotFoundError, match=gone):
         export(copy, tmp_path / "out")

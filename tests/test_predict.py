@@ -67,7 +67,7 @@ def test_predict_writes_json_csv_and_overlays_and_lists_the_corrupt_file(isbi_mo
     out = tmp_path / "pred"
     proc = cli("predict", "--model", isbi_model, "--out", out, inputs, tmp_path / "missing.png")
     assert proc.returncode == 1, proc.stderr
-    assert f"{inputs / 'd_corrupt.jpg'}: image is missing or unreadable" in proc.stderr
+    assert f"{inputs / 'd_corrupt.jpg'}: image is truncated or corrupt" in proc.stderr
     assert f"{tmp_path / 'missing.png'}: no such file or folder" in proc.stderr
     assert "2 input(s) not predicted" in proc.stderr
     for name in GOOD:
@@ -95,7 +95,7 @@ def test_predict_writes_json_csv_and_overlays_and_lists_the_corrupt_file(isbi_mo
 
 def test_predictions_match_evaluate_and_round_with_integer(isbi_model, isbi_small, tmp_path):
     """A file predicted here gets exactly the landmarks `evaluate` scores for it (same preprocessing)."""
-    from tune_landmarks.evaluate import evaluate_checkpoint
+    from tune_landmarks.infer import evaluate_checkpoint
 
     ev = evaluate_checkpoint(isbi_model, isbi_small, "test1")
     files = [isbi_small / "images" / f"{i}.jpg" for i in ev.image_ids]

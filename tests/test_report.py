@@ -27,6 +27,7 @@ def assert_valid_pngs(out: Path, names: list[str]) -> None:
         assert img is not None and img.shape[0] > 100 and img.shape[1] > 100, name
 
 
+@pytest.mark.slow
 def test_report_of_a_real_sweep(experiment, tmp_path):
     out = tmp_path / "report"
     proc = cli("report", experiment.name, "--storage", experiment.parent, "--out", out, "--bootstrap", "300",
@@ -45,22 +46,23 @@ def test_report_of_a_real_sweep(experiment, tmp_path):
     trial_ids = [p.name.removeprefix("trial_") for p in experiment.glob("trial_*")]
     assert len(trial_ids) == 4 and all(t in page for t in trial_ids)  # the trials table
     assert page.count("<table") == 3  # verdict intervals, trials, the best trial's landmarks
-    assert not list(tmp_path.glob(".report-*"))  # the staging folder is gone
+    assert not list(tmp_path.glob(".report*"))  # the staging folder is gone
+    assert "annotators_median_mm" in page  # the annotators' own disagreement beside each landmark's error
 
 
+@pytest.mark.slow
 def test_report_says_what_is_missing(experiment, tmp_path):
     import optuna
     from optuna.storages import JournalStorage
     from optuna.storages.journal import JournalFileBackend
 
-    from tune_landmarks.results import load_sweep
-    from tune_landmarks.search import JOURNAL_FILE, SWEEP_FILE
+    from tune_landmarks.experiment import JOURNAL_FILE, SWEEP_FILE, load_sweep
 
     exp = tmp_path / "rep"
     shutil.copytree(experiment, exp)
     sweep = load_sweep(exp)
     sweep.base["resume"] = str(tmp_path / "gone.pt")
-    sweep.save(exp / SWEEP_FILE)
+    (exp / SWEEP_FILE).write_text(sweep.to_json())
     control = next(p for p in exp.glob("trial_*") if '"control": true' in (p / "params.json").read_text())
     for ckpt in control.glob("checkpoint_*"):
         shutil.rmtree(ckpt)

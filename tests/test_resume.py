@@ -74,6 +74,7 @@ def _check_complete(exp: Path, name: str, had_checkpoint: set[str]) -> None:
     assert set(epochs.trial_id) == set(trials[trials.epochs_done > 0].trial_id)
 
 
+@pytest.mark.slow
 def test_sigint_exits_130_with_the_resume_command_then_resume_finishes(synth_root, start_ckpt, tmp_path):
     exp = tmp_path / "store" / "int"
     proc = _launch(synth_root, start_ckpt, tmp_path, "int")
@@ -95,6 +96,7 @@ def test_sigint_exits_130_with_the_resume_command_then_resume_finishes(synth_roo
     assert again.returncode == 0 and "finished" in again.stdout and "tune-landmarks export" in again.stdout
 
 
+@pytest.mark.slow
 def test_sigkill_of_the_driver_then_resume(synth_root, start_ckpt, tmp_path):
     exp = tmp_path / "store" / "kill"
     proc = _launch(synth_root, start_ckpt, tmp_path, "kill")
@@ -117,17 +119,19 @@ def test_resume_refuses_missing_and_foreign_directories(tmp_path):
     assert p.returncode == 1 and "no such experiment" in p.stderr
     (tmp_path / "foreign").mkdir()
     p = cli("resume", tmp_path / "foreign")
-    assert p.returncode == 1 and "not a tune-landmarks experiment (sweep.json is missing)" in p.stderr
+    assert p.returncode == 1 and f"not a tune-landmarks experiment (no sweep.json in {tmp_path / 'foreign'}" in p.stderr
 
 
+@pytest.mark.slow
 def test_asha_replay_rebuilds_the_rungs(tiny_sweep):
     finished = tiny_sweep
-    from tune_landmarks.results import collect, load_sweep
+    from tune_landmarks.experiment import load_sweep
+    from tune_landmarks.results import collect
     from tune_landmarks.search import make_scheduler, replay_rungs
 
     sweep = load_sweep(finished)
     trials = collect(finished)
-    fresh = make_scheduler(sweep.space(), sweep.settings)
+    fresh = make_scheduler(sweep.search_space(), sweep.settings)
     assert all(not r for _, r in fresh._brackets[0]._rungs)  # what Ray gives a restored sweep: empty rungs
     n = replay_rungs(fresh, trials)
     searched = [t for t in trials if not t.control]  # the control arm never enters the rungs
@@ -148,5 +152,5 @@ def test_asha_replay_rebuilds_the_rungs(tiny_sweep):
     # a resumed trial below the rung's cut-off is stopped, one above it continues
     assert bracket.on_result(SimpleNamespace(trial_id="late-bad"), first, -(worst + 1.0)) == TrialScheduler.STOP
     assert bracket.on_result(SimpleNamespace(trial_id="late-good"), first, -(best - 1.0)) == TrialScheduler.CONTINUE
-    empty = make_scheduler(sweep.space(), sweep.settings)._brackets[0]
+    empty = make_scheduler(sweep.search_space(), sweep.settings)._brackets[0]
     assert empty.on_result(SimpleNamespace(trial_id="late-bad"), first, -(worst + 1.0)) == TrialScheduler.CONTINUE

@@ -40,7 +40,8 @@ def sweep(synth_root, start_ckpt, tmp_path_factory):
     """One real sweep: 6 searched trials + 1 control, 4 epochs, ASHA from epoch 1."""
     import ray
 
-    from tune_landmarks.search import SweepSettings, run_search
+    from tune_landmarks.experiment import SweepSettings
+    from tune_landmarks.search import run_search
 
     tmp = tmp_path_factory.mktemp("sweep")
     space = tmp / "space.yaml"
@@ -55,6 +56,7 @@ def sweep(synth_root, start_ckpt, tmp_path_factory):
     return code, tmp / "store" / "s1"
 
 
+@pytest.mark.slow
 def test_sweep_tables_early_stopping_and_journal(sweep):
     code, exp = sweep
     assert code == 0
@@ -79,6 +81,7 @@ def test_sweep_tables_early_stopping_and_journal(sweep):
     assert all(t.state != optuna.trial.TrialState.RUNNING for t in journal)
 
 
+@pytest.mark.slow
 def test_control_arm_has_the_same_budget(sweep):
     _, exp = sweep
     trials = pq.read_table(exp / "trials.parquet").to_pandas()
@@ -89,6 +92,7 @@ def test_control_arm_has_the_same_budget(sweep):
     assert c.param_lr == 0.003  # the space's central value for a categorical is its first choice
 
 
+@pytest.mark.slow
 def test_diverging_trial_errors_and_the_sweep_goes_on(sweep):
     _, exp = sweep
     trials = pq.read_table(exp / "trials.parquet").to_pandas()
@@ -105,6 +109,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_search_joins_a_real_cluster(synth_root, start_ckpt, tmp_path):
     """`ray start --head` on 127.0.0.1 with free ports, `search --address`, then stop exactly that cluster."""
     ray_bin = Path(sys.executable).parent / "ray"

@@ -13,10 +13,9 @@ import fcntl
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator, Sequence
 
 import cv2
 import numpy as np
@@ -24,7 +23,8 @@ import pyarrow as pa
 import pyarrow.ipc as ipc
 from tqdm import tqdm
 
-from .read import Record
+from .atomic import staged_dir
+from .read import DatasetError, Record, completeness_problem
 
 CACHE_VERSION = 1
 
@@ -44,11 +44,31 @@ def to_original(points: np.ndarray, scale: np.ndarray) -> np.ndarray:
 
 
 def decode_image(path: str | Path) -> np.ndarray:
-    """Any png/jpg/bmp, grey or 3-channel, as a 2-D uint8 array."""
-    img = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
+    """Any png/jpg/bmp, grey or 3-channel, as a 2-D uint8 array; OSError if it does not decode completely.
+
+    The file's structure is checked before decoding because cv2.imread returns a cut JPEG with its missing
+    rows grey; the bytes are read once and decoded from memory."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError:
+        raise OSError(f"{path}: image is missing or unreadable") from None
+    why = completeness_problem(data)
+    if why:
+        raise OSError(f"{path}: image is truncated or corrupt ({why})")
+    img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_GRAYSCALE)
     if img is None:
-        raise OSError(f"{path}: image is missing or unreadable")
+        raise OSError(f"{path}: image is truncated or corrupt (OpenCV cannot decode it)")
     return img
+
+
+def decode_pass(paths: Sequence[Path], desc: str, progress: bool = True) -> Iterator[tuple[np.ndarray | None, str | None]]:
+    """(image, None) or (None, problem) per path, in order, under one progress bar: the single full decode
+    that both the cache build and `check-dataset` run, so no image is decoded twice to be checked."""
+    for path in tqdm(paths, desc=desc, disable=not progress, leave=False):
+        try:
+            yield decode_image(path), None
+        except (OSError, cv2.error) as exc:
+            yield None, str(exc)
 
 
 def resize(img: np.ndarray, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
@@ -120,14 +140,18 @@ def build_cache(records: list[Record], split: str, size: tuple[int, int], annota
         fcntl.flock(lock, fcntl.LOCK_EX)  # a second builder on this node waits, then reuses
         if (final / "meta.arrow").is_file():
             return _load(final)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=root))
-        try:
+        with staged_dir(final) as tmp:
             tw, th = size
             imgs = np.lib.format.open_memmap(tmp / "images.npy", mode="w+", dtype=np.uint8, shape=(len(records), th, tw))
             cols: dict[str, list] = {k: [] for k in ("image_id", "path", "width", "height", "scale_x", "scale_y",
                                                      "spacing_mm", "keypoints", "keypoints_orig")}
-            for i, r in enumerate(tqdm(records, desc=f"caching {split} at {tw}x{th}", disable=not progress, leave=False)):
-                img = decode_image(r.image_path)
+            problems: list[str] = []
+            decoded = decode_pass([r.image_path for r in records], f"caching {split} at {tw}x{th}", progress)
+            for i, (r, (img, problem)) in enumerate(zip(records, decoded)):
+                if problem:
+                    problems.append(problem)
+                if problems:  # after a bad file, decode on only to name every bad one
+                    continue
                 imgs[i], scale = resize(img, size)
                 cols["image_id"].append(r.image_id)
                 cols["path"].append(str(r.image_path))
@@ -138,13 +162,12 @@ def build_cache(records: list[Record], split: str, size: tuple[int, int], annota
                 cols["spacing_mm"].append(float(r.spacing_mm))
                 cols["keypoints"].append(to_target(r.keypoints, scale).ravel().tolist())
                 cols["keypoints_orig"].append(r.keypoints.ravel().tolist())
+            if problems:
+                root_dir = Path(os.path.commonpath([r.image_path.parent for r in records]))
+                raise DatasetError(root_dir, problems + [f"nothing cached for split {split!r}: fix or remove the image(s) "
+                                                         "named above"])
             imgs.flush()
             del imgs
             with ipc.new_file(str(tmp / "meta.arrow"), (t := pa.table(cols)).schema) as w:
                 w.write_table(t)
-            os.chmod(tmp, 0o755)
-            os.replace(tmp, final)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
     return _load(final)

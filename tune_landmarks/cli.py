@@ -1,13 +1,20 @@
 """The `tune-landmarks` command line. Run options come from TrainConfig's fields (YAML defaults via
---config, then flags; `--image_size` and `--image-size` both work, as in the workflow being replaced)."""
+--config, then flags; `--image_size` and `--image-size` both work, as in the workflow being replaced).
+
+Library modules log; this module decides what reaches the console (`-q` warnings only, `-v` everything,
+Ray's own lines included). Each subcommand's module keeps its heavy imports (torch, Ray) inside its
+functions, so `tune-landmarks --help` stays fast.
+"""
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import os
 import sys
 from typing import Any, Sequence
 
+from . import compare, export, predict, report, resume
 from .config import FIELDS, TrainConfig, from_dict, load_yaml
 from .landmarks import WORKFLOW_DIFFICULT
 
@@ -69,20 +76,50 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from .read import describe, image_size, read_split, spacing_range
+    """Read every split, decode every image once, measure the annotators' disagreement; exit 1 on any problem
+    (and on pairs beyond --max-disagreement-mm with --strict)."""
+    import pyarrow as pa
+
+    from .atomic import write_parquet
+    from .check import PAIR_SCHEMA, decode_check, far_pairs, format_summary, pair_distances, summarise
+    from .read import describe, read_split, spacing_range
 
     info = describe(args.path, args.format)
     print(f"{info.root}: {info.format} layout, {len(info.symbols)} landmarks, splits: {', '.join(info.splits)}")
-    problems = []
+    problems: list[str] = []
+    pair_tables = [PAIR_SCHEMA.empty_table()]
     for split in info.splits:
         sp = read_split(info, split, args.annotator)
-        problems += sp.problems
-        sizes = [image_size(r.image_path) for r in sp.records]
-        ws, hs = [s[0] for s in sizes if s], [s[1] for s in sizes if s]
+        broken, sizes = decode_check(sp.records, split, args.progress)
+        problems += sp.problems + broken
+        pair_tables.append(pair_distances(sp, info.symbols))
+        ws, hs = [s[0] for s in sizes], [s[1] for s in sizes]
         lo, hi = spacing_range(sp.records)
-        print(f"  {split:<6} {len(sp.records):>5} images  {len(info.symbols)} landmarks  "
+        bad = len(sp.bad_images) + len(broken)
+        print(f"  {split:<6} {len(sizes):>5} images  {len(info.symbols)} landmarks  "
               + (f"size {min(ws)}-{max(ws)} x {min(hs)}-{max(hs)} px  spacing {lo:g}-{hi:g} mm/px" if ws else "")
-              + (f"  ({len(sp.bad_images)} with problems)" if sp.bad_images else ""))
+              + (f"  ({bad} with problems)" if bad else ""))
+    pairs = pa.concat_tables(pair_tables)
+    limit = args.max_disagreement_mm
+    summary = summarise(pairs, info.symbols, limit)
+    if args.report:
+        if pairs.num_rows:
+            print(f"senior-junior distance per landmark, mm ({pairs.num_rows // len(info.symbols)} images):")
+            print(format_summary(summary, limit))
+        else:
+            print("no senior-junior distances: both annotators' files are needed (--annotator mean)")
+    for out, table in ((args.report_out, summary), (args.pairs_out, pairs)):
+        if out:
+            print(f"wrote {write_parquet(table, out)}")
+    far = [f"{r['split']} {r['image_id']} {r['landmark']}: senior ({r['senior_x']:g}, {r['senior_y']:g}) and junior "
+           f"({r['junior_x']:g}, {r['junior_y']:g}) are {r['distance_mm']:.1f} mm apart (> {limit:g} mm)"
+           for r in far_pairs(pairs, limit).to_pylist()]
+    if args.strict:
+        problems += far
+    elif far:
+        print(f"{len(far)} warning(s): annotators disagree beyond --max-disagreement-mm (--strict makes these errors):")
+        for w in far:
+            print(f"  - {w}")
     if problems:
         print(f"{len(problems)} problem(s):")
         for p in problems:
@@ -119,7 +156,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from .evaluate import evaluate_checkpoint, write_predictions
+    from .infer import evaluate_checkpoint, write_predictions
     from .metrics import format_table
 
     ev = evaluate_checkpoint(args.checkpoint, args.dataset_path, args.split, fmt=args.format, annotator=args.annotator,
@@ -133,8 +170,57 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sweep_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--space", required=True, help="search space YAML (search_spaces/*.yaml)")
+    p.add_argument("--name", required=True, help="experiment name (a folder under --storage)")
+    p.add_argument("--storage", default="./sweeps", help="local/shared path or pyarrow URI (s3://, gs://)")
+    p.add_argument("--num-samples", "--num_samples", type=int, default=20, dest="num_samples",
+                   help="searched trials (the control arm comes on top)")
+    p.add_argument("--max-concurrent", "--max_concurrent", type=int, default=4, dest="max_concurrent")
+    p.add_argument("--gpus-per-trial", "--gpus_per_trial", type=float, default=None, dest="gpus_per_trial",
+                   help="fractional shares a GPU; default 1 where CUDA is available, else 0")
+    p.add_argument("--cpus-per-trial", "--cpus_per_trial", type=float, default=1.0, dest="cpus_per_trial")
+    p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray on 127.0.0.1)")
+    p.add_argument("--control-trials", "--control_trials", type=int, default=1, dest="control_trials",
+                   help="same-budget control trials fine-tuning all landmarks")
+    p.add_argument("--no-control", action="store_const", const=0, dest="control_trials", help="no control arm")
+    p.add_argument("--max-failures", "--max_failures", type=int, default=0, dest="max_failures")
+    p.add_argument("--reduction-factor", "--reduction_factor", type=float, default=2.0, dest="reduction_factor")
+    p.add_argument("--grace-period", "--grace_period", type=int, default=None, dest="grace_period",
+                   help="ASHA's first rung (default: the largest warmup in the space, at least 1)")
+    p.add_argument("--keep-checkpoints", "--keep_checkpoints", type=int, default=2, dest="keep_checkpoints")
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    from .experiment import SweepSettings
+    from .search import run_search
+
+    base = run_config(args, TrainConfig(mode="masked"))
+    gpus = args.gpus_per_trial
+    if gpus is None:
+        import torch
+
+        gpus = 1.0 if torch.cuda.is_available() else 0.0
+    settings = SweepSettings(name=args.name, storage=args.storage, num_samples=args.num_samples,
+                             max_concurrent=args.max_concurrent, gpus_per_trial=gpus,
+                             cpus_per_trial=args.cpus_per_trial, address=args.address,
+                             epochs=base.epochs, seed=base.seed,
+                             control_trials=args.control_trials, max_failures=args.max_failures,
+                             reduction_factor=args.reduction_factor, grace_period=args.grace_period,
+                             keep_checkpoints=args.keep_checkpoints)
+    return run_search(args.space, base, settings)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    return run_demo(args.workdir, smoke=args.smoke_test)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="tune-landmarks", description=__doc__)
+    p = argparse.ArgumentParser(prog="tune-landmarks", description=__doc__.split("\n\n")[0])
+    p.add_argument("-v", "--verbose", action="count", default=0, help="more output (debug lines, Ray's own)")
+    p.add_argument("-q", "--quiet", action="count", default=0, help="warnings and errors only")
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("synth", help="write a synthetic Aariz-format dataset")
@@ -144,10 +230,25 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--size", type=int, default=512, help="approximate image width in pixels")
     s.set_defaults(func=cmd_synth)
 
-    s = sub.add_parser("check-dataset", help="list a dataset's splits and every problem in it")
+    from .check import DEFAULT_MAX_DISAGREEMENT_MM
+
+    s = sub.add_parser("check-dataset", help="list a dataset's splits and every problem in it; decodes every image")
     s.add_argument("path")
     s.add_argument("--format", choices=("aariz", "isbi"))
-    s.add_argument("--annotator", default="mean", choices=("senior", "junior", "mean"))
+    s.add_argument("--annotator", default="mean", choices=("senior", "junior", "mean"),
+                   help="whose points to check (mean: both files, and their disagreement)")
+    s.add_argument("--report", action="store_true",
+                   help="list per landmark the senior-junior distance in mm: mean, median, 95th percentile, max and where")
+    s.add_argument("--report-out", "--report_out", dest="report_out", metavar="FILE",
+                   help="write that per-landmark table as Parquet")
+    s.add_argument("--pairs-out", "--pairs_out", dest="pairs_out", metavar="FILE",
+                   help="write every image x landmark senior-junior distance as Parquet")
+    s.add_argument("--max-disagreement-mm", "--max_disagreement_mm", dest="max_disagreement_mm", type=float,
+                   default=DEFAULT_MAX_DISAGREEMENT_MM, metavar="MM",
+                   help=f"warn about senior-junior pairs farther apart than MM (default {DEFAULT_MAX_DISAGREEMENT_MM:g}: "
+                        "on ISBI 2015 above the largest distance of 16 of the 19 landmarks, 10 of 5,700 pairs beyond it)")
+    s.add_argument("--strict", action="store_true", help="pairs beyond --max-disagreement-mm are errors (exit 1)")
+    s.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bar while decoding")
     s.set_defaults(func=cmd_check)
 
     for name, what in (("train", "train from scratch (all landmarks by default)"),
@@ -168,21 +269,52 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--cache_dir", "--cache-dir", dest="cache_dir")
     s.set_defaults(func=cmd_evaluate)
 
-    from . import commands  # sweep-level commands (search, resume, export, predict, report, compare, demo)
+    s = sub.add_parser("search", help="Ray Tune + Optuna sweep of fine-tuning trials")
+    _sweep_options(s)
+    add_run_options(s)
+    s.set_defaults(func=cmd_search)
 
-    commands.register(sub)
+    s = sub.add_parser("demo", help="synthetic data -> start model -> sweep -> best trial (CPU, minutes)")
+    s.add_argument("--workdir", default="demo_run")
+    s.add_argument("--smoke-test", "--smoke_test", action="store_true", dest="smoke_test", help="tiny and fast")
+    s.set_defaults(func=cmd_demo)
+
+    for module in SUBCOMMAND_MODULES:
+        module.register_cli(sub)
     return p
+
+
+# Modules that add their own subcommand with `register_cli(sub)`.
+SUBCOMMAND_MODULES = (resume, export, predict, report, compare)
+
+
+class _ConsoleHandler(logging.Handler):
+    """Information to stdout as plain lines (it is the program's output); warnings and errors to stderr."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        stream = sys.stderr if record.levelno >= logging.WARNING else sys.stdout
+        stream.write(self.format(record) + "\n")
+        stream.flush()
+
+
+def configure_logging(verbosity: int) -> None:
+    """-q: warnings only; default: this tool's information; -v: debug lines, Ray's included."""
+    level = logging.WARNING if verbosity < 0 else logging.DEBUG if verbosity > 0 else logging.INFO
+    handler = _ConsoleHandler()
+    handler.setFormatter(logging.Formatter("%(message)s" if verbosity <= 0 else "%(levelname)s %(name)s: %(message)s"))
+    pkg = logging.getLogger(__package__)
+    pkg.handlers[:] = [handler]
+    pkg.setLevel(level)
+    pkg.propagate = False
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
     args = build_parser().parse_args(argv)
-    from .model import CheckpointError
-    from .read import DatasetError
-
+    configure_logging(args.verbose - args.quiet)
     try:
         return int(args.func(args) or 0)
-    except (DatasetError, CheckpointError, ValueError, FileExistsError, FileNotFoundError) as exc:
+    except (ValueError, FileExistsError, FileNotFoundError) as exc:  # DatasetError, CheckpointError, SpaceError too
         return _fail(str(exc), 1)
     except KeyboardInterrupt:
         return _fail("interrupted", 130)

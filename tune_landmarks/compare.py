@@ -3,118 +3,27 @@
 Models scored on the same images are compared pairwise: the difference of their mean radial errors
 (candidate - reference) and of their SDR@2mm, each with a 95 % percentile interval from a bootstrap
 that resamples images (an image's landmarks stay together, since errors on one image are correlated).
-`paired_bootstrap` is the reusable core; `report` calls it for its verdict on masking.
+The statistics are verdict.paired_bootstrap's; this module reads and scores the inputs and writes the outputs.
 """
 from __future__ import annotations
 
 import argparse
-import io
+import logging
 import os
 import re
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-SDR_MM = 2.0
-CONFIDENCE = 0.95
-GROUPS = ("difficult", "other", "all")
+from .verdict import CONFIDENCE, SDR_MM, PairedDiff, Scored, aligned, paired_bootstrap
+
+log = logging.getLogger(__name__)
+
 PREDICTION_COLUMNS = ("image_id", "symbol", "error_mm")
 _KINDS = "a checkpoint, an exported model directory or an `evaluate` Parquet file"
-
-
-@dataclass
-class Scored:
-    """One model's radial errors (mm) on one split: rows are images, columns landmarks."""
-
-    source: Path
-    image_ids: list[str]
-    symbols: list[str]
-    errors: np.ndarray
-    difficult: list[str]
-
-
-@dataclass(frozen=True)
-class PairedDiff:
-    """candidate - reference on one landmark (`is_group` False) or a set of them, with bootstrap intervals."""
-
-    landmark: str
-    is_group: bool
-    difficult: bool
-    n_images: int
-    ref_mre_mm: float
-    cand_mre_mm: float
-    diff_mm: float
-    diff_low_mm: float
-    diff_high_mm: float
-    ref_sdr_2mm: float
-    cand_sdr_2mm: float
-    sdr_diff_pp: float
-    sdr_low_pp: float
-    sdr_high_pp: float
-
-    @property
-    def significant(self) -> bool:
-        """The interval of the mm difference excludes zero."""
-        return self.diff_low_mm > 0 or self.diff_high_mm < 0
-
-    @property
-    def sdr_significant(self) -> bool:
-        return self.sdr_low_pp > 0 or self.sdr_high_pp < 0
-
-
-def paired_bootstrap(errors_ref: np.ndarray, errors_cand: np.ndarray, symbols: Sequence[str],
-                     difficult: Sequence[str] = (), *, n_boot: int = 2000, seed: int = 0,
-                     confidence: float = CONFIDENCE, sdr_mm: float = SDR_MM) -> list[PairedDiff]:
-    """Per-landmark rows (in `symbols` order), then the difficult / other / all groups (the first two only
-    when `difficult` splits the landmarks). errors_* are (N images, K landmarks) mm, rows paired by image.
-
-    Each bootstrap replicate draws N images with replacement; as every statistic is a mean over images of a
-    per-image value, a replicate is the multinomial image counts times that (N, columns) matrix."""
-    a, b = np.asarray(errors_ref, float), np.asarray(errors_cand, float)
-    if a.ndim != 2 or a.shape != b.shape:
-        raise ValueError(f"The shapes of `errors_ref` {a.shape} and `errors_cand` {b.shape} must be equal (N, K).")
-    if a.shape[0] < 1:
-        raise ValueError("The value of `errors_ref` has 0 images, but must have > 0.")
-    if len(symbols) != a.shape[1]:
-        raise ValueError(f"The value of `symbols` has {len(symbols)} names, but the errors have {a.shape[1]} columns.")
-    if not (np.isfinite(a).all() and np.isfinite(b).all()):
-        raise ValueError("The errors contain non-finite values, but must all be finite.")
-    unknown = [s for s in difficult if s not in symbols]
-    if unknown:
-        raise ValueError(f"The value of `difficult` names {unknown}, but must be a subset of `symbols`.")
-    if n_boot < 1:
-        raise ValueError(f"The value of `n_boot` is {n_boot}, but must be > 0.")
-    if not 0 < confidence < 1:
-        raise ValueError(f"The value of `confidence` is {confidence}, but must be in (0, 1).")
-    if seed < 0:
-        raise ValueError(f"The value of `seed` is {seed}, but must be >= 0.")
-
-    hard = [i for i, s in enumerate(symbols) if s in difficult]
-    rest = [i for i in range(len(symbols)) if i not in hard]
-    columns: list[tuple[str, bool, bool, list[int]]] = [(s, False, i in hard, [i]) for i, s in enumerate(symbols)]
-    if hard and rest:
-        columns += [("difficult", True, True, hard), ("other", True, False, rest)]
-    columns.append(("all", True, False, list(range(len(symbols)))))
-
-    hits_a, hits_b = (a <= sdr_mm) * 100.0, (b <= sdr_mm) * 100.0
-    per_image = np.stack([m[:, c].mean(1) for m in (a, b, hits_a, hits_b) for _, _, _, c in columns], 1)
-    g = len(columns)
-    ma, mb, sa, sb = (per_image[:, i * g:(i + 1) * g] for i in range(4))
-    diffs = np.hstack([mb - ma, sb - sa])  # (N, 2G): mm differences, then SDR differences
-    n = a.shape[0]
-    counts = np.random.default_rng(seed).multinomial(n, np.full(n, 1.0 / n), size=n_boot)
-    boot = counts @ diffs / n
-    tail = 50 * (1 - confidence)
-    low, high = np.percentile(boot, [tail, 100 - tail], axis=0)
-    est = diffs.mean(0)
-    return [PairedDiff(name, grp, dif, n, float(ma[:, j].mean()), float(mb[:, j].mean()),
-                       float(est[j]), float(low[j]), float(high[j]),
-                       float(sa[:, j].mean()), float(sb[:, j].mean()),
-                       float(est[g + j]), float(low[g + j]), float(high[g + j]))
-            for j, (name, grp, dif, _) in enumerate(columns)]
 
 
 # ---------------------------------------------------------------- inputs
@@ -163,32 +72,12 @@ def read_predictions(path: str | Path) -> Scored:
 
 def evaluated(path: Path, dataset_path: str | Path, split: str | None, **options: Any) -> Scored:
     """A checkpoint or exported model scored on `split` (default: the dataset's validation split)."""
-    from .evaluate import evaluate_checkpoint
+    from .infer import evaluate_checkpoint
     from .read import describe
 
-    split = split or describe(dataset_path, options.get("fmt")).default_splits[1]
+    split = describe(dataset_path, options.get("fmt")).val_split(split)
     ev = evaluate_checkpoint(path, dataset_path, split, **options)
-    return Scored(path, ev.image_ids, ev.symbols, ev.errors, ev.difficult)
-
-
-def aligned(ref: Scored, other: Scored) -> np.ndarray:
-    """`other`'s errors in `ref`'s image and landmark order; fails unless both hold the same images and
-    the same landmarks."""
-    if set(other.symbols) != set(ref.symbols):
-        lost = [s for s in ref.symbols if s not in other.symbols]
-        extra = [s for s in other.symbols if s not in ref.symbols]
-        raise ValueError(f"{other.source}: not the same landmarks as {ref.source}"
-                         + (f"; missing {', '.join(lost)}" if lost else "")
-                         + (f"; extra {', '.join(extra)}" if extra else ""))
-    if set(other.image_ids) != set(ref.image_ids):
-        lost = [s for s in ref.image_ids if s not in set(other.image_ids)]
-        extra = [s for s in other.image_ids if s not in set(ref.image_ids)]
-        raise ValueError(f"{other.source}: not the same images as {ref.source} (a paired comparison needs the "
-                         f"same images): {len(lost)} only in the reference (e.g. {', '.join(lost[:3]) or '-'}), "
-                         f"{len(extra)} only here (e.g. {', '.join(extra[:3]) or '-'})")
-    rows = {v: i for i, v in enumerate(other.image_ids)}
-    cols = {v: i for i, v in enumerate(other.symbols)}
-    return other.errors[np.ix_([rows[v] for v in ref.image_ids], [cols[v] for v in ref.symbols])]
+    return Scored(path, ev.image_ids, ev.symbols, ev.errors, ev.difficult, split)
 
 
 def labels(paths: Sequence[Path]) -> list[str]:
@@ -206,41 +95,6 @@ def slug(label: str) -> str:
 
 
 # ---------------------------------------------------------------- outputs
-
-def forest_figure(rows: Sequence[PairedDiff], title: str) -> Any:
-    """One row per landmark (sorted by difference, difficult ones in red), the groups below; each a mean
-    difference with its interval, and the zero line."""
-    from matplotlib.figure import Figure
-
-    marks = sorted((r for r in rows if not r.is_group), key=lambda r: r.diff_mm) + [r for r in rows if r.is_group]
-    fig = Figure(figsize=(7, 1.4 + 0.26 * len(marks)), layout="constrained")
-    ax = fig.add_subplot()
-    y = np.arange(len(marks))[::-1]
-    for yi, r in zip(y, marks):
-        color = "tab:red" if r.difficult else "tab:blue"
-        ax.errorbar(r.diff_mm, yi, xerr=[[r.diff_mm - r.diff_low_mm], [r.diff_high_mm - r.diff_mm]], fmt="D" if
-                    r.is_group else "o", color=color, ms=6 if r.is_group else 4, capsize=2, lw=1.2)
-    ax.axvline(0, color="black", lw=0.8, ls="--")
-    groups = sum(r.is_group for r in marks)
-    if groups:
-        ax.axhline(groups - 0.5, color="grey", lw=0.5)
-    ax.set_yticks(y, [f"{r.landmark}{' *' if r.significant else ''}" for r in marks])
-    for tick, r in zip(ax.get_yticklabels(), marks):
-        tick.set_color("tab:red" if r.difficult else "black")
-        tick.set_fontweight("bold" if r.is_group else "normal")
-    ax.set_ylim(-0.7, len(marks) - 0.3)
-    ax.set_xlabel(f"candidate - reference, mean radial error (mm); {CONFIDENCE:.0%} bootstrap interval\n"
-                  "red: difficult landmarks; * interval excludes 0; below the line: landmark sets")
-    ax.set_title(title, fontsize=10)
-    ax.grid(axis="x", alpha=0.3)
-    return fig
-
-
-def png_bytes(fig: Any) -> bytes:
-    """A matplotlib Figure as PNG (the size every report and compare figure uses)."""
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    return buf.getvalue()
 
 
 def format_rows(rows: Sequence[PairedDiff]) -> str:
@@ -279,12 +133,13 @@ def compare(inputs: Sequence[str | Path], out: str | Path, dataset_path: str | P
             seed: int = 0, fmt: str | None = None, annotator: str = "mean", device: str = "auto",
             cache_dir: str | None = None) -> dict[str, list[PairedDiff]]:
     """Compare inputs[1:] (candidates) against inputs[0] (the reference); write compare.parquet and one
-    forest plot per candidate to `out`, print the tables, and return the rows by candidate label."""
+    forest plot per candidate to `out`, log the tables, and return the rows by candidate label."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     from .atomic import write_bytes
     from .landmarks import parse_symbols
+    from .plots import forest_figure, png_bytes
 
     if len(inputs) < 2:
         raise ValueError(f"The value of `inputs` has {len(inputs)} model(s), but must have >= 2 "
@@ -331,13 +186,13 @@ def compare(inputs: Sequence[str | Path], out: str | Path, dataset_path: str | P
     written = {out / "compare.parquet": sink.getvalue().to_pybytes()}
     for (ref_name, cand_name, rows), file in zip(results, files[1:]):
         hard = [r.landmark for r in rows if r.difficult and not r.is_group]
-        print(f"\n{cand_name} vs {ref_name} (reference): {rows[0].n_images} images, difficult: "
+        log.info(f"\n{cand_name} vs {ref_name} (reference): {rows[0].n_images} images, difficult: "
               f"{', '.join(hard) or 'none'}; {n_boot} bootstrap resamples of images")
-        print(format_rows(rows))
+        log.info(format_rows(rows))
         fig = forest_figure(rows, f"{cand_name} vs {ref_name} ({rows[0].n_images} images)")
         written[out / f"forest_{file}.png"] = png_bytes(fig)
     for path, data in written.items():  # everything computed first: an error above leaves no file behind
-        print(f"wrote {write_bytes(path, data)}")
+        log.info(f"wrote {write_bytes(path, data)}")
     return {cand: rows for _, cand, rows in results}
 
 

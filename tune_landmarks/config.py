@@ -1,34 +1,122 @@
-"""One configuration dataclass for a fine-tuning run.
+"""One configuration dataclass for a fine-tuning run, each field carrying its own rule.
 
-It flows from the CLI flags (cli.py builds the flags from these fields, underscore and hyphen
-spellings alike), from YAML (`--config`), and from a sweep trial's sampled parameters; so a sampled
-`lr` and a typed `--lr` are the same thing.
+A run's options flow from the CLI flags (cli.py builds the flags from these fields, underscore and
+hyphen spellings alike), from YAML (`--config`), and from a sweep trial's sampled parameters; so a
+sampled `lr` and a typed `--lr` are the same thing, checked by the same rule with the same message:
+"The value of `lr` is -0.001, but must be > 0."
+
+Why dataclass fields with a `Rule` in their metadata, and not pydantic: a rule here is data (bounds,
+choices), not only a predicate, because a search space must check the endpoints of a range against
+it before any trial runs (space.py), and for an interval the two endpoints decide the whole range.
+pydantic would add a dependency to the base module, word its errors its own way, and still hide the
+bounds that space.py needs; a plain dataclass also keeps `dataclasses.replace`/`asdict` for callers.
+
+This module is the base of the package: it imports neither torch nor any other module of it, so the
+names the rules refer to (LOSSES, MODES, DECODERS...) live here and loss.py/heatmap.py import them.
 """
 from __future__ import annotations
 
 import dataclasses
+import types
+import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from .heatmap import DECODERS
-from .loss import LOSSES, MODES, AWingParams
-
 ANNOTATORS = ("senior", "junior", "mean")
+FORMATS = ("aariz", "isbi")
+LOSSES = ("adaptive_wing", "mse")
+MODES = ("all", "weighted", "masked")
+DECODERS = ("dark", "quarter", "argmax")
+
+
+@dataclass(frozen=True)
+class Rule:
+    """What one option's value must be. An interval (`low`/`high`, both ends in or both out) or a set of
+    `choices` is stated as data, so a search range can be checked by its endpoints; `test` is for the few
+    rules that are neither (image size, device) and needs `text`. `note` is appended to the derived text."""
+
+    low: float | None = None
+    high: float | None = None
+    inclusive: bool = True
+    choices: tuple[Any, ...] = ()
+    test: Callable[[Any], bool] | None = None
+    text: str = ""
+    note: str = ""
+
+    def ok(self, value: Any) -> bool:
+        try:
+            if self.choices and value not in self.choices:
+                return False
+            if self.low is not None and not (value >= self.low if self.inclusive else value > self.low):
+                return False
+            if self.high is not None and not (value <= self.high if self.inclusive else value < self.high):
+                return False
+            return self.test is None or bool(self.test(value))
+        except (TypeError, ValueError, AttributeError):  # a value of the wrong type (set directly) breaks it
+            return False
+
+    @property
+    def must(self) -> str:
+        """The second half of "The value of `x` is v, but must be ...": derived from the bounds."""
+        if self.text:
+            return self.text
+        if self.choices:
+            words = f"one of {', '.join(map(str, self.choices))}"
+        elif self.low is not None and self.high is not None and self.inclusive:
+            words = f"between {self.low} and {self.high}"
+        else:
+            bounds = (("> ", "< "), (">= ", "<= "))[self.inclusive]
+            words = " and ".join(op + str(b) for op, b in zip(bounds, (self.low, self.high)) if b is not None)
+        return words + self.note
+
+
+def gt(low: float, note: str = "") -> Rule:
+    return Rule(low=low, inclusive=False, note=note)
+
+
+def ge(low: float, note: str = "") -> Rule:
+    return Rule(low=low, note=note)
+
+
+def between(low: float, high: float) -> Rule:
+    return Rule(low=low, high=high)
+
+
+def one_of(*choices: Any) -> Rule:
+    return Rule(choices=choices)
+
+
+def _image_size_ok(v: Any) -> bool:
+    return len(v) == 2 and all(int(x) >= 32 and int(x) % 32 == 0 for x in v)
+
+
+def _device_ok(v: Any) -> bool:
+    return v in ("auto", "cpu", "cuda") or (v.startswith("cuda:") and v[5:].isdigit())
+
+
+def opt(default: Any = dataclasses.MISSING, rule: Rule | None = None, *,
+        factory: Callable[[], Any] | None = None) -> Any:
+    """A TrainConfig field whose rule rides in its metadata: name, type, default and rule on one line."""
+    if factory is not None:
+        return field(default_factory=factory, metadata={"rule": rule})
+    return field(default=default, metadata={"rule": rule})
 
 
 @dataclass
 class TrainConfig:
     # data
-    dataset_path: str = ""
-    format: str | None = None  # aariz | isbi; detected from the layout when None
-    annotator: str = "mean"
+    dataset_path: str = opt("", Rule(test=bool, text="a dataset directory"))
+    format: str | None = opt(None, one_of(*FORMATS))  # detected from the layout when None
+    annotator: str = opt("mean", one_of(*ANNOTATORS))
     train_split: str | None = None  # default: train
     val_split: str | None = None  # default: valid (Aariz) / test1 (ISBI)
     skip_bad: bool = False
-    image_size: tuple[int, int] = (256, 256)  # width height of the network input
+    image_size: tuple[int, int] = opt((256, 256), Rule(test=_image_size_ok,  # width height of the network input
+                                                       text="two multiples of 32 (width height), each >= 32"))
     cache_dir: str | None = None
     # model and checkpoints
     model: str = "hrnet"
@@ -36,62 +124,53 @@ class TrainConfig:
     resume: str | None = None
     out: str = "runs/run"
     # optimisation
-    epochs: int = 20
-    batch_size: int = 4
-    lr: float = 1e-4
-    weight_decay: float = 1e-4
-    warmup_epochs: float = 0.0
-    grad_clip: float = 5.0
+    epochs: int = opt(20, ge(1))
+    batch_size: int = opt(4, ge(1))
+    lr: float = opt(1e-4, gt(0))
+    weight_decay: float = opt(1e-4, ge(0))
+    warmup_epochs: float = opt(0.0, ge(0))
+    grad_clip: float = opt(5.0, ge(0, " (0 = off)"))
     mixed_precision: bool = False
-    seed: int = 0
+    seed: int = opt(0, ge(0))
     # loss
-    loss: str = "adaptive_wing"
-    awing_omega: float = 14.0
-    awing_theta: float = 0.5
-    awing_epsilon: float = 1.0
-    awing_alpha: float = 2.1
-    awing_weight: float = 10.0
-    sigma: float = 2.0
+    loss: str = opt("adaptive_wing", one_of(*LOSSES))
+    awing_omega: float = opt(14.0, gt(0))
+    awing_theta: float = opt(0.5, gt(0))
+    awing_epsilon: float = opt(1.0, gt(0))
+    awing_alpha: float = opt(2.1, gt(1))
+    awing_weight: float = opt(10.0, ge(0))
+    sigma: float = opt(2.0, gt(0))
     # which landmarks are trained
-    mode: str = "all"  # all | weighted | masked
-    difficult: list[str] = field(default_factory=list)
-    difficult_threshold: float | None = None  # mm, on the start checkpoint's validation errors
-    difficult_weight: float = 2.5
+    mode: str = opt("all", one_of(*MODES))
+    difficult: list[str] = opt(factory=list)
+    difficult_threshold: float | None = opt(None, gt(0, " mm"))  # on the start checkpoint's validation errors
+    difficult_weight: float = opt(2.5, gt(0))
     # guarding the landmarks that are not trained, and speed
-    distill_weight: float = 0.0
+    distill_weight: float = opt(0.0, ge(0))
     bn_eval: bool = False
-    freeze_stages: int = 0
+    freeze_stages: int = opt(0, between(0, 4))
     # augmentation
-    aug_scale: float = 0.1
-    aug_rotate: float = 10.0
-    aug_translate: float = 0.05
-    aug_brightness_contrast: float = 0.2
-    aug_clahe_p: float = 0.3
+    aug_scale: float = opt(0.1, ge(0))
+    aug_rotate: float = opt(10.0, ge(0))
+    aug_translate: float = opt(0.05, ge(0))
+    aug_brightness_contrast: float = opt(0.2, ge(0))
+    aug_clahe_p: float = opt(0.3, between(0, 1))
     # evaluation and execution
-    decoder: str = "dark"
-    device: str = "auto"
-    num_workers: int = 0
-    threads: int = 0  # torch intra-op threads; 0 leaves torch's default
-    max_steps_per_epoch: int = 0  # 0 = whole epoch; >0 for smoke tests and benchmarks
+    decoder: str = opt("dark", one_of(*DECODERS))
+    device: str = opt("auto", Rule(test=_device_ok, text="auto, cpu or cuda[:N]"))
+    num_workers: int = opt(0, ge(0))
+    threads: int = opt(0, ge(0))  # torch intra-op threads; 0 leaves torch's default
+    max_steps_per_epoch: int = opt(0, ge(0))  # 0 = whole epoch; >0 for smoke tests and benchmarks
     progress: bool = True
 
-    def awing(self) -> AWingParams:
-        return AWingParams(self.awing_omega, self.awing_theta, self.awing_epsilon, self.awing_alpha, self.awing_weight)
-
-    def validate(self) -> "TrainConfig":
+    def validate(self) -> TrainConfig:
         """Check every value eagerly, before any data is read or any model is built."""
-        for name in RULES:
+        for name in OPTIONS:
             check_field(name, getattr(self, name))
-        if self.difficult and self.difficult_threshold is not None:
-            raise ValueError("--difficult and --difficult-threshold exclude each other (choose one way to pick the "
-                             "difficult set)")
-        if self.warmup_epochs > self.epochs:
-            raise ValueError(f"The value of `warmup_epochs` is {self.warmup_epochs}, but must be <= epochs ({self.epochs}).")
-        if self.mode != "all" and not self.difficult and self.difficult_threshold is None:
-            raise ValueError(f"mode {self.mode!r} needs --difficult SYMBOLS or --difficult-threshold MM")
-        if self.distill_weight > 0 and not (self.resume or self.pretrained):
-            raise ValueError("--distill-weight needs a start model (--resume): the teacher is the start checkpoint")
-        self.awing()
+        for relation in RELATIONS:
+            broken = relation.check(self)
+            if broken:
+                raise ValueError(rule_message(broken[0], getattr(self, broken[0]), broken[1]))
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -105,86 +184,130 @@ class TrainConfig:
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 
-# Single-field rules: (predicate, what the value must be). Used by validate() and by search-space checks.
-RULES: dict[str, tuple[Any, str]] = {
-    "dataset_path": (bool, "a dataset directory"),
-    "format": (lambda v: v in (None, "aariz", "isbi"), "'aariz' or 'isbi'"),
-    "annotator": (lambda v: v in ANNOTATORS, f"one of {', '.join(ANNOTATORS)}"),
-    "image_size": (lambda v: len(v) == 2 and all(int(x) >= 32 and int(x) % 32 == 0 for x in v),
-                   "two multiples of 32 (width height), each >= 32"),
-    "epochs": (lambda v: v >= 1, ">= 1"),
-    "batch_size": (lambda v: v >= 1, ">= 1"),
-    "lr": (lambda v: v > 0, "> 0"),
-    "weight_decay": (lambda v: v >= 0, ">= 0"),
-    "warmup_epochs": (lambda v: v >= 0, ">= 0"),
-    "grad_clip": (lambda v: v >= 0, ">= 0 (0 = off)"),
-    "loss": (lambda v: v in LOSSES, f"one of {', '.join(LOSSES)}"),
-    "sigma": (lambda v: v > 0, "> 0"),
-    "mode": (lambda v: v in MODES, f"one of {', '.join(MODES)}"),
-    "difficult_threshold": (lambda v: v is None or v > 0, "> 0 mm"),
-    "difficult_weight": (lambda v: v > 0, "> 0"),
-    "distill_weight": (lambda v: v >= 0, ">= 0"),
-    "freeze_stages": (lambda v: 0 <= v <= 4, "between 0 and 4"),
-    "decoder": (lambda v: v in DECODERS, f"one of {', '.join(DECODERS)}"),
-    "device": (lambda v: v in ("auto", "cpu", "cuda") or v.startswith("cuda:"), "auto, cpu or cuda[:N]"),
-    "num_workers": (lambda v: v >= 0, ">= 0"),
-    "max_steps_per_epoch": (lambda v: v >= 0, ">= 0"),
-    "awing_omega": (lambda v: v > 0, "> 0"),
-    "awing_theta": (lambda v: v > 0, "> 0"),
-    "awing_epsilon": (lambda v: v > 0, "> 0"),
-    "awing_alpha": (lambda v: v > 1, "> 1"),
-    "awing_weight": (lambda v: v >= 0, ">= 0"),
-}
+
+@dataclass(frozen=True)
+class Option:
+    """One run option as the checks see it: its value type (the annotation without `None`), whether
+    None is allowed, and its rule."""
+
+    name: str
+    type: type  # str, bool, int, float, tuple (image_size) or list (difficult)
+    optional: bool
+    rule: Rule | None
+
+    @property
+    def numeric(self) -> bool:
+        return self.type in (int, float)
+
+
+def _option(f: dataclasses.Field, hint: Any) -> Option:
+    members = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    (base,) = [m for m in members if m is not type(None)]
+    return Option(f.name, typing.get_origin(base) or base, type(None) in members, f.metadata.get("rule"))
+
+
+_HINTS = typing.get_type_hints(TrainConfig)
+OPTIONS: dict[str, Option] = {name: _option(f, _HINTS[name]) for name, f in FIELDS.items()}
+
+
+@dataclass(frozen=True)
+class Relation:
+    """A rule between options. `check` returns (the option to blame, what its value must be) when broken.
+    It reads only `options` and is monotone in each numeric one, so SearchSpace.check_against can decide
+    it for a search range from the range's endpoints."""
+
+    options: tuple[str, ...]
+    check: Callable[[TrainConfig], tuple[str, str] | None]
+
+
+def _one_way_to_pick(c: TrainConfig) -> tuple[str, str] | None:
+    if c.difficult and c.difficult_threshold is not None:
+        return "difficult_threshold", "unset when `difficult` is given (choose one way to pick the difficult set)"
+    return None
+
+
+def _warmup_within_epochs(c: TrainConfig) -> tuple[str, str] | None:
+    return ("warmup_epochs", f"<= epochs ({c.epochs})") if c.warmup_epochs > c.epochs else None
+
+
+def _mode_has_a_set(c: TrainConfig) -> tuple[str, str] | None:
+    if c.mode != "all" and not c.difficult and c.difficult_threshold is None:
+        return "mode", ("'all' unless the difficult set is picked by `difficult` (--difficult SYMBOLS) or "
+                        "`difficult_threshold` (--difficult-threshold MM)")
+    return None
+
+
+def _distill_has_a_teacher(c: TrainConfig) -> tuple[str, str] | None:
+    if c.distill_weight > 0 and not (c.resume or c.pretrained):
+        return "distill_weight", "0 without a start model (--resume): the teacher is the start checkpoint"
+    return None
+
+
+RELATIONS: tuple[Relation, ...] = (
+    Relation(("difficult", "difficult_threshold"), _one_way_to_pick),
+    Relation(("warmup_epochs", "epochs"), _warmup_within_epochs),
+    Relation(("mode", "difficult", "difficult_threshold"), _mode_has_a_set),
+    Relation(("distill_weight", "resume", "pretrained"), _distill_has_a_teacher),
+)
+
+
+def rule_message(name: str, value: Any, must: str) -> str:
+    """The one wording of a broken rule, for every option and setting in the package."""
+    return f"The value of `{name}` is {value!r}, but must be {must}."
 
 
 def check_field(name: str, value: Any) -> Any:
-    """Raise the uniform message if `value` breaks the single-field rule of option `name`."""
-    rule = RULES.get(name)
-    if rule is not None and not rule[0](value):
-        raise ValueError(f"The value of `{name}` is {value!r}, but must be {rule[1]}.")
+    """Raise the uniform message if `value` breaks the rule of option `name`; return it otherwise."""
+    option = OPTIONS[name]
+    if value is None and option.optional:
+        return value
+    if option.rule is not None and not option.rule.ok(value):
+        raise ValueError(rule_message(name, value, option.rule.must))
     return value
 
 
 def coerce(name: str, value: Any) -> Any:
-    """Convert a YAML/CLI/sampled value to the field's type, with a uniform message when it cannot."""
-    if name not in FIELDS:
+    """Convert a YAML/CLI/sampled value to the option's type, with a uniform message when it cannot."""
+    if name not in OPTIONS:
         raise KeyError(name)
-    default = FIELDS[name].default if FIELDS[name].default is not dataclasses.MISSING else FIELDS[name].default_factory()
+    option = OPTIONS[name]
     try:
         if value is None:
-            return None
-        if name == "image_size":
+            if option.optional:
+                return None
+            raise ValueError
+        if option.type is tuple:  # image_size: "W H" pairs, or one number for a square
             vals = [int(v) for v in (value if isinstance(value, (list, tuple)) else [value, value])]
             if len(vals) != 2:
                 raise ValueError
             return (vals[0], vals[1])
-        if name == "difficult":
+        if option.type is list:  # difficult: "UMT,UPM" or a YAML list
             return [s.strip() for s in value.split(",") if s.strip()] if isinstance(value, str) else [str(s) for s in value]
-        if isinstance(default, bool):
+        if option.type is bool:
             if isinstance(value, str):
                 if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
                     raise ValueError
                 return value.lower() in ("true", "1", "yes")
             return bool(value)
-        if isinstance(default, int) and not isinstance(default, bool):
+        if option.type is int:
             if isinstance(value, float) and not value.is_integer():
                 raise ValueError
             return int(value)
-        if isinstance(default, float) or name in ("difficult_threshold",):
-            return float(value)
-        return str(value)
+        return option.type(value)
     except (TypeError, ValueError):
-        raise ValueError(f"The value of `{name}` is {value!r}, which is not a valid {type(default).__name__}.") from None
+        raise ValueError(f"The value of `{name}` is {value!r}, which is not a valid {option.type.__name__}.") from None
 
 
 def from_dict(values: dict[str, Any], base: TrainConfig | None = None, source: str = "config") -> TrainConfig:
+    """`base` (default: the defaults) with `values` coerced on top; an unknown key is named with `source`."""
     unknown = [k for k in values if k not in FIELDS]
     if unknown:
-        raise ValueError(f"{source}: unknown option(s) {', '.join(unknown)}")
+        raise ValueError(f"{source}: unknown option(s) {', '.join(map(str, unknown))}")
     return dataclasses.replace(base or TrainConfig(), **{k: coerce(k, v) for k, v in values.items()})
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
+    """A YAML mapping read with the safe loader; an empty file is an empty mapping."""
     path = Path(path)
     try:
         data = yaml.safe_load(path.read_text())

@@ -2,17 +2,21 @@
 and report. Minutes on 2 CPU cores; `--smoke-test` makes every step tiny."""
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 
 from .config import TrainConfig
-from .search import SweepSettings, run_search
+from .experiment import SweepSettings
+
+log = logging.getLogger(__name__)
 
 SPACE = Path(__file__).resolve().parent.parent / "search_spaces" / "demo.yaml"
 
 
 def run_demo(workdir: str | Path, smoke: bool = False) -> int:
     from .run import train
+    from .search import run_search
     from .synth import make_synthetic
 
     t0 = time.perf_counter()
@@ -21,20 +25,20 @@ def run_demo(workdir: str | Path, smoke: bool = False) -> int:
     n, size, img, start_epochs, epochs, samples = (16, 192, 64, 2, 2, 3) if smoke else (48, 320, 128, 20, 6, 8)
     data = work / ("data-smoke" if smoke else "data")
     if not (data / "cephalogram_machine_mappings.csv").is_file():
-        print(f"[1/4] synthetic Aariz-format dataset: {n} images -> {data}")
+        log.info(f"[1/4] synthetic Aariz-format dataset: {n} images -> {data}")
         make_synthetic(data, num_images=n, seed=0, size=size)
     else:
-        print(f"[1/4] reusing the synthetic dataset in {data}")
+        log.info(f"[1/4] reusing the synthetic dataset in {data}")
     cache = str(work / "cache")
     start_dir = work / ("start-smoke" if smoke else "start")
     if not (start_dir / "best.pt").is_file():
-        print(f"[2/4] training a start model (hrnet_w18_small_v2, {img}x{img}, {start_epochs} epochs, all landmarks)")
+        log.info(f"[2/4] training a start model (hrnet_w18_small_v2, {img}x{img}, {start_epochs} epochs, all landmarks)")
         train(TrainConfig(dataset_path=str(data), model="hrnet_w18_small_v2", image_size=(img, img), epochs=start_epochs,
                           batch_size=8, lr=2e-3, out=str(start_dir), cache_dir=cache, threads=2))
     else:
-        print(f"[2/4] reusing the start model {start_dir / 'best.pt'}")
+        log.info(f"[2/4] reusing the start model {start_dir / 'best.pt'}")
     name = time.strftime("demo-%Y%m%d-%H%M%S")
-    print(f"[3/4] sweep {name}: {samples} masked fine-tuning trials + 1 control, ASHA, {epochs} epochs each")
+    log.info(f"[3/4] sweep {name}: {samples} masked fine-tuning trials + 1 control, ASHA, {epochs} epochs each")
     base = TrainConfig(dataset_path=str(data), model="hrnet_w18_small_v2", image_size=(img, img), batch_size=8,
                        resume=str(start_dir / "best.pt"), cache_dir=cache, mode="masked", epochs=epochs)
     settings = SweepSettings(name=name, storage=str(work / "sweeps"), num_samples=samples, max_concurrent=2,
@@ -43,19 +47,17 @@ def run_demo(workdir: str | Path, smoke: bool = False) -> int:
     exp = work / "sweeps" / name
     if code == 0:
         code = _after(exp, work)
-    print(f"demo finished in {time.perf_counter() - t0:.0f} s; experiment: {exp}")
+    log.info(f"demo finished in {time.perf_counter() - t0:.0f} s; experiment: {exp}")
     return code
 
 
 def _after(exp: Path, work: Path) -> int:
-    """Export the best trial and write the report, when those commands exist."""
-    print("[4/4] export and report")
-    try:
-        from .export import export
-        from .report import report
-    except ImportError:
-        return 0
+    """Export the best trial and write the report."""
+    from .export import export
+    from .report import report
+
+    log.info("[4/4] export and report")
     export(exp, work / "export")
     report(exp, work / "report")
-    print(f"exported model: {work / 'export'}; report: {work / 'report' / 'index.html'}")
+    log.info(f"exported model: {work / 'export'}; report: {work / 'report' / 'index.html'}")
     return 0

@@ -11,28 +11,28 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import os
-import shutil
 import statistics
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .atomic import write_bytes
+from .atomic import staged_dir, write_bytes
+from .experiment import DEFAULT_STORAGE, Experiment, Sweep
 from .metrics import finite_or_none
+from .results import TrialRecord, best_trial, collect, kept_checkpoints
 
 if TYPE_CHECKING:
     from .metrics import Summary
-    from .results import TrialRecord
-    from .search import Sweep
+
+log = logging.getLogger(__name__)
 
 TOLERANCE_MM = 1e-3
 CONTROL_WON = "plain fine-tuning on all landmarks beat every masked configuration"
 MODEL_JSON = "model.json"
 WEIGHTS = "model.safetensors"
-EPOCH_JSON = "epoch.json"
 
 
 class VerificationError(ValueError):
@@ -41,11 +41,12 @@ class VerificationError(ValueError):
 
 @dataclass
 class Selection:
-    """The exported trial, its best epoch's reported results, and the checkpoint Ray kept for that epoch."""
+    """The exported trial, its best epoch's reported results, and the checkpoint Ray kept for that epoch (a
+    folder inside the experiment)."""
 
     trial: TrialRecord
     epoch: dict[str, Any]
-    checkpoint: Path
+    checkpoint: str
 
 
 def _mm(v: float | None, spec: str = ".3f") -> str:
@@ -53,35 +54,28 @@ def _mm(v: float | None, spec: str = ".3f") -> str:
 
 
 def choose(trials: list[TrialRecord]) -> tuple[TrialRecord, dict[str, Any]]:
-    """The trial with the lowest val MRE at its best epoch (not its last: ASHA and overfitting make the
-    last epoch a poor proxy), and that epoch's reported results."""
-    from .results import best_trial
-
+    """The best trial at its best epoch (results.best_trial: the sweep's one rule), and that epoch's results."""
     bt = best_trial(trials)
     if bt is None:
         raise ValueError("no trial of this experiment reported a validation result; nothing to export")
     return bt, bt.best
 
 
-def checkpoint_for_epoch(trial_dir: Path, epoch: int) -> Path:
-    """The checkpoint folder whose epoch.json names `epoch` (1-based); Ray keeps only the best few."""
-    kept = {}
-    for d in sorted(trial_dir.glob("checkpoint_*")):
-        if (d / EPOCH_JSON).is_file() and (d / "checkpoint.pt").is_file():
-            kept[int(json.loads((d / EPOCH_JSON).read_text())["epoch"])] = d
+def checkpoint_for_epoch(exp: Experiment, trial_id: str, epoch: int) -> str:
+    """The kept checkpoint folder (inside the experiment) of a trial's `epoch` (1-based)."""
+    kept = kept_checkpoints(exp, trial_id)
     if epoch not in kept:
         raise FileNotFoundError(
-            f"{trial_dir}: the checkpoint of epoch {epoch} (the trial's best) was not kept; kept epochs: "
+            f"{exp.trial_dir(trial_id)}: the checkpoint of epoch {epoch} (the trial's best) was not kept; kept epochs: "
             f"{', '.join(map(str, sorted(kept))) or 'none'} "
             "(a sweep keeps the best --keep-checkpoints by val MRE, and the latest)")
-    return kept[epoch]
+    return kept[epoch][1]
 
 
-def select(trials: list[TrialRecord], exp: Path) -> Selection:
+def select(trials: list[TrialRecord], exp: Experiment) -> Selection:
     """The chosen trial and epoch, with the checkpoint folder to export them from."""
     trial, epoch = choose(trials)
-    trial_dir = exp / Path(trial.path).name  # the experiment may have been moved since Ray wrote trial.path
-    return Selection(trial, epoch, checkpoint_for_epoch(trial_dir, int(epoch["epoch"])))
+    return Selection(trial, epoch, checkpoint_for_epoch(exp, trial.trial_id, int(epoch["epoch"])))
 
 
 def _validation_source(base: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
@@ -92,7 +86,7 @@ def _validation_source(base: dict[str, Any]) -> tuple[dict[str, Any], list[str]]
 
     cfg = from_dict(base)
     info = describe(cfg.dataset_path, cfg.format)
-    val, train = cfg.val_split or info.default_splits[1], cfg.train_split or info.default_splits[0]
+    val, train = info.val_split(cfg.val_split), info.train_split(cfg.train_split)
     source = {"dataset_path": str(info.root), "format": info.format, "annotator": cfg.annotator, "split": val,
               "cache_dir": cfg.cache_dir}
     return source, [s for s in info.splits if s not in (val, train)]
@@ -140,7 +134,7 @@ def _epoch_metrics(epoch: dict[str, Any], symbols: list[str]) -> dict[str, Any]:
     return scalars | {"per_landmark": {s: finite_or_none(epoch.get(f"mre_{s}")) for s in symbols}}
 
 
-def _write_model(dest: Path, sel: Selection, sweep: Sweep, exp: Path, source: dict[str, Any]) -> None:
+def _write_model(dest: Path, sel: Selection, sweep: Sweep, exp: Experiment, source: dict[str, Any]) -> None:
     """model.safetensors, model.json, best_hyperparameters.yaml and the landmark table into `dest`."""
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -148,13 +142,12 @@ def _write_model(dest: Path, sel: Selection, sweep: Sweep, exp: Path, source: di
     from safetensors.torch import save_file
 
     from .model import read_checkpoint, sha256_file
-    from .search import trial_config
 
-    ckpt = read_checkpoint(sel.checkpoint / "checkpoint.pt")
+    ckpt = read_checkpoint(exp.local_file(sel.checkpoint, "checkpoint.pt"))
     weights = {k: v.contiguous() for k, v in ckpt["model"].items()}
     save_file(weights, str(dest / WEIGHTS), metadata={"format": "pt"})
     os.chmod(dest / WEIGHTS, 0o644)
-    cfg = trial_config(sweep.base, sel.trial.params, str(exp / Path(sel.trial.path).name))
+    cfg = sweep.trial_config(sel.trial.params, exp.trial_dir(sel.trial.trial_id))
     epoch = int(sel.epoch["epoch"])
     difficult = list(ckpt.get("difficult") or [])
     start = Path(sweep.base["resume"])
@@ -165,7 +158,7 @@ def _write_model(dest: Path, sel: Selection, sweep: Sweep, exp: Path, source: di
         "metrics": _epoch_metrics(sel.epoch, sweep.symbols), "validation": source,
         "trial_id": sel.trial.trial_id, "epoch": epoch, "control": sel.trial.control,
         "start_checkpoint": {"path": str(start), "sha256": sha256_file(start)},
-        "source": {"experiment": str(exp), "checkpoint": str(sel.checkpoint)},
+        "source": {"experiment": exp.uri, "checkpoint": exp.uri_of(sel.checkpoint)},
     }
     (dest / MODEL_JSON).write_text(json.dumps(meta, indent=2))
     (dest / "best_hyperparameters.yaml").write_text(
@@ -195,7 +188,7 @@ def _verified(rec: dict[str, Any]) -> str:
 def verify(export_dir: str | Path, device: str = "auto") -> dict[str, Any]:
     """Re-evaluate an export on the validation data named in its model.json and require the recorded val MRE
     (and each landmark's MRE) within TOLERANCE_MM; writes verification.json either way."""
-    from .evaluate import evaluate_checkpoint
+    from .infer import evaluate_checkpoint
     from .model import sha256_file
 
     export_dir = Path(export_dir)
@@ -229,7 +222,7 @@ def verify(export_dir: str | Path, device: str = "auto") -> dict[str, Any]:
 
 def _held_out(export_dir: Path, split: str, src: dict[str, Any], device: str) -> dict[str, Any]:
     """Score the held-out split once, after the choice was made."""
-    from .evaluate import evaluate_checkpoint
+    from .infer import evaluate_checkpoint
 
     ev = evaluate_checkpoint(export_dir, src["dataset_path"], split, fmt=src["format"],
                              annotator=src["annotator"], device=device, cache_dir=src["cache_dir"])
@@ -250,9 +243,7 @@ def confirm_seeds(sweep: Sweep, trials: list[TrialRecord], winner: TrialRecord, 
     """Re-run the winner's configuration (and the control's, if the sweep has one) from the same start with
     `n` new seeds, both arms on the same seeds, to show how much of the winner's margin is luck."""
     from .config import from_dict
-    from .results import best_trial
     from .run import prepare_data, train
-    from .search import CONTROL_KEY, trial_config
 
     base_seed = int(sweep.base.get("seed", 0))
     first = 1 + max([base_seed] + [int(t.params.get("seed", base_seed)) for t in trials]
@@ -268,13 +259,12 @@ def confirm_seeds(sweep: Sweep, trials: list[TrialRecord], winner: TrialRecord, 
         runs = []
         for seed in seeds:
             run_dir = dest / "confirm" / f"{arm}-seed{seed}"
-            sampled = {k: v for k, v in params.items() if k != CONTROL_KEY}
-            cfg = trial_config(sweep.base, sampled, str(run_dir))
+            cfg = sweep.trial_config(params, run_dir)
             cfg.out, cfg.seed, cfg.device = str(run_dir), seed, device
             res = train(cfg, start_per_landmark=sweep.start_errors, data=data, keep_files=False)
             runs.append({"seed": seed, "best_val_mre": res.best.mre, "best_epoch": res.best_epoch,
                          "out": str(run_dir.relative_to(dest))})
-            print(f"  {arm} seed {seed}: best val MRE {res.best.mre:.3f} mm at epoch {res.best_epoch}")
+            log.info(f"  {arm} seed {seed}: best val MRE {res.best.mre:.3f} mm at epoch {res.best_epoch}")
         out["arms"].append({"arm": arm, "trial_id": trial.trial_id if trial else None,
                             "control": arm == "control" or winner.control,
                             "sweep_val_mre": trial.best["val_mre"] if trial and trial.best else None,
@@ -294,28 +284,16 @@ def format_confirm(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _publish(tmp: Path, out: Path) -> None:
-    """Rename the finished folder into place; an earlier export there is replaced only now."""
-    os.chmod(tmp, 0o755)
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, out)
 
 
-def export(experiment: str | Path, out: str | Path, split: str | None = None, confirm: int = 0,
+def export(experiment: Experiment | str | Path, out: str | Path, split: str | None = None, confirm: int = 0,
            device: str = "auto") -> Path:
     """Export the best trial's best epoch to `out` (see the module docstring); returns `out`."""
-    from .results import collect, load_sweep
-
     if confirm < 0:
         raise ValueError(f"The value of `confirm_seeds` is {confirm}, but must be >= 0.")
-    exp = Path(str(experiment).removeprefix("file://")).resolve()
+    exp = Experiment.of(experiment)
     out = Path(out).resolve()
-    sweep = load_sweep(exp)
+    sweep = exp.load_sweep()
     _check_out(out)
     source, held_out = _validation_source(sweep.base)
     _check_split(split, held_out, source)
@@ -326,32 +304,26 @@ def export(experiment: str | Path, out: str | Path, split: str | None = None, co
     trials = collect(exp)
     sel = select(trials, exp)
     b = sel.epoch
-    print(f"best trial {sel.trial.trial_id}{' (control arm)' if sel.trial.control else ''}: val MRE "
-          f"{b['val_mre']:.3f} mm at epoch {int(b['epoch'])} of {len(sel.trial.epochs)} ({sel.checkpoint})")
+    log.info(f"best trial {sel.trial.trial_id}{' (control arm)' if sel.trial.control else ''}: val MRE "
+             f"{b['val_mre']:.3f} mm at epoch {int(b['epoch'])} of {len(sel.trial.epochs)} "
+             f"({exp.uri_of(sel.checkpoint)})")
     if sel.trial.control:
-        print(f"The control arm won: {CONTROL_WON}.")
-    start_mre = statistics.fmean(sweep.start_errors.values())
-    if b["val_mre"] >= start_mre:
-        print(f"note: no trial improved on the start checkpoint's val MRE ({start_mre:.3f} mm)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+        log.info(f"The control arm won: {CONTROL_WON}.")
+    if b["val_mre"] >= sweep.start_mre:
+        log.info(f"note: no trial improved on the start checkpoint's val MRE ({sweep.start_mre:.3f} mm)")
+    with staged_dir(out) as tmp:
         _write_model(tmp, sel, sweep, exp, source)
-        print(f"verified: the exported files' {_verified(verify(tmp, device))}")
+        log.info(f"verified: the exported files' {_verified(verify(tmp, device))}")
         if split:
             test = _held_out(tmp, split, source, device)
-            print(f"held-out {split!r} ({test['images']} images, scored once): MRE {test['mre']:.3f} mm, "
-                  f"SDR@2mm {test['sdr']['2mm']:.1f}%")
+            log.info(f"held-out {split!r} ({test['images']} images, scored once): MRE {test['mre']:.3f} mm, "
+                     f"SDR@2mm {test['sdr']['2mm']:.1f}%")
         if confirm:
-            print(f"confirming with {confirm} further seed(s) from the same start:")
-            print(format_confirm(confirm_seeds(sweep, trials, sel.trial, confirm, tmp, device)))
-        _publish(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    print(f"exported {out}: {WEIGHTS}, {MODEL_JSON}, best_hyperparameters.yaml, landmarks.parquet/.md, "
-          "verification.json" + (", test_metrics.json" if split else "")
-          + (", confirm_seeds.json" if confirm else ""))
+            log.info(f"confirming with {confirm} further seed(s) from the same start:")
+            log.info(format_confirm(confirm_seeds(sweep, trials, sel.trial, confirm, tmp, device)))
+    log.info(f"exported {out}: {WEIGHTS}, {MODEL_JSON}, best_hyperparameters.yaml, landmarks.parquet/.md, "
+             "verification.json" + (", test_metrics.json" if split else "")
+             + (", confirm_seeds.json" if confirm else ""))
     return out
 
 
@@ -359,22 +331,19 @@ def cmd_export(args: argparse.Namespace) -> int:
     if args.verify:
         if args.experiment or args.out:
             raise ValueError("export: give either EXPERIMENT --out DIR, or --verify DIR alone")
-        print(f"verified {args.verify}: {_verified(verify(args.verify, args.device))}")
+        log.info(f"verified {args.verify}: {_verified(verify(args.verify, args.device))}")
         return 0
     if not args.experiment or not args.out:
         raise ValueError("export needs EXPERIMENT and --out DIR (or --verify DIR to re-check an export)")
-    from .resume import resolve_experiment
-
-    exp = resolve_experiment(args.experiment, args.storage)
-    export(exp, args.out, args.split, args.confirm_seeds, args.device)
+    export(Experiment.find(args.experiment, args.storage), args.out, args.split, args.confirm_seeds, args.device)
     return 0
 
 
 def register_cli(sub: Any) -> None:
     p = sub.add_parser("export", help="export the best trial's best epoch as a verified model folder")
-    p.add_argument("experiment", nargs="?", help="experiment path, or a name under --storage")
+    p.add_argument("experiment", nargs="?", help="experiment path or URI, or a name under --storage")
     p.add_argument("--out", help="export folder (an earlier export there is replaced)")
-    p.add_argument("--storage", default="./sweeps")
+    p.add_argument("--storage", default=DEFAULT_STORAGE)
     p.add_argument("--split", help="held-out split scored once after the choice (e.g. test); "
                    "never used to choose")
     p.add_argument("--confirm-seeds", "--confirm_seeds", type=int, default=0, dest="confirm_seeds",

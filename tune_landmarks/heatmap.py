@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-DECODERS = ("dark", "quarter", "argmax")
+from .config import DECODERS
 
 
 def to_heatmap_frame(points: torch.Tensor, stride: float) -> torch.Tensor:

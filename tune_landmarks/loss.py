@@ -12,8 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-MODES = ("all", "weighted", "masked")
-LOSSES = ("adaptive_wing", "mse")
+from .config import LOSSES, MODES
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,8 @@ import torch
 import torch.nn as nn
 
 from .atomic import atomic_path
+
+log = logging.getLogger(__name__)
 
 ALIASES = {"hrnet": "hrnet_w32"}
 HRNET_STAGES = (("layer1",), ("transition1", "stage2"), ("transition2", "stage3"), ("transition3", "stage4"))
@@ -106,7 +109,7 @@ def load_pretrained_backbone(model: LandmarkNet, path: str | Path) -> None:
         sd[first] = sd[first].sum(1, keepdim=True)  # RGB stem -> grey, as timm's adapt_input_conv does
     sd = {k: v for k, v in sd.items() if k in own and own[k].shape == v.shape}
     res = model.backbone.load_state_dict(sd, strict=False)
-    print(f"--pretrained {path}: loaded {len(sd)} tensors; missing {len(res.missing_keys)}"
+    log.info(f"--pretrained {path}: loaded {len(sd)} tensors; missing {len(res.missing_keys)}"
           + (f" (e.g. {', '.join(res.missing_keys[:5])})" if res.missing_keys else ""))
 
 

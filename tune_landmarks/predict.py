@@ -3,7 +3,7 @@
 Per image: `<stem>.json` in the Aariz annotation schema (so the dataset readers and scoring scripts take it
 as it is), `<stem>.overlay.png` with each landmark marked and labelled; one `predictions.csv` for the batch.
 Coordinates are original-image pixels. Preprocessing and decoding are the evaluation's own
-(cache.decode_image, cache.resize, run.predict_batch, cache.to_original), so a prediction here equals the
+(cache.decode_image, cache.resize, infer.predict_batch, cache.to_original), so a prediction here equals the
 one `evaluate` scores.
 An unreadable input is listed and skipped; the others are still predicted.
 """
@@ -17,7 +17,7 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import cv2
 import numpy as np
@@ -25,12 +25,6 @@ import numpy as np
 from .atomic import write_bytes
 from .landmarks import title_of
 from .read import IMAGE_SUFFIXES
-
-if TYPE_CHECKING:
-    import torch
-
-    from .config import TrainConfig
-    from .model import LandmarkNet
 
 CSV_NAME = "predictions.csv"
 OVERLAY_SUFFIX = ".overlay.png"
@@ -76,22 +70,6 @@ def _check_names(images: list[Path]) -> None:
     if clashes:
         raise ValueError("inputs whose outputs would overwrite each other (same file name stem): "
                          + "; ".join(", ".join(map(str, ps)) for ps in clashes))
-
-
-def load_model(path: str | Path, device: torch.device) -> tuple[LandmarkNet, TrainConfig, list[str]]:
-    """The model, its run config (image size, decoder, sigma) and its landmark symbols."""
-    from .evaluate import config_of
-    from .model import CheckpointError, create_model, load_weights, read_checkpoint
-
-    ckpt = read_checkpoint(path)
-    symbols = list(ckpt.get("symbols") or [])
-    if not symbols or not ckpt.get("arch"):
-        raise CheckpointError(f"{path}: names no architecture or landmark symbols; use an exported model "
-                              "folder (tune-landmarks export) or a best.pt/last.pt written by tune-landmarks")
-    cfg = config_of(ckpt)
-    model = create_model(cfg.model, len(symbols))
-    load_weights(model, ckpt, path, symbols)
-    return model.to(device).eval(), cfg, symbols
 
 
 def draw_overlay(grey: np.ndarray, points: np.ndarray, symbols: list[str]) -> np.ndarray:
@@ -144,7 +122,7 @@ def predict(model_path: str | Path, inputs: Sequence[str | Path], out: str | Pat
             device: str = "auto", batch_size: int = 8) -> PredictReport:
     """Predict every readable input and write its outputs to `out`; see the module docstring."""
     from .cache import decode_image, resize, to_original
-    from .run import predict_batch, resolve_device
+    from .infer import load_model, predict_batch, resolve_device
 
     if batch_size < 1:
         raise ValueError(f"The value of `batch_size` is {batch_size}, but must be > 0.")

@@ -1,23 +1,33 @@
-"""The sweep's tables, built from the experiment directory alone (so `resume` can refresh them):
-trials.parquet (one row per trial), epochs.parquet (trial x epoch), landmarks.parquet (trial x landmark)."""
+"""The sweep's results, read from the experiment alone (so `resume` can refresh them and a copied or remote
+experiment reads its own files): the trials Ray recorded, the one rule for "best", the kept checkpoints,
+and the tables trials.parquet (one row per trial), epochs.parquet (trial x epoch) and landmarks.parquet
+(trial x landmark)."""
 from __future__ import annotations
 
-import math
+import json
 import re
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pyarrow as pa
 
-from .atomic import write_parquet
+from .experiment import CONTROL_KEY, METRIC, TABLES, TERMINAL, Experiment, Sweep
 from .metrics import finite_or_none
-from .search import CONTROL_KEY, SWEEP_FILE, Sweep, print_interrupted
 
-TERMINAL = ("TERMINATED", "ERROR")
+T = TypeVar("T")
+EPOCH_JSON = "epoch.json"  # written beside each reported checkpoint: which epoch it is, and its val MRE
 _SCALARS = ("epoch", "train_loss", "lr", "val_mre", "best_val_mre", "val_sd", "val_mre_difficult", "val_mre_other",
             "max_drift", "mean_drift", "sdr_2mm", "sdr_2_5mm", "sdr_3mm", "sdr_4mm", "epoch_seconds", "train_seconds",
             "data_wait_seconds", "peak_memory_mb")
+
+
+def lowest(items: Iterable[T], value: Callable[[T], Any]) -> T | None:
+    """The item whose value is lowest among the finite ones: the one rule for "best" (a trial's best epoch,
+    a sweep's best trial), so that the summary, the report and export always agree."""
+    items = list(items)
+    scored = [(v, i) for i, item in enumerate(items) if (v := finite_or_none(value(item))) is not None]
+    return items[min(scored)[1]] if scored else None
 
 
 @dataclass
@@ -32,8 +42,18 @@ class TrialRecord:
 
     @property
     def best(self) -> dict[str, Any] | None:
-        ok = [e for e in self.epochs if e.get("val_mre") is not None and math.isfinite(e["val_mre"])]
-        return min(ok, key=lambda e: e["val_mre"]) if ok else None
+        """The reported results of the epoch with the lowest val MRE (not the last: ASHA and overfitting make
+        the last epoch a poor proxy)."""
+        return lowest(self.epochs, lambda e: e.get(METRIC))
+
+
+def best_trial(trials: list[TrialRecord]) -> TrialRecord | None:
+    return lowest(trials, lambda t: t.best[METRIC] if t.best else None)
+
+
+def best_row(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """best_trial for rows of trials.parquet."""
+    return lowest(rows, lambda r: r.get("best_val_mre"))
 
 
 def _error_line(text: str | None) -> str:
@@ -44,18 +64,11 @@ def _error_line(text: str | None) -> str:
     return (named or lines or [""])[-1][:500]
 
 
-def load_sweep(exp: str | Path) -> Sweep:
-    path = Path(str(exp).removeprefix("file://")) / SWEEP_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{exp}: not a tune-landmarks experiment ({SWEEP_FILE} is missing)")
-    return Sweep.load(path)
-
-
-def collect(exp: str | Path) -> list[TrialRecord]:
+def collect(experiment: Experiment | str) -> list[TrialRecord]:
     """Every trial Ray knows of, with its per-epoch results, from the saved experiment state."""
     from ray.tune import ExperimentAnalysis
 
-    ea = ExperimentAnalysis(str(exp))
+    ea = ExperimentAnalysis(Experiment.of(experiment).uri)
     out = []
     for t in ea.trials:
         df = ea.trial_dataframes.get(t.trial_id)
@@ -71,8 +84,23 @@ def collect(exp: str | Path) -> list[TrialRecord]:
     return out  # in the order Ray created the trials (its ids are random hex)
 
 
-def write_tables(exp: str | Path, sweep: Sweep, trials: list[TrialRecord]) -> dict[str, Path]:
-    exp = Path(str(exp).removeprefix("file://"))
+def kept_checkpoints(exp: Experiment, trial_id: str) -> dict[int, tuple[float, str]]:
+    """epoch (1-based) -> (val MRE, folder relative to the experiment) of every checkpoint Ray kept for a trial
+    (a sweep keeps the best --keep-checkpoints by val MRE, and the latest)."""
+    from .experiment import trial_dirname
+
+    kept = {}
+    trial = trial_dirname(trial_id)
+    for name in exp.listdir(trial):
+        rel = f"{trial}/{name}"
+        if name.startswith("checkpoint_") and exp.exists(rel, EPOCH_JSON) and exp.exists(rel, "checkpoint.pt"):
+            meta = json.loads(exp.read_text(rel, EPOCH_JSON))
+            kept[int(meta["epoch"])] = (float(meta["val_mre"]), rel)
+    return kept
+
+
+def write_tables(experiment: Experiment | str, sweep: Sweep, trials: list[TrialRecord]) -> dict[str, str]:
+    exp = Experiment.of(experiment)
     names = sorted({k for t in trials for k in t.params})
     max_epochs = sweep.settings.epochs
     trow: dict[str, list] = {k: [] for k in ("trial_id", "status", "control", "difficult", "epochs_done",
@@ -121,16 +149,13 @@ def write_tables(exp: str | Path, sweep: Sweep, trials: list[TrialRecord]) -> di
             lrow["best_mre_mm"].append(best)
             lrow["change_mm"].append(None if best is None or start is None else best - start)
             lrow["difficult"].append(s in hard)
-    paths = {"trials": exp / "trials.parquet", "epochs": exp / "epochs.parquet", "landmarks": exp / "landmarks.parquet"}
-    write_parquet(pa.table(trow), paths["trials"])
-    write_parquet(pa.table(erow), paths["epochs"])
-    write_parquet(pa.table(lrow), paths["landmarks"])
-    return paths
+    tables = {"trials": pa.table(trow), "epochs": pa.table(erow), "landmarks": pa.table(lrow)}
+    return {k: exp.write_table(TABLES[k], t) for k, t in tables.items()}
 
 
-def best_trial(trials: list[TrialRecord]) -> TrialRecord | None:
-    scored = [t for t in trials if t.best]
-    return min(scored, key=lambda t: t.best["val_mre"]) if scored else None
+def unfinished(sweep: Sweep, trials: list[TrialRecord]) -> int:
+    """Trials of the sweep's budget that have not ended (never started, pending or running)."""
+    return sweep.total_trials - sum(t.status in TERMINAL for t in trials)
 
 
 def summary_text(sweep: Sweep, trials: list[TrialRecord]) -> str:
@@ -141,7 +166,7 @@ def summary_text(sweep: Sweep, trials: list[TrialRecord]) -> str:
     early = sum(t.status == "TERMINATED" and len(t.epochs) < sweep.settings.epochs for t in trials)
     lines.append(f"{len(trials)} trials: {done} finished ({err} errored, {early} stopped early by ASHA)")
     bt = best_trial(trials)
-    start_mre = sum(sweep.start_errors.values()) / len(sweep.start_errors)
+    start_mre = sweep.start_mre
     lines.append(f"start checkpoint: val MRE {start_mre:.3f} mm")
     for c in [t for t in trials if t.control and t.best]:
         lines.append(f"control {c.trial_id} (all landmarks, same epochs): best val MRE {c.best['val_mre']:.3f} mm "
@@ -173,22 +198,3 @@ def _mm(v: Any, signed: bool = False) -> str:
 
 def _fmt(v: Any) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
-
-
-def finish(exp: str, sweep: Sweep) -> int:
-    """After fit(): tables, summary, and exit 130 with the resume command if trials are unfinished."""
-    trials = collect(exp)
-    if Path(str(exp).removeprefix("file://")).is_dir():
-        paths = write_tables(exp, sweep, trials)
-        print("tables: " + ", ".join(str(p) for p in paths.values()))
-    print(summary_text(sweep, trials))
-    total = sweep.settings.num_samples + len(sweep.controls)
-    unfinished = total - sum(t.status in TERMINAL for t in trials)
-    if unfinished > 0:
-        print_interrupted(exp, unfinished, total)
-        return 130
-    if Path(str(exp).removeprefix("file://")).is_dir():
-        from .report import sweep_verdict
-
-        print("\n".join(sweep_verdict(str(exp).removeprefix("file://"))))
-    return 0

@@ -1,14 +1,18 @@
 """One fine-tuning (or training) run: the single loop that the CLI and every sweep trial call.
 
-`train(cfg, callback)` reads and caches the data, builds or resumes the model, picks the difficult
-landmarks, trains with the masked/weighted adaptive-wing loss, evaluates in millimetres each epoch,
-writes best.pt / last.pt / config.yaml / metrics.parquet, and hands each epoch's metrics and
-checkpoint to `callback` (how a Ray trial reports without a second copy of this loop).
+Laid out as timm's train.py: `train_step` (one batch), `train_one_epoch`, `validate`, `build_optimizer` and
+`build_scheduler`, and `CheckpointSaver` (what a run keeps on disk). `train(cfg, callback)` tells the story
+of a run with them: read and cache the data, build or resume the model, choose the difficult landmarks,
+train with the masked/weighted adaptive-wing loss, evaluate in millimetres each epoch, write best.pt /
+last.pt / config.yaml / metrics.parquet, and hand each epoch's metrics and checkpoint to `callback` (how a
+Ray trial reports without a second copy of this loop). The benchmarks (scripts/_bench.py) time these same
+functions, so a step they time is the step a trial takes.
 """
 from __future__ import annotations
 
 import copy
 import json
+import logging
 import math
 import random
 import resource
@@ -27,19 +31,24 @@ from tqdm import tqdm
 from . import heatmap
 from .atomic import write_parquet
 from .augment import AugmentConfig, LandmarkDataset, train_transform
-from .cache import CachedSplit, build_cache, to_original
+from .cache import CachedSplit, build_cache
 from .config import TrainConfig
+from .infer import amp_dtype, autocast, evaluate_split, place, resolve_device, start_errors
 from .landmarks import parse_symbols
-from .loss import check_finite, landmark_weights, per_landmark, weighted_total
-from .metrics import Summary, format_table, radial_errors_mm, summarize
+from .loss import AWingParams, check_finite, landmark_weights, per_landmark, weighted_total
+from .metrics import Summary, format_table, summarize
 from .model import LandmarkNet, arch_of, create_model, freeze_stages, load_weights, read_checkpoint, save_atomic, set_train_mode
 from .read import DatasetInfo, describe, load_split
+
+log = logging.getLogger(__name__)
 
 Callback = Callable[[dict[str, Any], Path], None]
 
 
 @dataclass
 class Data:
+    """Both splits of a run, read and cached once (a sweep shares one Data between its trials' set-up)."""
+
     info: DatasetInfo
     train: CachedSplit
     val: CachedSplit
@@ -49,6 +58,8 @@ class Data:
 
 @dataclass
 class RunResult:
+    """What a finished run hands back: where its files are, its best and last epochs' summaries, its history."""
+
     out: Path
     best_epoch: int
     best: Summary
@@ -58,18 +69,10 @@ class RunResult:
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"The value of `device` is {name!r}, but no CUDA device is available here.")
-    return torch.device(name)
-
-
 def prepare_data(cfg: TrainConfig, progress: bool = True) -> Data:
     """Read both splits (all problems at once, before any model is built) and cache them."""
     info = describe(cfg.dataset_path, cfg.format)
-    tr_name, va_name = cfg.train_split or info.default_splits[0], cfg.val_split or info.default_splits[1]
+    tr_name, va_name = info.train_split(cfg.train_split), info.val_split(cfg.val_split)
     tr = load_split(info, tr_name, cfg.annotator, cfg.skip_bad)
     va = load_split(info, va_name, cfg.annotator, cfg.skip_bad)
     size = tuple(cfg.image_size)
@@ -77,51 +80,7 @@ def prepare_data(cfg: TrainConfig, progress: bool = True) -> Data:
                 build_cache(va.records, va_name, size, cfg.annotator, cfg.cache_dir, progress), tr_name, va_name)
 
 
-def autocast(device: torch.device, enabled: bool):
-    """fp16 on CUDA (bf16 where the card supports it), bf16 on CPU."""
-    if not enabled:
-        return torch.autocast(device.type, enabled=False)
-    if device.type == "cuda":
-        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.autocast("cuda", dtype=dtype)
-    return torch.autocast("cpu", dtype=torch.bfloat16)
-
-
-@torch.no_grad()
-def predict_batch(model: LandmarkNet, images: np.ndarray, device: torch.device, decoder: str = "dark",
-                  sigma: float = 2.0, amp: bool = False) -> np.ndarray:
-    """Landmarks (N, K, 2) in the input frame for resized uint8 images (N, H, W); the model must be in eval
-    mode. Shared by evaluation and `predict`, so both see exactly the same preprocessing and decoding."""
-    x = torch.from_numpy(np.array(images)).unsqueeze(1).float().div_(255)
-    x = x.to(device)
-    if device.type == "cuda":
-        x = x.contiguous(memory_format=torch.channels_last)
-    with autocast(device, amp):
-        hm = model(x)
-    pts = heatmap.to_input_frame(heatmap.decode(hm.float(), decoder, sigma), model.stride)
-    return pts.cpu().numpy().astype(np.float64)
-
-
-@torch.no_grad()
-def predict_cached(model: LandmarkNet, split: CachedSplit, device: torch.device, decoder: str = "dark",
-                   sigma: float = 2.0, batch_size: int = 8, amp: bool = False) -> np.ndarray:
-    """Predicted landmarks (N, K, 2) in original-image pixels for every image of a cached split."""
-    was_training = model.training
-    model.eval()
-    out = [predict_batch(model, split.images[i:i + batch_size], device, decoder, sigma, amp)
-           for i in range(0, len(split), batch_size)]
-    model.train(was_training)
-    pred = np.concatenate(out)
-    return to_original(pred, split.scale[:, None, :])
-
-
-def evaluate_split(model: LandmarkNet, split: CachedSplit, symbols: list[str], device: torch.device,
-                   cfg: TrainConfig, difficult: list[str] | None = None, start: dict[str, float] | None = None,
-                   trained: list[str] | None = None) -> tuple[Summary, np.ndarray, np.ndarray]:
-    pred = predict_cached(model, split, device, cfg.decoder, cfg.sigma, max(cfg.batch_size, 8), cfg.mixed_precision)
-    err = radial_errors_mm(pred, split.keypoints_orig, split.spacing_mm)
-    return summarize(err, symbols, difficult, start, trained), pred, err
-
+# ---------------------------------------------------------------- what is trained, and how
 
 def select_difficult(start: dict[str, float], threshold: float) -> list[str]:
     """Landmarks whose start validation MRE exceeds `threshold` mm, worst first."""
@@ -133,14 +92,59 @@ def select_difficult(start: dict[str, float], threshold: float) -> list[str]:
     return chosen
 
 
-def lr_lambda(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
-    """Linear warmup, then cosine decay to 1 % of the peak at the last step."""
-    def f(step: int) -> float:
-        if warmup_steps and step < warmup_steps:
-            return (step + 1) / warmup_steps
-        t = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        return 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
-    return f
+def choose_difficult(cfg: TrainConfig, resume_state: dict[str, Any] | None,
+                     start: dict[str, float] | None) -> list[str]:
+    """A continued run keeps the set it chose; otherwise --difficult-threshold on the start model's errors,
+    else --difficult as given."""
+    if resume_state is not None and resume_state.get("difficult") is not None:
+        difficult = list(resume_state["difficult"])
+    elif cfg.difficult_threshold is not None:
+        if start is None:
+            raise ValueError("--difficult-threshold needs a start checkpoint (--resume) to measure errors on")
+        difficult = select_difficult(start, cfg.difficult_threshold)
+    else:
+        difficult = list(cfg.difficult)
+    if cfg.mode != "all":
+        log.info("difficult (%d): %s", len(difficult),
+                 ", ".join(f"{s} {start[s]:.2f}mm" if start else s for s in difficult))
+    return difficult
+
+
+@dataclass
+class Objective:
+    """What a step minimises: the per-landmark loss on Gaussian targets, normalised over `weights` (the mode:
+    all, weighted or masked); with a `teacher` (the drift guard) plus `distill_weight` times the loss of the
+    landmarks outside the loss against the frozen start model's heatmaps."""
+
+    weights: torch.Tensor
+    loss: str = "adaptive_wing"
+    awing: AWingParams = field(default_factory=AWingParams)
+    sigma: float = 2.0
+    teacher: LandmarkNet | None = None
+    distill_weight: float = 0.0
+
+    @classmethod
+    def from_config(cls, cfg: TrainConfig, weights: torch.Tensor, teacher: LandmarkNet | None = None) -> Objective:
+        awing = AWingParams(cfg.awing_omega, cfg.awing_theta, cfg.awing_epsilon, cfg.awing_alpha, cfg.awing_weight)
+        return cls(weights, cfg.loss, awing, cfg.sigma, teacher, cfg.distill_weight)
+
+    def __call__(self, pred: torch.Tensor, target: torch.Tensor, teach: torch.Tensor | None = None) -> torch.Tensor:
+        loss = weighted_total(per_landmark(pred, target, self.loss, self.awing), self.weights)
+        if teach is None:
+            return loss
+        idx = torch.nonzero(self.weights == 0).flatten().to(pred.device)
+        # the teacher's maps clamped to [0, 1], the range a target has: adaptive wing is undefined
+        # (infinite) for targets above alpha, and raw outputs can leave [0, 1]
+        soft = teach.float().index_select(1, idx).clamp(0, 1)
+        return loss + self.distill_weight * per_landmark(pred.index_select(1, idx), soft, self.loss, self.awing).mean()
+
+
+def make_teacher(model: LandmarkNet) -> LandmarkNet:
+    """A frozen copy of the start model: the drift guard's targets for the landmarks outside the loss."""
+    teacher = copy.deepcopy(model).eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher
 
 
 def param_groups(model: LandmarkNet, weight_decay: float) -> list[dict[str, Any]]:
@@ -153,6 +157,143 @@ def param_groups(model: LandmarkNet, weight_decay: float) -> list[dict[str, Any]
             (no_decay if p.ndim <= 1 or id(p) in final else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
+
+def build_optimizer(model: LandmarkNet, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW at cfg.lr over `param_groups`; build it after freezing, so frozen parameters are left out."""
+    return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr)
+
+
+def lr_lambda(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
+    """Linear warmup, then cosine decay to 1 % of the peak at the last step."""
+    def f(step: int) -> float:
+        if warmup_steps and step < warmup_steps:
+            return (step + 1) / warmup_steps
+        t = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+    return f
+
+
+def build_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig, steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """`lr_lambda` stepped once per batch: warmup over cfg.warmup_epochs, decay over all cfg.epochs of
+    `steps` steps each (a resumed run restores its position)."""
+    return torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(steps * cfg.epochs, int(round(cfg.warmup_epochs * steps))))
+
+
+def steps_per_epoch(n_train: int, batch_size: int, max_steps: int = 0) -> int:
+    """Every batch of the training split (the last may be short), capped by --max-steps-per-epoch."""
+    n = math.ceil(n_train / batch_size)
+    return min(n, max_steps) if max_steps else n
+
+
+@dataclass
+class Optimisation:
+    """What turns a step's loss into a weight update: the optimiser, its schedule (stepped per batch), the
+    loss scaler (on only for fp16 on CUDA), the gradient clip, and `amp`, the forward's autocast dtype (None
+    = fp32). Benchmarks may share one optimiser between several of these."""
+
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    grad_clip: float = 0.0
+    amp: torch.dtype | None = None
+
+    @classmethod
+    def create(cls, opt: torch.optim.Optimizer, sched: torch.optim.lr_scheduler.LRScheduler, device: torch.device,
+               amp: torch.dtype | None, grad_clip: float) -> Optimisation:
+        """fp16 needs loss scaling to keep small gradients; bf16 has fp32's range and needs none."""
+        scaler = torch.amp.GradScaler("cuda", enabled=amp == torch.float16 and device.type == "cuda")
+        return cls(opt, sched, scaler, grad_clip, amp)
+
+    def update(self, loss: torch.Tensor, model: torch.nn.Module) -> None:
+        """Backward (scaled), clip the unscaled gradients, optimiser and schedule step."""
+        self.opt.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        if self.grad_clip:
+            self.scaler.unscale_(self.opt)
+            # frozen parameters have no gradient, and clip_grad_norm_ skips those
+            torch.nn.utils.clip_grad_norm_(model.parameters(), self.grad_clip)
+        self.scaler.step(self.opt)
+        self.scaler.update()
+        self.sched.step()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
+                "scaler": self.scaler.state_dict()}  # {} when the scaler is off
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.opt.load_state_dict(state["optimizer"])
+        self.sched.load_state_dict(state["scheduler"])
+        if state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+
+
+# ---------------------------------------------------------------- step, epoch, validation
+
+def train_step(model: LandmarkNet, x: torch.Tensor, kps: torch.Tensor, objective: Objective, optim: Optimisation,
+               what: str = "loss") -> float:
+    """One batch: targets made on the device, forward under autocast (the loss outside it, in fp32), then
+    `optim.update`. Returns the loss; a non-finite one raises, naming `what`, before it touches the weights."""
+    device = next(model.parameters()).device
+    x, kps = x.to(device, non_blocking=True), kps.to(device, non_blocking=True)
+    if device.type == "cuda":
+        x = x.contiguous(memory_format=torch.channels_last)
+    hm_size = (x.shape[2] // model.stride, x.shape[3] // model.stride)
+    target = heatmap.encode(heatmap.to_heatmap_frame(kps, model.stride), hm_size, objective.sigma)
+    with autocast(device, optim.amp is not None, optim.amp):
+        pred = model(x)
+        with torch.no_grad():
+            teach = objective.teacher(x) if objective.teacher is not None else None
+    loss = objective(pred, target, teach)
+    value = loss.item()
+    check_finite(value, what)
+    optim.update(loss, model)
+    return value
+
+
+def train_dataset(split: CachedSplit, cfg: TrainConfig) -> LandmarkDataset:
+    """The training split under the run's augmentation (reseeded every epoch by `epoch_loader`)."""
+    return LandmarkDataset(split, train_transform(AugmentConfig(cfg.aug_scale, cfg.aug_rotate, cfg.aug_translate,
+                                                                cfg.aug_brightness_contrast, cfg.aug_clahe_p)))
+
+
+def epoch_loader(ds: LandmarkDataset, cfg: TrainConfig, epoch: int) -> DataLoader:
+    """One epoch's batches, shuffled and augmented from (seed, epoch) alone, so a resumed run sees exactly
+    the batches the uninterrupted one would have."""
+    seed = cfg.seed * 100003 + epoch
+    ds.transform.set_random_seed(seed)
+    return DataLoader(ds, batch_size=cfg.batch_size, shuffle=True, drop_last=False, num_workers=cfg.num_workers,
+                      generator=torch.Generator().manual_seed(seed))
+
+
+def train_one_epoch(model: LandmarkNet, loader: DataLoader, objective: Objective, optim: Optimisation,
+                    cfg: TrainConfig, epoch: int, steps: int, frozen: list[str]) -> tuple[float, float]:
+    """At most `steps` steps over `loader`, with the progress bar; returns the mean loss and the seconds
+    spent waiting for batches (the data path's share of the epoch)."""
+    set_train_mode(model, frozen, cfg.bn_eval)
+    losses, wait = [], 0.0
+    bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not cfg.progress, leave=False,
+               file=sys.stdout)
+    t_data = time.perf_counter()
+    for step, (x, kps, _) in enumerate(loader):
+        if step >= steps:
+            break
+        wait += time.perf_counter() - t_data
+        losses.append(train_step(model, x, kps, objective, optim, f"loss at epoch {epoch + 1} step {step + 1}"))
+        bar.set_postfix(loss=f"{losses[-1]:.4f}")
+        bar.update()
+        t_data = time.perf_counter()
+    bar.close()
+    return (float(np.mean(losses)) if losses else float("nan")), wait
+
+
+def validate(model: LandmarkNet, data: Data, cfg: TrainConfig, difficult: list[str], start: dict[str, float] | None,
+             trained: list[str]) -> Summary:
+    """The epoch's validation in mm: `infer.evaluate_split`, the code `evaluate` and `export` score with."""
+    device = next(model.parameters()).device
+    return evaluate_split(model, data.val, data.info.symbols, device, cfg, difficult, start, trained)[0]
+
+
+# ---------------------------------------------------------------- checkpoints
 
 def _rng_state() -> dict[str, Any]:
     np_state = np.random.get_state()
@@ -167,11 +308,55 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     random.setstate((py[0], tuple(py[1]), py[2]))
 
 
-def _peak_memory_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+class CheckpointSaver:
+    """What a run keeps on disk, each file written atomically (model.save_atomic), and the best epoch so far.
 
+    last.pt, every epoch: all that `--resume last.pt` needs to continue exactly as if never stopped (optimiser,
+    schedule, scaler, RNG states, history). best.pt, when the val MRE improves: the weights and what they were
+    chosen on. `keep_files=False` (sweep trials) writes last.pt under .epoch/ only until the callback has taken
+    it, and no best.pt: Ray stores the reported checkpoints, and a 50-trial sweep should not hold 100 more copies.
+    """
+
+    BEST_KEYS = ("model", "arch", "symbols", "config", "image_size", "epoch", "difficult", "start_per_landmark",
+                 "val_mre")
+
+    def __init__(self, out: Path, cfg: TrainConfig, symbols: list[str], difficult: list[str],
+                 start: dict[str, float] | None, keep_files: bool = True):
+        self.out, self.cfg, self.symbols, self.difficult, self.start = out, cfg, symbols, difficult, start
+        self.keep_files = keep_files
+        self.best_mre, self.best_epoch = math.inf, -1
+
+    def restore(self, state: dict[str, Any], optim: Optimisation) -> tuple[int, list[dict[str, Any]]]:
+        """Continue from a last.pt (its weights are already loaded): returns the next epoch and the history."""
+        optim.load_state_dict(state)
+        self.best_mre = float(state.get("best_val_mre", math.inf))
+        self.best_epoch = int(state.get("best_epoch", -1))
+        _set_rng_state(state["rng"])
+        return int(state["epoch"]) + 1, json.loads(state.get("history", "[]"))
+
+    def save(self, epoch: int, val_mre: float, model: LandmarkNet, optim: Optimisation,
+             history: list[dict[str, Any]]) -> tuple[Path, bool]:
+        """Write this epoch's checkpoint(s); returns last.pt's path and whether the epoch is the best so far."""
+        improved = val_mre < self.best_mre
+        if improved:
+            self.best_mre, self.best_epoch = val_mre, epoch
+        state = {"model": model.state_dict(), "arch": arch_of(model), "symbols": self.symbols,
+                 "config": self.cfg.to_dict(), "image_size": list(self.cfg.image_size), **optim.state_dict(),
+                 "epoch": epoch, "rng": _rng_state(), "best_val_mre": self.best_mre, "best_epoch": self.best_epoch,
+                 "difficult": self.difficult, "start_per_landmark": self.start, "val_mre": val_mre,
+                 "history": json.dumps(history)}
+        last = save_atomic(state, self.out / ("last.pt" if self.keep_files else ".epoch/last.pt"))
+        if improved and self.keep_files:
+            save_atomic({k: state[k] for k in self.BEST_KEYS}, self.out / "best.pt")
+        return last, improved
+
+    def release(self, last: Path) -> None:
+        """The callback has taken this epoch's checkpoint: a sweep trial keeps no copy of its own."""
+        if not self.keep_files:
+            last.unlink(missing_ok=True)
+
+
+# ---------------------------------------------------------------- the run
 
 def _seed_all(seed: int) -> None:
     random.seed(seed)
@@ -179,18 +364,82 @@ def _seed_all(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def _start_model(cfg: TrainConfig, symbols: list[str], device: torch.device) -> tuple[LandmarkNet, dict[str, Any] | None]:
+    """The model to train, placed on `device`, and the checkpoint when it is a last.pt (whose run this continues)."""
+    model = create_model(cfg.model, len(symbols), cfg.pretrained)
+    resume_state = None
+    if cfg.resume:
+        ckpt = read_checkpoint(cfg.resume)
+        load_weights(model, ckpt, cfg.resume, symbols)
+        if "optimizer" in ckpt and "epoch" in ckpt:  # a last.pt: continue that run
+            resume_state = ckpt
+    return place(model, device), resume_state
+
+
+def _start_per_landmark(cfg: TrainConfig, model: LandmarkNet, data: Data, resume_state: dict[str, Any] | None,
+                        given: dict[str, float] | None) -> dict[str, float] | None:
+    """The start model's validation errors, for choosing the difficult set and measuring drift: a continued
+    run's own, else the caller's, else measured here (when there is a start model)."""
+    if resume_state is not None:
+        return resume_state.get("start_per_landmark") or given
+    if given is not None or not (cfg.resume or cfg.pretrained):
+        return given
+    start = start_errors(cfg, data, model)
+    log.info("start checkpoint on %s: MRE %.3f mm", data.val_split, start.mre)
+    return start.per_landmark
+
+
+def _write_run_files(out: Path, cfg: TrainConfig, difficult: list[str], trained: list[str],
+                     start: dict[str, float] | None) -> None:
+    """config.yaml and difficult.json: what this run was asked to do and what it chose, before it trains."""
+    out.mkdir(parents=True, exist_ok=True)
+    cfg.save(out / "config.yaml")
+    (out / "difficult.json").write_text(json.dumps(
+        {"difficult": difficult, "threshold_mm": cfg.difficult_threshold, "mode": cfg.mode, "trained": trained,
+         "start_per_landmark_mm": start}, indent=2))
+
+
+def _peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def _epoch_record(epoch: int, train_loss: float, optim: Optimisation, summ: Summary, epoch_seconds: float,
+                  train_seconds: float, wait: float, device: torch.device) -> dict[str, Any]:
+    """One entry of the run's history: a metrics.parquet row group and (less per_landmark) a report."""
+    return {"epoch": epoch + 1, "train_loss": train_loss, "lr": optim.opt.param_groups[0]["lr"], **summ.flat(),
+            "epoch_seconds": epoch_seconds, "train_seconds": train_seconds, "data_wait_seconds": wait,
+            "peak_memory_mb": _peak_memory_mb(device), "per_landmark": summ.per_landmark}
+
+
+def _epoch_line(rec: dict[str, Any], summ: Summary, epochs: int, difficult: list[str], improved: bool) -> str:
+    return (f"epoch {rec['epoch']}/{epochs}  loss {rec['train_loss']:.4f}  val MRE {summ.mre:.3f} mm"
+            + (f"  difficult {summ.mre_difficult:.3f}  others {summ.mre_other:.3f}" if difficult else "")
+            + (f"  max drift {summ.max_drift:+.3f}" if summ.drift else "")
+            + f"  SDR@2mm {summ.sdr[2.0]:.1f}%  {rec['epoch_seconds']:.1f}s" + ("  *best" if improved else ""))
+
+
+def _reported(rec: dict[str, Any], summ: Summary, best_mre: float, difficult: list[str]) -> dict[str, Any]:
+    """The callback's metrics: the record's scalars, the best so far, each landmark's MRE, the difficult set."""
+    metrics = {k: v for k, v in rec.items() if k != "per_landmark"} | {"best_val_mre": best_mre}
+    return metrics | {f"mre_{s}": v for s, v in summ.per_landmark.items()} | {"difficult": ",".join(difficult)}
+
+
+def _recorded(rec: dict[str, Any], symbols: list[str], difficult: list[str]) -> Summary:
+    """An epoch's summary rebuilt from its history entry (an epoch run before this process resumed)."""
+    return summarize(np.array([list(rec["per_landmark"].values())]), symbols, difficult)
+
+
 def train(cfg: TrainConfig, callback: Callback | None = None, start_per_landmark: dict[str, float] | None = None,
-          data: Data | None = None, keep_files: bool = True, quiet: bool = False) -> RunResult:
+          data: Data | None = None, keep_files: bool = True) -> RunResult:
     """Run (or continue) one training/fine-tuning run; see the module docstring.
 
-    `cfg.progress` shows the per-epoch progress bar; `quiet` (sweep trials, whose console is Ray's table)
-    also silences the one-line summaries. `keep_files=False` (sweep trials) keeps last.pt only until the
-    callback has taken it and writes no best.pt: Ray stores the reported checkpoints, and a 50-trial
-    sweep should not hold 100 more copies."""
+    `start_per_landmark`: the start model's errors when the caller has them (a sweep measures them once for
+    all trials). `keep_files`: see CheckpointSaver. `cfg.progress` shows the per-epoch progress bar; the
+    one-line summaries go to this module's logger."""
     cfg.validate()
-    out = Path(cfg.out).resolve()
     data = data or prepare_data(cfg, cfg.progress)
-    say = (lambda *a: None) if quiet else print
     symbols = data.info.symbols
     if cfg.difficult:
         parse_symbols(cfg.difficult, symbols)
@@ -198,163 +447,47 @@ def train(cfg: TrainConfig, callback: Callback | None = None, start_per_landmark
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     _seed_all(cfg.seed)
-
-    model = create_model(cfg.model, len(symbols), cfg.pretrained)
-    resume_state: dict[str, Any] | None = None
-    if cfg.resume:
-        ckpt = read_checkpoint(cfg.resume)
-        load_weights(model, ckpt, cfg.resume, symbols)
-        if "optimizer" in ckpt and "epoch" in ckpt:  # a last.pt: continue that run
-            resume_state = ckpt
-    model.to(device)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-
-    # the start model's validation errors: for choosing the difficult set and measuring drift
-    if resume_state is not None:
-        start_per_landmark = resume_state.get("start_per_landmark") or start_per_landmark
-    elif start_per_landmark is None and (cfg.resume or cfg.pretrained):
-        start_summ, _, _ = evaluate_split(model, data.val, symbols, device, cfg)
-        start_per_landmark = start_summ.per_landmark
-        say(f"start checkpoint on {data.val_split}: MRE {start_summ.mre:.3f} mm")
-
-    if resume_state is not None and resume_state.get("difficult") is not None:
-        difficult = list(resume_state["difficult"])
-    elif cfg.difficult_threshold is not None:
-        if start_per_landmark is None:
-            raise ValueError("--difficult-threshold needs a start checkpoint (--resume) to measure errors on")
-        difficult = select_difficult(start_per_landmark, cfg.difficult_threshold)
-    else:
-        difficult = list(cfg.difficult)
+    model, resume_state = _start_model(cfg, symbols, device)
+    start_per_landmark = _start_per_landmark(cfg, model, data, resume_state, start_per_landmark)
+    difficult = choose_difficult(cfg, resume_state, start_per_landmark)
     weights = landmark_weights(symbols, difficult, cfg.mode, cfg.difficult_weight)
     trained = [s for s, w in zip(symbols, weights.tolist()) if w > 0]
-    untrained_idx = [i for i, w in enumerate(weights.tolist()) if w == 0]
-    out.mkdir(parents=True, exist_ok=True)
-    cfg.save(out / "config.yaml")
-    (out / "difficult.json").write_text(json.dumps(
-        {"difficult": difficult, "threshold_mm": cfg.difficult_threshold, "mode": cfg.mode, "trained": trained,
-         "start_per_landmark_mm": start_per_landmark}, indent=2))
-    if cfg.mode != "all":
-        say(f"difficult ({len(difficult)}): " + ", ".join(
-            f"{s} {start_per_landmark[s]:.2f}mm" if start_per_landmark else s for s in difficult))
+    out = Path(cfg.out).resolve()
+    _write_run_files(out, cfg, difficult, trained, start_per_landmark)
 
-    teacher = None
-    if cfg.distill_weight > 0 and untrained_idx:
-        teacher = copy.deepcopy(model).eval()
-        for p in teacher.parameters():
-            p.requires_grad_(False)
+    teacher = make_teacher(model) if cfg.distill_weight > 0 and len(trained) < len(symbols) else None
+    objective = Objective.from_config(cfg, weights, teacher)
     frozen = freeze_stages(model, cfg.freeze_stages)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr)
-    ds = LandmarkDataset(data.train, train_transform(AugmentConfig(cfg.aug_scale, cfg.aug_rotate, cfg.aug_translate,
-                                                                   cfg.aug_brightness_contrast, cfg.aug_clahe_p)))
-    steps_per_epoch = math.ceil(len(ds) / cfg.batch_size)
-    if cfg.max_steps_per_epoch:
-        steps_per_epoch = min(steps_per_epoch, cfg.max_steps_per_epoch)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(steps_per_epoch * cfg.epochs,
-                                                             int(round(cfg.warmup_epochs * steps_per_epoch))))
-    use_scaler = cfg.mixed_precision and device.type == "cuda" and not torch.cuda.is_bf16_supported()
-    scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
-    hm_size = (cfg.image_size[1] // model.stride, cfg.image_size[0] // model.stride)
-    awing = cfg.awing()
-
-    start_epoch, best_mre, best_epoch, history = 0, math.inf, -1, []
+    opt = build_optimizer(model, cfg)
+    ds = train_dataset(data.train, cfg)
+    steps = steps_per_epoch(len(ds), cfg.batch_size, cfg.max_steps_per_epoch)
+    optim = Optimisation.create(opt, build_scheduler(opt, cfg, steps), device, amp_dtype(device, cfg.mixed_precision),
+                                cfg.grad_clip)
+    saver = CheckpointSaver(out, cfg, symbols, difficult, start_per_landmark, keep_files)
+    first_epoch, history = 0, []
     if resume_state is not None:
-        opt.load_state_dict(resume_state["optimizer"])
-        sched.load_state_dict(resume_state["scheduler"])
-        if resume_state.get("scaler"):
-            scaler.load_state_dict(resume_state["scaler"])
-        start_epoch = int(resume_state["epoch"]) + 1
-        best_mre = float(resume_state.get("best_val_mre", math.inf))
-        best_epoch = int(resume_state.get("best_epoch", -1))
-        history = json.loads(resume_state.get("history", "[]"))
-        _set_rng_state(resume_state["rng"])
-        say(f"resumed {cfg.resume} at epoch {start_epoch}")
+        first_epoch, history = saver.restore(resume_state, optim)
+        log.info("resumed %s at epoch %d", cfg.resume, first_epoch)
 
-    best_summ = last_summ = None
-    for epoch in range(start_epoch, cfg.epochs):
+    best = last = None
+    for epoch in range(first_epoch, cfg.epochs):
         t0 = time.perf_counter()
-        ds.transform.set_random_seed(cfg.seed * 100003 + epoch)
-        loader = DataLoader(ds, batch_size=cfg.batch_size, shuffle=True, drop_last=False, num_workers=cfg.num_workers,
-                            generator=torch.Generator().manual_seed(cfg.seed * 100003 + epoch))
-        set_train_mode(model, frozen, cfg.bn_eval)
-        losses, wait = [], 0.0
-        bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not cfg.progress,
-                   leave=False, file=sys.stdout)
-        t_data = time.perf_counter()
-        for step, (x, kps, _) in enumerate(loader):
-            if step >= steps_per_epoch:
-                break
-            wait += time.perf_counter() - t_data
-            x, kps = x.to(device, non_blocking=True), kps.to(device, non_blocking=True)
-            if device.type == "cuda":
-                x = x.contiguous(memory_format=torch.channels_last)
-            target = heatmap.encode(heatmap.to_heatmap_frame(kps, model.stride), hm_size, cfg.sigma)
-            with autocast(device, cfg.mixed_precision):
-                pred = model(x)
-                if teacher is not None:
-                    with torch.no_grad():
-                        teach = teacher(x)
-            loss = weighted_total(per_landmark(pred, target, cfg.loss, awing), weights)
-            if teacher is not None:
-                idx = torch.tensor(untrained_idx, device=device)
-                # the teacher's maps clamped to [0, 1], the range a target has: adaptive wing is undefined
-                # (infinite) for targets above alpha, and raw outputs can leave [0, 1]
-                soft = teach.float().index_select(1, idx).clamp(0, 1)
-                d = per_landmark(pred.index_select(1, idx), soft, cfg.loss, awing).mean()
-                loss = loss + cfg.distill_weight * d
-            check_finite(loss.item(), f"loss at epoch {epoch + 1} step {step + 1}")
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            if cfg.grad_clip:
-                scaler.unscale_(opt)
-                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            scaler.step(opt)
-            scaler.update()
-            sched.step()
-            losses.append(loss.item())
-            bar.set_postfix(loss=f"{losses[-1]:.4f}")
-            bar.update()
-            t_data = time.perf_counter()
-        bar.close()
+        loss, wait = train_one_epoch(model, epoch_loader(ds, cfg, epoch), objective, optim, cfg, epoch, steps, frozen)
         train_seconds = time.perf_counter() - t0
-        summ, _, _ = evaluate_split(model, data.val, symbols, device, cfg, difficult, start_per_landmark, trained)
-        epoch_seconds = time.perf_counter() - t0
-        last_summ = summ
-        improved = summ.mre < best_mre
-        if improved:
-            best_mre, best_epoch, best_summ = summ.mre, epoch, summ
-        rec = {"epoch": epoch + 1, "train_loss": float(np.mean(losses)) if losses else float("nan"),
-               "lr": opt.param_groups[0]["lr"], **summ.flat(), "epoch_seconds": epoch_seconds,
-               "train_seconds": train_seconds, "data_wait_seconds": wait, "peak_memory_mb": _peak_memory_mb(device),
-               "per_landmark": summ.per_landmark}
+        last = validate(model, data, cfg, difficult, start_per_landmark, trained)
+        rec = _epoch_record(epoch, loss, optim, last, time.perf_counter() - t0, train_seconds, wait, device)
         history.append(rec)
-        state = {"model": model.state_dict(), "arch": arch_of(model), "symbols": symbols, "config": cfg.to_dict(),
-                 "image_size": list(cfg.image_size), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                 "scaler": scaler.state_dict() if use_scaler else {}, "epoch": epoch, "rng": _rng_state(),
-                 "best_val_mre": best_mre, "best_epoch": best_epoch, "difficult": difficult,
-                 "start_per_landmark": start_per_landmark, "val_mre": summ.mre, "history": json.dumps(history)}
-        last_path = save_atomic(state, out / ("last.pt" if keep_files else ".epoch/last.pt"))
-        if improved and keep_files:
-            save_atomic({k: state[k] for k in ("model", "arch", "symbols", "config", "image_size", "epoch", "difficult",
-                                                "start_per_landmark", "val_mre")}, out / "best.pt")
+        last_path, improved = saver.save(epoch, last.mre, model, optim, history)
+        best = last if improved else best
         _write_metrics(out, history, difficult, start_per_landmark)
-        say(f"epoch {epoch + 1}/{cfg.epochs}  loss {rec['train_loss']:.4f}  val MRE {summ.mre:.3f} mm"
-                  + (f"  difficult {summ.mre_difficult:.3f}  others {summ.mre_other:.3f}" if difficult else "")
-                  + (f"  max drift {summ.max_drift:+.3f}" if summ.drift else "")
-                  + f"  SDR@2mm {summ.sdr[2.0]:.1f}%  {epoch_seconds:.1f}s" + ("  *best" if improved else ""))
+        log.info(_epoch_line(rec, last, cfg.epochs, difficult, improved))
         if callback is not None:
-            metrics = {k: v for k, v in rec.items() if k != "per_landmark"} | {"best_val_mre": best_mre}
-            metrics |= {f"mre_{s}": v for s, v in summ.per_landmark.items()} | {"difficult": ",".join(difficult)}
-            callback(metrics, last_path)
-        if not keep_files:
-            last_path.unlink(missing_ok=True)
-    if last_summ is None:  # resumed a run that had already finished
-        last_summ = summarize(np.array([list(history[-1]["per_landmark"].values())]), symbols, difficult)
-    if best_summ is None:
-        best_summ = summarize(np.array([list(history[best_epoch]["per_landmark"].values())]), symbols, difficult)
-    say(format_table(best_summ, difficult, start_per_landmark))
-    return RunResult(out, best_epoch + 1, best_summ, last_summ, difficult, start_per_landmark, history)
+            callback(_reported(rec, last, saver.best_mre, difficult), last_path)
+        saver.release(last_path)
+    last = last or _recorded(history[-1], symbols, difficult)  # None: resumed a run that had already finished
+    best = best or _recorded(history[saver.best_epoch], symbols, difficult)
+    log.info("%s", format_table(best, difficult, start_per_landmark))
+    return RunResult(out, saver.best_epoch + 1, best, last, difficult, start_per_landmark, history)
 
 
 def _write_metrics(out: Path, history: list[dict[str, Any]], difficult: list[str],

@@ -1,31 +1,47 @@
-"""Search-space YAML files (search_spaces/*.yaml): parse, validate, and turn into an Optuna
-define-by-run function.
+"""Search spaces (search_spaces/*.yaml): parse, validate, and turn into an Optuna define-by-run function.
 
 Each top-level key is a run option (a TrainConfig field) with a spec:
     lr:            {type: loguniform, low: 1.0e-7, high: 1.0e-4}
     warmup_epochs: {type: int, low: 0, high: 5}
     mode:          {type: categorical, choices: [masked, weighted]}
     loss:          {type: fixed, value: adaptive_wing}
-Everything is checked before Ray starts; each error names the file and the key.
+Everything is checked before Ray starts, each error naming the file and the key: fixed values and
+choices against the option's rule, and both endpoints of a range too, because every numeric rule is an
+interval (config.Rule) and an interval holds a range exactly when it holds both endpoints. Rules between
+options (config.RELATIONS) are checked here when the space alone decides them, and against the sweep's
+base run by `SearchSpace.check_against`.
+
+The space has one text form, `SearchSpace.to_dict()` (what YAML holds, JSON-serialisable), read back by
+`space_from_dict`; a sweep stores that dict and rebuilds the very same space on resume.
 """
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import math
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .config import FIELDS, check_field, coerce, load_yaml
+from .config import OPTIONS, RELATIONS, Relation, TrainConfig, check_field, coerce, load_yaml, rule_message
 
 TYPES = ("loguniform", "uniform", "int", "categorical", "fixed")
+_KEYS = {"loguniform": {"low", "high"}, "uniform": {"low", "high"}, "int": {"low", "high", "log"},
+         "categorical": {"choices"}, "fixed": {"value"}}
 # options that belong to the sweep, not to a trial: a space may not change them
 DRIVER_OWNED = ("dataset_path", "format", "out", "resume", "cache_dir", "device", "progress", "train_split",
                 "val_split", "image_size", "model", "annotator", "threads", "epochs")
 
 
+class SpaceError(ValueError):
+    pass
+
+
 @dataclass(frozen=True)
 class Param:
+    """One entry of a space, its values already coerced to the option's type."""
+
     name: str
     type: str
     low: float | None = None
@@ -50,14 +66,32 @@ class Param:
             return int(statistics.median_low(range(int(self.low), int(self.high) + 1)))
         return (self.low + self.high) / 2
 
+    def corners(self) -> list[tuple[str, Any]]:
+        """(how to name it in a message, value) for each value that decides a monotone rule over the entry."""
+        if self.type == "fixed":
+            return [("`value` is", self.value)]
+        if self.type == "categorical":
+            return [("`choices` include", c) for c in self.choices]
+        return [("`low` is", self.low), ("`high` is", self.high)]
 
-class SpaceError(ValueError):
-    pass
+    def to_dict(self) -> dict[str, Any]:
+        """The YAML/JSON spec of this entry; `space_from_dict` reads it back to an equal Param."""
+        if self.type == "fixed":
+            return {"type": "fixed", "value": _plain(self.value)}
+        if self.type == "categorical":
+            return {"type": "categorical", "choices": [_plain(c) for c in self.choices]}
+        log = {"log": True} if self.type == "int" and self.log else {}
+        return {"type": self.type, "low": self.low, "high": self.high} | log
+
+
+def _plain(value: Any) -> Any:
+    return list(value) if isinstance(value, (tuple, list)) else value
 
 
 def _param(path: Path, name: str, spec: Any) -> Param:
+    """One validated entry; every refusal names the file and the key."""
     where = f"{path}: `{name}`"
-    if name not in FIELDS:
+    if name not in OPTIONS:
         raise SpaceError(f"{where}: unknown option (not a run option; see `tune-landmarks finetune --help`)")
     if name in DRIVER_OWNED:
         raise SpaceError(f"{where}: set by the search command for every trial, not searchable")
@@ -66,8 +100,7 @@ def _param(path: Path, name: str, spec: Any) -> Param:
     kind = spec["type"]
     if kind not in TYPES:
         raise SpaceError(f"{where}: type {kind!r} is not one of {', '.join(TYPES)}")
-    allowed = {"loguniform": {"low", "high"}, "uniform": {"low", "high"}, "int": {"low", "high", "log"},
-               "categorical": {"choices"}, "fixed": {"value"}}[kind] | {"type"}
+    allowed = _KEYS[kind] | {"type"}
     extra = set(spec) - allowed
     if extra:
         raise SpaceError(f"{where}: key(s) {', '.join(sorted(extra))} do not belong to type {kind}")
@@ -87,24 +120,36 @@ def _param(path: Path, name: str, spec: Any) -> Param:
         choices = spec["choices"]
         if not isinstance(choices, list) or not choices:
             raise SpaceError(f"{where}: `choices` must be a non-empty list")
+        if OPTIONS[name].type in (list, tuple):
+            raise SpaceError(f"{where}: option is a list, and Optuna's choices are single values; use fixed")
         return Param(name, kind, choices=tuple(check_value(c) for c in choices))
+    return _range(where, name, kind, spec)
+
+
+def _range(where: str, name: str, kind: str, spec: dict[str, Any]) -> Param:
     low, high = spec["low"], spec["high"]
     numeric = (int,) if kind == "int" else (int, float)
     for k, v in (("low", low), ("high", high)):
         if isinstance(v, bool) or not isinstance(v, numeric):
             raise SpaceError(f"{where}: `{k}` is {v!r}, but must be {'an integer' if kind == 'int' else 'a number'}")
-    default = FIELDS[name].default
-    if kind != "int" and isinstance(default, int) and not isinstance(default, bool):
+        if not math.isfinite(v):
+            raise SpaceError(f"{where}: `{k}` is {v!r}, but must be a finite number")
+    option = OPTIONS[name]
+    if kind != "int" and option.type is int:
         raise SpaceError(f"{where}: option is an integer; use type int")
-    if kind == "int" and isinstance(default, float):
-        pass  # an integer grid on a float option (e.g. warmup_epochs) is fine
-    elif isinstance(default, (bool, str, list, tuple)) and default is not None:
+    if not option.numeric:  # an integer grid on a float option (e.g. warmup_epochs) is fine
         raise SpaceError(f"{where}: option is not numeric; use categorical or fixed")
     if low >= high:
         raise SpaceError(f"{where}: low ({low}) must be < high ({high})")
-    log = kind == "loguniform" or bool(spec.get("log", False))
+    log = spec.get("log", kind == "loguniform")
+    if not isinstance(log, bool):
+        raise SpaceError(f"{where}: `log` is {log!r}, but must be true or false")
     if log and low <= 0:
         raise SpaceError(f"{where}: a log range needs low > 0 (got {low})")
+    if option.rule is not None:
+        for k, v in (("low", low), ("high", high)):
+            if not option.rule.ok(v):
+                raise SpaceError(f"{where}: `{k}` is {v!r}, but must be {option.rule.must}")
     return Param(name, kind, low=low, high=high, log=log)
 
 
@@ -127,17 +172,39 @@ class SearchSpace:
         return {p.name: p.default() for p in self.params}
 
     def max_warmup(self) -> float:
+        """The longest warmup a trial can get (ASHA's first rung must not come before it ends)."""
         p = self.get("warmup_epochs")
-        if p is None:
-            return 0.0
-        if p.type == "categorical":
-            return float(max(p.choices))
-        return float(p.value if p.type == "fixed" else p.high)
+        return float(max(v for _, v in p.corners())) if p is not None else 0.0
 
-    def define_by_run(self) -> "DefineByRun":
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        """The space as its file holds it (JSON-serialisable): `space_from_dict(s.to_dict(), s.path) == s`."""
+        return {p.name: p.to_dict() for p in self.params}
+
+    def define_by_run(self) -> DefineByRun:
         return DefineByRun(self.params)
 
-    def with_threshold_below(self, max_start_error: float) -> tuple["SearchSpace", str | None]:
+    def check_against(self, base: TrainConfig) -> None:
+        """Refuse a space whose trials would break a rule between options on top of the sweep's `base` run
+        (e.g. `warmup_epochs` above base.epochs), naming the entry and the endpoint or choice that does."""
+        for relation in RELATIONS:
+            self._check_relation(relation, base)
+
+    def _check_relation(self, relation: Relation, base: TrainConfig) -> None:
+        """Every combination of the corners of the entries the relation reads; when it reads none, `base`."""
+        entries = [p for p in self.params if p.name in relation.options]
+        for combo in itertools.product(*(p.corners() for p in entries)):
+            cfg = dataclasses.replace(base, **{p.name: v for p, (_, v) in zip(entries, combo)})
+            broken = relation.check(cfg)
+            if broken is None:
+                continue
+            name, must = broken
+            if not entries:
+                raise SpaceError(f"{self.path}: {rule_message(name, getattr(cfg, name), must)}")
+            p, (label, v) = next(((p, c) for p, c in zip(entries, combo) if p.name == name), (entries[0], combo[0]))
+            then = "" if p.name == name else f"; then the value of `{name}` is {getattr(cfg, name)!r}"
+            raise SpaceError(f"{self.path}: `{p.name}`: {label} {v!r}{then}, but must be {must}")
+
+    def with_threshold_below(self, max_start_error: float) -> tuple[SearchSpace, str | None]:
         """A threshold above every landmark's start error selects nothing; clip the range to just below it."""
         p = self.get("difficult_threshold")
         if p is None or p.type not in ("uniform", "loguniform") or p.high < max_start_error:
@@ -146,7 +213,7 @@ class SearchSpace:
         if new_high <= p.low:
             raise SpaceError(f"{self.path}: `difficult_threshold` range {p.low}..{p.high} mm lies above every start "
                              f"error (largest {max_start_error:.3f} mm): no threshold would select a landmark")
-        clipped = Param(p.name, p.type, low=p.low, high=new_high, log=p.log)
+        clipped = dataclasses.replace(p, high=new_high)
         return (SearchSpace(self.path, tuple(clipped if q is p else q for q in self.params)),
                 f"difficult_threshold: high {p.high} mm clipped to {new_high} mm (the largest start error is "
                 f"{max_start_error:.3f} mm; a higher threshold would select no landmark)")
@@ -154,11 +221,12 @@ class SearchSpace:
 
 @dataclass(frozen=True)
 class DefineByRun:
-    """The function OptunaSearch calls with each Optuna trial (a class, so the searcher can be pickled)."""
+    """The function OptunaSearch calls with each Optuna trial (a class, so the searcher can be pickled).
+    It suggests the searched entries and returns the fixed ones, as Optuna's define-by-run API expects."""
 
     params: tuple[Param, ...]
 
-    def __call__(self, trial) -> dict[str, Any]:
+    def __call__(self, trial: Any) -> dict[str, Any]:
         for p in self.params:
             if p.type in ("loguniform", "uniform"):
                 trial.suggest_float(p.name, p.low, p.high, log=p.log)
@@ -169,7 +237,26 @@ class DefineByRun:
         return {p.name: p.value for p in self.params if p.type == "fixed"}
 
 
+def space_from_dict(data: Any, source: str | Path) -> SearchSpace:
+    """A validated space from its dict form (a YAML file's content, or `SearchSpace.to_dict()` stored in
+    sweep.json); `source` names it in every error and becomes `SearchSpace.path`."""
+    path = Path(source)
+    if not isinstance(data, dict):
+        raise SpaceError(f"{path}: must be a mapping of option: spec")
+    if not data:
+        raise SpaceError(f"{path}: empty search space")
+    params = tuple(_param(path, str(k), v) for k, v in data.items())
+    if not any(p.searched for p in params):
+        raise SpaceError(f"{path}: nothing to search (every entry is fixed)")
+    space = SearchSpace(path, params)
+    for relation in RELATIONS:  # a relation whose options are all in the space is decided by the space alone
+        if set(relation.options) <= {p.name for p in params}:
+            space._check_relation(relation, TrainConfig())
+    return space
+
+
 def load_space(path: str | Path) -> SearchSpace:
+    """The validated space of a YAML file; its `path` is made absolute (a sweep may resume elsewhere)."""
     path = Path(path)
     if not path.is_file():
         raise SpaceError(f"{path}: search space file not found")
@@ -177,13 +264,4 @@ def load_space(path: str | Path) -> SearchSpace:
         data = load_yaml(path)
     except ValueError as exc:
         raise SpaceError(str(exc)) from None
-    if not data:
-        raise SpaceError(f"{path}: empty search space")
-    params = tuple(_param(path, str(k), v) for k, v in data.items())
-    if not any(p.searched for p in params):
-        raise SpaceError(f"{path}: nothing to search (every entry is fixed)")
-    thr = next((p for p in params if p.name == "difficult_threshold"), None)
-    dif = next((p for p in params if p.name == "difficult"), None)
-    if thr is not None and dif is not None:
-        raise SpaceError(f"{path}: `difficult` and `difficult_threshold` exclude each other")
-    return SearchSpace(path.resolve(), params)
+    return dataclasses.replace(space_from_dict(data, path), path=path.resolve())

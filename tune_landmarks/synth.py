@@ -9,14 +9,12 @@ from __future__ import annotations
 
 import csv
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import cv2
 import numpy as np
 
+from .atomic import staged_dir
 from .landmarks import AARIZ, WORKFLOW_DIFFICULT
 from .read import MAPPING_CSV
 
@@ -129,9 +127,7 @@ def make_synthetic(out: str | Path, num_images: int = 30, seed: int = 0, size: i
     n_train = max(1, int(round(num_images * splits[0])))
     n_valid = max(1, int(round(num_images * splits[1])))
     split_of = ["train"] * n_train + ["valid"] * n_valid + ["test"] * (num_images - n_train - n_valid)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with staged_dir(out) as tmp:
         rows = []
         for i, split in enumerate(split_of):
             ceph_id = "ck" + "".join(rng.choice(_ALNUM, 23))
@@ -159,10 +155,4 @@ def make_synthetic(out: str | Path, num_images: int = 30, seed: int = 0, size: i
             wr.writerow(["cephalogram_id", "machine", "pixel_size", "image_format", "mode"])
             wr.writerows(rows)
         (tmp / "Readme.txt").write_text(f"Synthetic Aariz-format dataset made by tune_landmarks (seed {seed}).\n")
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out

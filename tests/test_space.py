@@ -1,0 +1,237 @@
+"""Search spaces without Ray: the define-by-run function on an in-memory Optuna study, every refusal
+of an invalid entry (each naming the file, the key and the rule), rules between options, and the dict
+form a sweep stores. Milliseconds each: no dataset, no model."""
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+import optuna
+import pytest
+
+from tune_landmarks.config import TrainConfig
+from tune_landmarks.space import SearchSpace, SpaceError, load_space, space_from_dict
+
+SHIPPED = sorted((Path(__file__).resolve().parent.parent / "search_spaces").glob("*.yaml"))
+
+SPACE = """\
+lr: {type: loguniform, low: 1.0e-6, high: 1.0e-3}
+warmup_epochs: {type: int, low: 0, high: 3}
+difficult_weight: {type: int, low: 1, high: 8, log: true}
+awing_theta: {type: uniform, low: 0.3, high: 0.7}
+mode: {type: categorical, choices: [masked, weighted]}
+difficult_threshold: {type: uniform, low: 1.5, high: 3.0}
+loss: {type: fixed, value: adaptive_wing}
+bn_eval: {type: categorical, choices: [false, true]}
+"""
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    f = tmp_path / "space.yaml"
+    f.write_text(text)
+    return f
+
+
+@pytest.fixture
+def space(tmp_path: Path) -> SearchSpace:
+    return load_space(write(tmp_path, SPACE))
+
+
+def test_define_by_run_samples_inside_the_ranges(space: SearchSpace) -> None:
+    study = optuna.create_study(sampler=optuna.samplers.TPESampler(seed=0))
+    fn = space.define_by_run()
+    for _ in range(12):
+        trial = study.ask()
+        assert fn(trial) == {"loss": "adaptive_wing"}
+        p = trial.params
+        assert set(p) == {"lr", "warmup_epochs", "difficult_weight", "awing_theta", "mode", "difficult_threshold", "bn_eval"}
+        assert 1e-6 <= p["lr"] <= 1e-3 and 0.3 <= p["awing_theta"] <= 0.7 and 1.5 <= p["difficult_threshold"] <= 3.0
+        assert isinstance(p["warmup_epochs"], int) and 0 <= p["warmup_epochs"] <= 3
+        assert isinstance(p["difficult_weight"], int) and 1 <= p["difficult_weight"] <= 8
+        assert p["mode"] in ("masked", "weighted") and p["bn_eval"] in (False, True)
+        study.tell(trial, math.log(p["lr"]))
+    assert len(study.trials) == 12 and study.best_value == min(t.value for t in study.trials)
+
+
+def test_define_by_run_tells_optuna_which_ranges_are_log(space: SearchSpace) -> None:
+    trial = optuna.create_study(sampler=optuna.samplers.TPESampler(seed=0)).ask()
+    space.define_by_run()(trial)
+    d = trial.distributions
+    assert d["lr"].log and d["difficult_weight"].log
+    assert not d["awing_theta"].log and not d["warmup_epochs"].log
+    assert d["difficult_weight"].step == 1 and d["mode"].choices == ("masked", "weighted")
+
+
+def test_space_parts(space: SearchSpace) -> None:
+    assert space.path.is_absolute()
+    assert space.searched == ["lr", "warmup_epochs", "difficult_weight", "awing_theta", "mode", "difficult_threshold",
+                              "bn_eval"]
+    assert space.fixed() == {"loss": "adaptive_wing"}
+    d = space.defaults()
+    assert d["lr"] == pytest.approx(math.sqrt(1e-6 * 1e-3)) and d["warmup_epochs"] == 1 and d["mode"] == "masked"
+    assert space.max_warmup() == 3.0 and space.get("bogus") is None
+
+
+def test_max_warmup_of_each_entry_type(tmp_path: Path) -> None:
+    for spec, expected in (("{type: categorical, choices: [2, 0.5]}", 2.0), ("{type: fixed, value: 1.5}", 1.5),
+                           ("{type: uniform, low: 0, high: 2.5}", 2.5)):
+        s = load_space(write(tmp_path, f"warmup_epochs: {spec}\nlr: {{type: loguniform, low: 1.0e-5, high: 1.0e-3}}\n"))
+        assert s.max_warmup() == expected
+    assert load_space(write(tmp_path, "lr: {type: loguniform, low: 1.0e-5, high: 1.0e-3}\n")).max_warmup() == 0.0
+
+
+@pytest.mark.parametrize("text, message", [
+    # endpoints against the option's rule
+    ("lr: {type: uniform, low: -1.0e-3, high: 1.0e-2}", "`lr`: `low` is -0.001, but must be > 0"),
+    ("lr: {type: uniform, low: -1.0e-2, high: -1.0e-3}", "`lr`: `low` is -0.01, but must be > 0"),
+    ("weight_decay: {type: uniform, low: -0.1, high: 0.1}", "`weight_decay`: `low` is -0.1, but must be >= 0"),
+    ("warmup_epochs: {type: int, low: -1, high: 3}", "`warmup_epochs`: `low` is -1, but must be >= 0"),
+    ("awing_theta: {type: uniform, low: 0.0, high: 0.7}", "`awing_theta`: `low` is 0.0, but must be > 0"),
+    ("awing_omega: {type: uniform, low: -5, high: 20}", "`awing_omega`: `low` is -5, but must be > 0"),
+    ("awing_epsilon: {type: uniform, low: -1.0, high: 2.0}", "`awing_epsilon`: `low` is -1.0, but must be > 0"),
+    ("awing_alpha: {type: uniform, low: 0.5, high: 2.4}", "`awing_alpha`: `low` is 0.5, but must be > 1"),
+    ("awing_alpha: {type: uniform, low: 1.0, high: 2.4}", "`awing_alpha`: `low` is 1.0, but must be > 1"),
+    ("freeze_stages: {type: int, low: 0, high: 7}", "`freeze_stages`: `high` is 7, but must be between 0 and 4"),
+    ("aug_clahe_p: {type: uniform, low: 0.5, high: 1.5}", "`aug_clahe_p`: `high` is 1.5, but must be between 0 and 1"),
+    ("difficult_threshold: {type: uniform, low: -1.0, high: 3.0}", "`difficult_threshold`: `low` is -1.0, but must be > 0 mm"),
+    ("distill_weight: {type: uniform, low: -1, high: 1}", "`distill_weight`: `low` is -1, but must be >= 0"),
+    # fixed values and choices against the option's rule
+    ("freeze_stages: {type: fixed, value: 7}",
+     "`freeze_stages`: The value of `freeze_stages` is 7, but must be between 0 and 4."),
+    ("awing_omega: {type: fixed, value: 0}", "`awing_omega`: The value of `awing_omega` is 0.0, but must be > 0."),
+    ("mode: {type: categorical, choices: [masked, half]}",
+     "`mode`: The value of `mode` is 'half', but must be one of all, weighted, masked."),
+    ("distill_weight: {type: categorical, choices: [0.0, -1.0]}",
+     "`distill_weight`: The value of `distill_weight` is -1.0, but must be >= 0."),
+    ("batch_size: {type: categorical, choices: [2, 2.5]}",
+     "`batch_size`: The value of `batch_size` is 2.5, which is not a valid int."),
+    # the shape of a range
+    ("lr: {type: loguniform, low: 0, high: 0.1}", "`lr`: a log range needs low > 0 (got 0)"),
+    ("lr: {type: loguniform, low: -1, high: 0.1}", "`lr`: a log range needs low > 0 (got -1)"),
+    ("warmup_epochs: {type: int, low: 0, high: 3, log: true}", "`warmup_epochs`: a log range needs low > 0 (got 0)"),
+    ("lr: {type: uniform, low: 1.0, high: 0.5}", "`lr`: low (1.0) must be < high (0.5)"),
+    ("lr: {type: uniform, low: 1.0e-4, high: .inf}", "`lr`: `high` is inf, but must be a finite number"),
+    ("lr: {type: uniform, low: 1.0e-4, high: abc}", "`lr`: `high` is 'abc', but must be a number"),
+    ("warmup_epochs: {type: int, low: 0, high: 3, log: yes please}",
+     "`warmup_epochs`: `log` is 'yes please', but must be true or false"),
+    # the option's type
+    ("freeze_stages: {type: uniform, low: 0, high: 4}", "`freeze_stages`: option is an integer; use type int"),
+    ("batch_size: {type: loguniform, low: 1, high: 8}", "`batch_size`: option is an integer; use type int"),
+    ("batch_size: {type: int, low: 1.5, high: 4}", "`batch_size`: `low` is 1.5, but must be an integer"),
+    ("loss: {type: uniform, low: 0, high: 1}", "`loss`: option is not numeric; use categorical or fixed"),
+    ("bn_eval: {type: int, low: 0, high: 1}", "`bn_eval`: option is not numeric; use categorical or fixed"),
+    ("difficult: {type: categorical, choices: [[UMT], [UPM]]}", "`difficult`: option is a list"),
+    # the entry itself
+    ("bogus: {type: uniform, low: 0, high: 1}", "`bogus`: unknown option"),
+    ("epochs: {type: int, low: 1, high: 5}", "`epochs`: set by the search command for every trial, not searchable"),
+    ("image_size: {type: fixed, value: [64, 64]}", "`image_size`: set by the search command"),
+    ("lr: 0.1", "`lr`: must be a mapping with `type`"),
+    ("lr: {low: 0.1, high: 0.2}", "`lr`: must be a mapping with `type`"),
+    ("lr: {type: gaussian, low: 0, high: 1}", "`lr`: type 'gaussian' is not one of loguniform, uniform, int"),
+    ("lr: {type: uniform, low: 1.0e-4, choices: [1]}", "`lr`: key(s) choices do not belong to type uniform"),
+    ("lr: {type: uniform, low: 1.0e-4}", "`lr`: type uniform needs high"),
+    ("mode: {type: categorical, choices: []}", "`mode`: `choices` must be a non-empty list"),
+    # the whole space
+    ("mode: {type: fixed, value: masked}", "nothing to search (every entry is fixed)"),
+    ("difficult: {type: fixed, value: [UMT]}\ndifficult_threshold: {type: uniform, low: 1.5, high: 3.0}",
+     "`difficult_threshold`: `low` is 1.5, but must be unset when `difficult` is given"),
+    ("[1, 2]", "must be a mapping of option: value"),
+    ("", "empty search space"),
+    ("lr: [unclosed", "cannot read YAML"),
+])
+def test_invalid_entry_is_refused_with_file_key_and_rule(tmp_path: Path, text: str, message: str) -> None:
+    f = write(tmp_path, text + "\n")
+    with pytest.raises(SpaceError, match=re.escape(f"{f}: {message}")):
+        load_space(f)
+
+
+def test_missing_file_is_named(tmp_path: Path) -> None:
+    with pytest.raises(SpaceError, match=re.escape(f"{tmp_path / 'nope.yaml'}: search space file not found")):
+        load_space(tmp_path / "nope.yaml")
+
+
+def test_fixed_empty_difficult_does_not_clash_with_a_threshold(tmp_path: Path) -> None:
+    text = "difficult: {type: fixed, value: []}\ndifficult_threshold: {type: uniform, low: 1, high: 2}\n"
+    s = load_space(write(tmp_path, text))
+    assert s.fixed() == {"difficult": []}
+
+
+BASE = TrainConfig(dataset_path="data", resume="start.pt", mode="masked", epochs=20)
+
+
+@pytest.mark.parametrize("text, base, message", [
+    ("warmup_epochs: {type: int, low: 0, high: 30}", BASE, "`warmup_epochs`: `high` is 30, but must be <= epochs (20)"),
+    ("warmup_epochs: {type: uniform, low: 0, high: 20.5}", BASE, "`warmup_epochs`: `high` is 20.5, but must be <= epochs (20)"),
+    ("warmup_epochs: {type: categorical, choices: [0, 25]}", BASE,
+     "`warmup_epochs`: `choices` include 25.0, but must be <= epochs (20)"),
+    ("mode: {type: categorical, choices: [all, masked]}", TrainConfig(dataset_path="data", resume="start.pt"),
+     "`mode`: `choices` include 'masked', but must be 'all' unless the difficult set is picked by `difficult`"),
+    ("difficult_threshold: {type: uniform, low: 1.5, high: 3.0}", TrainConfig(dataset_path="data", difficult=["UMT"]),
+     "`difficult_threshold`: `low` is 1.5, but must be unset when `difficult` is given"),
+    ("difficult: {type: fixed, value: [UMT]}\nlr: {type: loguniform, low: 1.0e-5, high: 1.0e-3}",
+     TrainConfig(dataset_path="data", difficult_threshold=2.0),
+     "`difficult`: `value` is ['UMT']; then the value of `difficult_threshold` is 2.0, but must be unset"),
+    ("distill_weight: {type: categorical, choices: [0.0, 0.5]}", TrainConfig(dataset_path="data"),
+     "`distill_weight`: `choices` include 0.5, but must be 0 without a start model (--resume)"),
+    ("lr: {type: loguniform, low: 1.0e-5, high: 1.0e-3}", TrainConfig(dataset_path="data", mode="masked"),
+     "The value of `mode` is 'masked', but must be 'all' unless"),
+])
+def test_check_against_refuses_trials_that_break_a_relation(tmp_path: Path, text: str, base: TrainConfig,
+                                                            message: str) -> None:
+    f = write(tmp_path, text + "\n")
+    space = load_space(f)
+    with pytest.raises(SpaceError, match=re.escape(f"{f.resolve()}: {message}")):
+        space.check_against(base)
+
+
+def test_check_against_accepts_a_consistent_space(tmp_path: Path) -> None:
+    load_space(write(tmp_path, "warmup_epochs: {type: int, low: 0, high: 20}\n")).check_against(
+        TrainConfig(dataset_path="data", difficult=["UMT"], mode="masked", epochs=20))
+    load_space(write(tmp_path, "mode: {type: categorical, choices: [all, masked]}\n")).check_against(
+        TrainConfig(dataset_path="data", difficult=["UMT"]))
+    for f in SHIPPED:
+        load_space(f).check_against(BASE)
+
+
+@pytest.mark.parametrize("f", SHIPPED, ids=lambda f: f.name)
+def test_shipped_space_round_trips_through_json(f: Path) -> None:
+    s = load_space(f)
+    assert space_from_dict(json.loads(json.dumps(s.to_dict())), s.path) == s
+
+
+def test_every_entry_type_round_trips(space: SearchSpace, tmp_path: Path) -> None:
+    extra = "difficult: {type: fixed, value: [UMT, UPM]}\nfreeze_stages: {type: categorical, choices: [0, 2]}\n"
+    other = load_space(write(tmp_path, extra + "difficult_weight: {type: int, low: 1, high: 8, log: true}\n"))
+    for s in (space, other):
+        d = s.to_dict()
+        assert space_from_dict(json.loads(json.dumps(d)), s.path) == s and space_from_dict(d, s.path).to_dict() == d
+    assert other.to_dict()["difficult"] == {"type": "fixed", "value": ["UMT", "UPM"]}
+    assert other.to_dict()["difficult_weight"] == {"type": "int", "low": 1, "high": 8, "log": True}
+
+
+def test_space_from_dict_names_its_source() -> None:
+    with pytest.raises(SpaceError, match=re.escape("sweep.json: `lr`: `low` is -1.0, but must be > 0")):
+        space_from_dict({"lr": {"type": "uniform", "low": -1.0, "high": 1.0}}, "sweep.json")
+
+
+def test_with_threshold_below_clips_the_range(space: SearchSpace) -> None:
+    clipped, note = space.with_threshold_below(2.0)
+    assert clipped.get("difficult_threshold").high == pytest.approx(1.998) and clipped.get("difficult_threshold").low == 1.5
+    assert note.startswith("difficult_threshold: high 3.0 mm clipped to 1.998 mm")
+    others = [p for p in space.params if p.name != "difficult_threshold"]
+    assert [p for p in clipped.params if p.name != "difficult_threshold"] == others
+    assert space_from_dict(clipped.to_dict(), clipped.path) == clipped
+
+
+def test_with_threshold_below_keeps_a_range_under_every_error(space: SearchSpace) -> None:
+    assert space.with_threshold_below(3.5) == (space, None)
+
+
+def test_with_threshold_below_refuses_a_range_above_every_error(space: SearchSpace) -> None:
+    with pytest.raises(SpaceError, match=r"`difficult_threshold` range 1.5..3.0 mm lies above every start error"):
+        space.with_threshold_below(1.2)
+

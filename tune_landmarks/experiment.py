@@ -1,0 +1,280 @@
+"""An experiment: what `sweep.json` holds, the names of its files and folders, and where it lives.
+
+Everything that only reads an experiment (results, export, report, resume, compare) imports this module,
+never the Ray driver (search.py), so reading `sweep.json` needs neither Ray, Optuna nor torch. Locations go
+through `pyarrow.fs`, the file-system layer Ray itself uses, so a local folder, a `file://` URI and an
+`s3://`/`gs://` bucket are found, read and written the same way.
+
+Layout of an experiment `<storage>/<name>/`:
+    sweep.json            what the sweep was asked to do (base config, settings, space, start errors)
+    optuna_journal.log    the Optuna study (open it with `optuna-dashboard optuna_journal.log`)
+    trial_<id>/           Ray's trial folders, each with result.json and up to `keep` checkpoints
+    trials.parquet, epochs.parquet, landmarks.parquet   written at the end (and by resume)
+"""
+from __future__ import annotations
+
+import json
+import posixpath
+import statistics
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pyarrow.fs as pafs
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+    from .config import TrainConfig
+    from .space import SearchSpace
+
+SWEEP_FILE = "sweep.json"
+JOURNAL_FILE = "optuna_journal.log"
+TABLES = {"trials": "trials.parquet", "epochs": "epochs.parquet", "landmarks": "landmarks.parquet"}
+CONTROL_KEY = "control"  # the sampled-config key that marks a control-arm trial
+METRIC = "val_mre"  # what ASHA compares at each rung and what "best epoch" means
+TERMINAL = ("TERMINATED", "ERROR")
+DEFAULT_STORAGE = "./sweeps"
+
+
+def trial_dirname(trial_id: str) -> str:
+    """A trial's folder name (Ray's default repeats every parameter)."""
+    return f"trial_{trial_id}"
+
+
+@dataclass
+class SweepSettings:
+    name: str
+    storage: str = DEFAULT_STORAGE
+    num_samples: int = 20
+    max_concurrent: int = 4
+    gpus_per_trial: float = 0.0
+    cpus_per_trial: float = 1.0
+    address: str | None = None
+    epochs: int | None = None
+    seed: int = 0
+    control_trials: int = 1
+    max_failures: int = 0
+    reduction_factor: float = 2.0
+    grace_period: int | None = None  # default: max(1, ceil(largest warmup in the space))
+    keep_checkpoints: int = 2
+    reuse_actors: bool = True  # False starts a fresh trial process per trial (scripts/bench_ray_overhead.py)
+
+    def validate(self) -> SweepSettings:
+        def need(ok: bool, name: str, rule: str) -> None:
+            if not ok:
+                raise ValueError(f"The value of `{name}` is {getattr(self, name)!r}, but must be {rule}.")
+
+        need(bool(self.name) and "/" not in self.name, "name", "a non-empty name without '/'")
+        need(self.num_samples >= 1, "num_samples", ">= 1")
+        need(self.max_concurrent >= 1, "max_concurrent", ">= 1")
+        need(self.gpus_per_trial >= 0, "gpus_per_trial", ">= 0")
+        need(self.cpus_per_trial > 0, "cpus_per_trial", "> 0")
+        need(self.epochs is None or self.epochs >= 1, "epochs", ">= 1")
+        need(self.control_trials >= 0, "control_trials", ">= 0")
+        need(self.max_failures >= 0, "max_failures", ">= 0")
+        need(self.reduction_factor > 1, "reduction_factor", "> 1")
+        need(self.keep_checkpoints >= 1, "keep_checkpoints", ">= 1")
+        return self
+
+
+@dataclass
+class Sweep:
+    """What `sweep.json` holds: enough to rebuild the trainable, searcher and scheduler on resume, and to
+    read the sweep's results without re-deriving anything."""
+
+    settings: SweepSettings
+    base: dict[str, Any]  # the run options every trial starts from (TrainConfig.to_dict())
+    space_path: str
+    space: dict[str, Any]  # the parsed search space (space.SearchSpace.to_dict()), after any clipping
+    start_errors: dict[str, float]  # the start checkpoint's per-landmark MRE on the validation split
+    symbols: list[str]
+    controls: list[dict[str, Any]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def start_mre(self) -> float:
+        """The start checkpoint's validation MRE (all landmarks have the same images, so the mean of means)."""
+        return statistics.fmean(self.start_errors.values())
+
+    @property
+    def total_trials(self) -> int:
+        return self.settings.num_samples + len(self.controls)
+
+    def trial_config(self, sampled: dict[str, Any], trial_dir: str | Path) -> TrainConfig:
+        return trial_config(self.base, sampled, trial_dir)
+
+    def search_space(self) -> SearchSpace:
+        from .space import space_from_dict
+
+        return space_from_dict(self.space, self.space_path)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+    @classmethod
+    def from_json(cls, text: str, source: str) -> Sweep:
+        try:
+            d = json.loads(text)
+            return cls(settings=SweepSettings(**d.pop("settings")), **d)
+        except (ValueError, TypeError, KeyError) as exc:
+            raise ValueError(f"{source}: not a readable {SWEEP_FILE} of this version ({exc})") from None
+
+
+def trial_config(base: dict[str, Any], sampled: dict[str, Any], trial_dir: str | Path) -> TrainConfig:
+    """The single-run config a trial runs: the sweep's base, then the sampled parameters."""
+    from .config import from_dict
+
+    params = {k: v for k, v in sampled.items() if k != CONTROL_KEY}
+    cfg = from_dict(params, from_dict(base), source="trial parameters")
+    cfg.out = str(Path(trial_dir) / "run")
+    cfg.progress = False
+    return cfg
+
+
+def storage_uri(storage: str) -> str:
+    """Ray needs an absolute path or a URI (a relative path fails with 'URI has empty scheme')."""
+    if storage.startswith("file://"):
+        return storage.removeprefix("file://")
+    return storage if "://" in storage else str(Path(storage).expanduser().resolve())
+
+
+class Experiment:
+    """One experiment's location: `uri` is what Ray takes (an absolute local path or a URI), `fs` and
+    `root` what pyarrow.fs reads and writes with."""
+
+    def __init__(self, uri: str):
+        self.uri = storage_uri(str(uri)).rstrip("/")
+        try:
+            self.fs, self.root = pafs.FileSystem.from_uri(self.uri)
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"{uri}: not a usable experiment location ({exc})") from None
+
+    def __repr__(self) -> str:
+        return f"Experiment({self.uri!r})"
+
+    def __str__(self) -> str:
+        return self.uri
+
+    @classmethod
+    def at(cls, storage: str, name: str) -> Experiment:
+        return cls(f"{storage_uri(storage).rstrip('/')}/{name}")
+
+    @classmethod
+    def of(cls, experiment: Experiment | str | Path) -> Experiment:
+        return experiment if isinstance(experiment, Experiment) else cls(str(experiment))
+
+    @classmethod
+    def find(cls, experiment: str | Path, storage: str | None = None) -> Experiment:
+        """EXPERIMENT as given (a path or a URI), else as a name under `storage` (default ./sweeps): the first
+        that holds a sweep.json. A clear error naming every place looked at otherwise."""
+        text = str(experiment)
+        tried = [cls(text)]
+        if "://" not in text and not Path(text).is_absolute():
+            tried.append(cls.at(storage or DEFAULT_STORAGE, text))
+        for exp in tried:
+            if exp.exists(SWEEP_FILE):
+                return exp
+        places = " or ".join(e.uri for e in tried)
+        if not any(e.exists() for e in tried):
+            raise FileNotFoundError(f"{text}: no such experiment (looked for {places})")
+        raise FileNotFoundError(f"{text}: not a tune-landmarks experiment (no {SWEEP_FILE} in {places})")
+
+    @property
+    def name(self) -> str:
+        return posixpath.basename(self.uri)
+
+    @property
+    def storage(self) -> str:
+        return posixpath.dirname(self.uri)
+
+    @property
+    def local(self) -> Path | None:
+        """The folder on this machine, or None for object storage."""
+        return Path(self.root) if isinstance(self.fs, pafs.LocalFileSystem) else None
+
+    def path(self, *parts: str) -> str:
+        """A path inside the experiment, for `self.fs`."""
+        return posixpath.join(self.root, *parts)
+
+    def uri_of(self, *parts: str) -> str:
+        """A path inside the experiment as Ray and `pyarrow.fs.FileSystem.from_uri` take it."""
+        return posixpath.join(self.uri, *parts)
+
+    def exists(self, *parts: str) -> bool:
+        try:
+            return self.fs.get_file_info(self.path(*parts)).type != pafs.FileType.NotFound
+        except OSError:
+            return False
+
+    def is_dir(self, *parts: str) -> bool:
+        return self.fs.get_file_info(self.path(*parts)).type == pafs.FileType.Directory
+
+    def read_bytes(self, *parts: str) -> bytes:
+        with self.fs.open_input_stream(self.path(*parts)) as f:
+            return f.read()
+
+    def read_text(self, *parts: str) -> str:
+        return self.read_bytes(*parts).decode()
+
+    def local_file(self, *parts: str) -> Path:
+        """A file of the experiment on this machine (torch and Optuna's journal read local files): itself when
+        the experiment is local, else a private temporary copy."""
+        if self.local is not None:
+            return self.local.joinpath(*parts)
+        import tempfile
+
+        dest = Path(tempfile.mkdtemp(prefix="tl-fetch-")) / parts[-1]
+        dest.write_bytes(self.read_bytes(*parts))
+        return dest
+
+    def listdir(self, *parts: str) -> list[str]:
+        """Names of the folders and files directly inside a folder of the experiment (none if it is missing)."""
+        sel = pafs.FileSelector(self.path(*parts), allow_not_found=True)
+        return sorted(posixpath.basename(i.path) for i in self.fs.get_file_info(sel))
+
+    def write_bytes(self, rel: str, data: bytes | str) -> str:
+        """Write a file whole: locally a temporary sibling renamed into place; on object storage an upload,
+        which becomes visible only once complete. Either way no reader sees half a file."""
+        data = data.encode() if isinstance(data, str) else data
+        if self.local is not None:
+            from .atomic import write_bytes
+
+            return str(write_bytes(self.local / rel, data))
+        self.fs.create_dir(posixpath.dirname(self.path(rel)), recursive=True)
+        with self.fs.open_output_stream(self.path(rel)) as f:
+            f.write(data)
+        return self.uri_of(rel)
+
+    def write_table(self, rel: str, table: pa.Table) -> str:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        sink = pa.BufferOutputStream()
+        pq.write_table(table, sink)
+        return self.write_bytes(rel, sink.getvalue().to_pybytes())
+
+    def read_table(self, key: str) -> pa.Table:
+        """One of the sweep's TABLES; a clear error naming the command that writes it when missing."""
+        import pyarrow.parquet as pq
+
+        if not self.exists(TABLES[key]):
+            raise FileNotFoundError(f"{self.uri_of(TABLES[key])}: missing; `tune-landmarks resume {self.uri}` "
+                                    "writes the sweep's tables")
+        return pq.read_table(self.path(TABLES[key]), filesystem=self.fs)
+
+    def load_sweep(self) -> Sweep:
+        if not self.exists(SWEEP_FILE):
+            raise FileNotFoundError(f"{self.uri}: not a tune-landmarks experiment ({SWEEP_FILE} is missing)")
+        return Sweep.from_json(self.read_text(SWEEP_FILE), self.uri_of(SWEEP_FILE))
+
+    def save_sweep(self, sweep: Sweep) -> str:
+        return self.write_bytes(SWEEP_FILE, sweep.to_json())
+
+    def trial_dir(self, trial_id: str) -> str:
+        """A trial's folder inside this experiment (so a moved or copied experiment reads its own copies)."""
+        return self.uri_of(trial_dirname(trial_id))
+
+
+def load_sweep(experiment: Experiment | str | Path) -> Sweep:
+    return Experiment.of(experiment).load_sweep()

@@ -1,0 +1,189 @@
+"""Using a model for inference: device and precision, batched prediction, scoring a split in millimetres,
+loading a checkpoint (or an exported model) to predict or to evaluate it.
+
+One home for all of it because every number the tool reports must come from one code path: a training
+run's validation (run.py), `evaluate`, `export`'s verification and `predict` all place the model, preprocess,
+decode and map back to original pixels through these functions, so they cannot disagree.
+"""
+from __future__ import annotations
+
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from . import heatmap
+from .atomic import write_parquet
+from .cache import CachedSplit, build_cache, to_original
+from .config import TrainConfig, from_dict
+from .metrics import Summary, predictions_table, radial_errors_mm, summarize
+from .model import CheckpointError, LandmarkNet, create_model, load_weights, read_checkpoint
+from .read import DatasetInfo, describe, load_split
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto` is CUDA where there is one; naming CUDA where there is none is an error, not a silent CPU run."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"The value of `device` is {name!r}, but no CUDA device is available here.")
+    return torch.device(name)
+
+
+def place(model: LandmarkNet, device: torch.device) -> LandmarkNet:
+    """The model on `device`, channels_last on CUDA (what its conv kernels prefer); training and every
+    evaluation place a model the same way, so they compute the same numbers."""
+    model.to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def amp_dtype(device: torch.device, enabled: bool) -> torch.dtype | None:
+    """What `--mixed-precision` means on `device`: bf16 where the hardware has it, else fp16 (CUDA); None = fp32."""
+    if not enabled:
+        return None
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        return torch.float16
+    return torch.bfloat16
+
+
+def autocast(device: torch.device, enabled: bool, dtype: torch.dtype | None = None) -> AbstractContextManager[Any]:
+    """Autocast in `dtype` (default: `amp_dtype`'s choice for the device); disabled, it also switches off an
+    enclosing autocast."""
+    if not enabled:
+        return torch.autocast(device.type, enabled=False)
+    return torch.autocast(device.type, dtype=dtype or amp_dtype(device, True))
+
+
+@torch.no_grad()
+def predict_batch(model: LandmarkNet, images: np.ndarray, device: torch.device, decoder: str = "dark",
+                  sigma: float = 2.0, amp: bool = False) -> np.ndarray:
+    """Landmarks (N, K, 2) in the input frame for resized uint8 images (N, H, W); the model must be in eval
+    mode. Shared by evaluation and `predict`, so both see exactly the same preprocessing and decoding."""
+    x = torch.from_numpy(np.array(images)).unsqueeze(1).float().div_(255)
+    x = x.to(device)
+    if device.type == "cuda":
+        x = x.contiguous(memory_format=torch.channels_last)
+    with autocast(device, amp):
+        hm = model(x)
+    pts = heatmap.to_input_frame(heatmap.decode(hm.float(), decoder, sigma), model.stride)
+    return pts.cpu().numpy().astype(np.float64)
+
+
+@torch.no_grad()
+def predict_cached(model: LandmarkNet, split: CachedSplit, device: torch.device, decoder: str = "dark",
+                   sigma: float = 2.0, batch_size: int = 8, amp: bool = False) -> np.ndarray:
+    """Predicted landmarks (N, K, 2) in original-image pixels for every image of a cached split."""
+    was_training = model.training
+    model.eval()
+    out = [predict_batch(model, split.images[i:i + batch_size], device, decoder, sigma, amp)
+           for i in range(0, len(split), batch_size)]
+    model.train(was_training)
+    pred = np.concatenate(out)
+    return to_original(pred, split.scale[:, None, :])
+
+
+def evaluate_split(model: LandmarkNet, split: CachedSplit, symbols: list[str], device: torch.device,
+                   cfg: TrainConfig, difficult: list[str] | None = None, start: dict[str, float] | None = None,
+                   trained: list[str] | None = None) -> tuple[Summary, np.ndarray, np.ndarray]:
+    """Score the model on a cached split with the run's decoder, sigma and precision: (summary, predictions
+    in original pixels, errors in mm). `start` and `trained` add the drift of the landmarks outside the loss."""
+    pred = predict_cached(model, split, device, cfg.decoder, cfg.sigma, max(cfg.batch_size, 8), cfg.mixed_precision)
+    err = radial_errors_mm(pred, split.keypoints_orig, split.spacing_mm)
+    return summarize(err, symbols, difficult, start, trained), pred, err
+
+
+class HasValidation(Protocol):
+    """The part of run.Data that `start_errors` reads (infer sits below run, so it names the shape, not the class)."""
+
+    info: DatasetInfo
+    val: CachedSplit
+
+
+def start_errors(cfg: TrainConfig, data: HasValidation, model: LandmarkNet | None = None) -> Summary:
+    """The start model's errors on the validation split: what the difficult set is chosen from and what drift
+    is measured against. `model` is the start model when the caller holds it already (on its device); without
+    it, cfg.resume is loaded as cfg.model on cfg.device."""
+    symbols = data.info.symbols
+    if model is None:
+        if not cfg.resume:
+            raise ValueError("start_errors: no start model (neither `model` nor cfg.resume)")
+        model = create_model(cfg.model, len(symbols))
+        load_weights(model, read_checkpoint(cfg.resume), cfg.resume, symbols)
+        model = place(model, resolve_device(cfg.device))
+    return evaluate_split(model, data.val, symbols, next(model.parameters()).device, cfg)[0]
+
+
+def config_of(ckpt: dict[str, Any]) -> TrainConfig:
+    """The run configuration stored with a checkpoint (model name, image size, decoder...)."""
+    stored = dict(ckpt.get("config") or {})
+    known = {k: v for k, v in stored.items() if k in TrainConfig.__dataclass_fields__}
+    cfg = from_dict(known) if known else TrainConfig()
+    if ckpt.get("arch"):
+        cfg.model = ckpt["arch"]["model"]
+    if ckpt.get("image_size"):
+        cfg.image_size = tuple(ckpt["image_size"])
+    return cfg
+
+
+def load_model(path: str | Path, device: torch.device) -> tuple[LandmarkNet, TrainConfig, list[str]]:
+    """The model (in eval mode on `device`), its run config (image size, decoder, sigma) and its landmark
+    symbols: what `predict` needs when there is no dataset to take the symbols from."""
+    ckpt = read_checkpoint(path)
+    symbols = list(ckpt.get("symbols") or [])
+    if not symbols or not ckpt.get("arch"):
+        raise CheckpointError(f"{path}: names no architecture or landmark symbols; use an exported model "
+                              "folder (tune-landmarks export) or a best.pt/last.pt written by tune-landmarks")
+    cfg = config_of(ckpt)
+    model = create_model(cfg.model, len(symbols))
+    load_weights(model, ckpt, path, symbols)
+    return place(model, device).eval(), cfg, symbols
+
+
+@dataclass
+class Evaluation:
+    """A checkpoint scored on one split: the summary and the per image x landmark arrays behind it."""
+
+    summary: Summary
+    image_ids: list[str]
+    symbols: list[str]
+    pred: np.ndarray
+    true: np.ndarray
+    errors: np.ndarray
+    difficult: list[str]
+
+
+def evaluate_checkpoint(checkpoint: str | Path, dataset_path: str | Path, split: str, *, fmt: str | None = None,
+                        annotator: str = "mean", device: str = "auto", cache_dir: str | None = None,
+                        start: str | Path | None = None, progress: bool = False) -> Evaluation:
+    """Predict every image of `split` and score it; `start` adds per-landmark drift against that checkpoint."""
+    ckpt = read_checkpoint(checkpoint)
+    cfg = config_of(ckpt)
+    info = describe(dataset_path, fmt)
+    sp = load_split(info, split, annotator)
+    cached = build_cache(sp.records, split, tuple(cfg.image_size), annotator, cache_dir, progress)
+    dev = resolve_device(device)
+    model = create_model(cfg.model, len(info.symbols))
+    load_weights(model, ckpt, checkpoint, info.symbols)
+    model = place(model, dev)
+    difficult = list(ckpt.get("difficult") or (ckpt.get("export") or {}).get("difficult") or [])
+    start_pl, trained = None, None
+    if start is not None:
+        st = evaluate_checkpoint(start, dataset_path, split, fmt=fmt, annotator=annotator, device=device,
+                                 cache_dir=cache_dir)
+        start_pl = st.summary.per_landmark
+        trained = difficult if cfg.mode == "masked" else info.symbols
+    # the precision the run validated with, so an export reproduces its recorded metrics
+    pred = predict_cached(model, cached, dev, cfg.decoder, cfg.sigma, amp=cfg.mixed_precision)
+    err = radial_errors_mm(pred, cached.keypoints_orig, cached.spacing_mm)
+    summ = summarize(err, info.symbols, difficult, start_pl, trained)
+    return Evaluation(summ, list(cached.image_ids), info.symbols, pred, cached.keypoints_orig, err, difficult)
+
+
+def write_predictions(ev: Evaluation, path: str | Path) -> Path:
+    """The per image x landmark table (`evaluate --out`) as Parquet, written atomically."""
+    return write_parquet(predictions_table(ev.image_ids, ev.symbols, ev.pred, ev.true, ev.errors), path)

@@ -1,0 +1,73 @@
+"""The few private attributes of Ray Tune and Optuna this tool still needs, in one place.
+
+Ray saves neither ASHA's rungs nor a way to reach a restored Tuner's scheduler, and OptunaSearch exposes
+neither the Optuna trial behind a Ray trial nor its study; Optuna has no public call that marks a trial that
+is not the caller's. Everything here was written against the versions below, and refuses to run on others
+with a message that says so, instead of failing somewhere deep inside a sweep.
+"""
+from __future__ import annotations
+
+from functools import cache
+from types import SimpleNamespace
+from typing import Any
+
+WRITTEN_FOR = {"ray": "2.60.0", "optuna": "5.0.0"}
+
+
+@cache
+def check_versions() -> None:
+    """Raise a clear error when the installed Ray or Optuna is not the release this adapter was written for."""
+    import optuna
+    import ray
+
+    found = {"ray": ray.__version__, "optuna": optuna.__version__}
+    wrong = {k: v for k, v in found.items() if v != WRITTEN_FOR[k]}
+    if wrong:
+        raise RuntimeError("tune_landmarks/ray_adapter.py reaches into private attributes of "
+                           + ", ".join(f"{k} {WRITTEN_FOR[k]}" for k in wrong) + ", but this environment has "
+                           + ", ".join(f"{k} {v}" for k, v in wrong.items())
+                           + "; install the pinned versions (pyproject.toml) or update the adapter")
+
+
+def optuna_trial(searcher: Any, trial_id: str) -> Any:
+    """The live optuna.Trial an OptunaSearch asked for Ray trial `trial_id`."""
+    check_versions()
+    return searcher._ot_trials[trial_id]
+
+
+def optuna_numbers(searcher: Any) -> set[int]:
+    """Numbers of the Optuna trials an OptunaSearch (as saved or restored) knows of."""
+    check_versions()
+    return {t.number for t in searcher._ot_trials.values()}
+
+
+def optuna_study(searcher: Any) -> Any:
+    check_versions()
+    return searcher._ot_study
+
+
+def set_trial_user_attr(study: Any, frozen: Any, key: str, value: Any) -> None:
+    """A user attribute on a trial this process did not ask for (Optuna's public calls only reach the trials
+    a process holds as optuna.Trial objects)."""
+    check_versions()
+    study._storage.set_trial_user_attr(frozen._trial_id, key, value)
+
+
+def asha_record(scheduler: Any, trial_id: str, iteration: int, value: float) -> str:
+    """Feed one result into the (single) bracket of an ASHAScheduler, as on_trial_result would, without
+    needing a live Trial; returns the bracket's decision."""
+    check_versions()
+    bracket = scheduler._brackets[0]
+    return bracket.on_result(SimpleNamespace(trial_id=trial_id), int(iteration), scheduler._metric_op * float(value))
+
+
+def asha_forget(scheduler: Any, trial_id: str) -> None:
+    """Drop a trial ASHA tracks (a control-arm trial that must never count in the rungs)."""
+    check_versions()
+    scheduler._trial_info.pop(trial_id, None)
+
+
+def restored_scheduler(tuner: Any) -> Any:
+    """The scheduler a restored Tuner will use: the one unpickled with the experiment, not a fresh one."""
+    check_versions()
+    return tuner._local_tuner._tune_config.scheduler
