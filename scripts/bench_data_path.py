@@ -90,8 +90,7 @@ def main() -> None:
         rate = {k: args.images / _bench.median(v) for k, v in times.items()}
         orig = data.train.orig_size[:args.images]
 
-        res = train(cfg, data=Data(data.info, data.train, head(data.val, args.val_images), data.train_split,
-                                   data.val_split))
+        res = train(cfg, data=Data(data.info, data.train, head(data.val, args.val_images), data.roles))
     share = [h["data_wait_seconds"] / h["train_seconds"] for h in res.history[1:]]
     n_steps = steps_per_epoch(len(data.train), args.batch_size, args.max_steps)
     rec = _bench.Record("bench_data_path: decode vs cache, and data wait in run.train", args, device)

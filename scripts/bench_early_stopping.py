@@ -43,7 +43,7 @@ def main() -> None:
         common: dict[str, Any] = {"storage": str(work / "sweeps"), "num_samples": args.samples,
                                   "max_concurrent": args.max_concurrent, "cpus_per_trial": args.threads,
                                   "gpus_per_trial": 1.0 if device.type == "cuda" else 0.0, "epochs": args.epochs,
-                                  "seed": args.seed, "control_trials": 0, "reduction_factor": args.reduction_factor}
+                                  "seed": args.seed, "arms": ["masked"], "reduction_factor": args.reduction_factor}
         arms = {"asha": args.grace_period, "no asha": args.epochs}
         t = time.perf_counter()
         init_ray(None)  # once, before both arms, so neither pays for starting Ray

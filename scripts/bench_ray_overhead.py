@@ -55,7 +55,7 @@ def first_result_via_cli(space: Path, base: TrainConfig, storage: Path, threads:
     name = "first-result"
     cmd = [sys.executable, "-m", "tune_landmarks", "search", "--space", str(space), "--name", name,
            "--storage", str(storage), "--num-samples", "1", "--max-concurrent", "1", "--cpus-per-trial", str(threads),
-           "--gpus-per-trial", str(gpus), "--no-control", "--grace-period", "1",
+           "--gpus-per-trial", str(gpus), "--arms", "masked", "--grace-period", "1",
            *cli_flags(dataclasses.replace(base, epochs=1))]
     print("$ " + " ".join(cmd), flush=True)
     t0 = time.perf_counter()
@@ -103,7 +103,7 @@ def main() -> None:
         ray_init = time.perf_counter() - t
         common: dict[str, Any] = {"storage": str(work / "sweeps"), "num_samples": args.trials, "max_concurrent": 1,
                                   "cpus_per_trial": args.threads, "gpus_per_trial": gpus, "epochs": args.epochs,
-                                  "seed": args.seed, "control_trials": 0, "grace_period": args.epochs}
+                                  "seed": args.seed, "arms": ["masked"], "grace_period": args.epochs}
         arms = {"reuse": True, "no reuse": False} if can_choose else {"reuse": True}
         results = {}
         for arm, reuse in arms.items():

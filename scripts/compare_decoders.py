@@ -37,7 +37,7 @@ def main() -> None:
     ckpt = read_checkpoint(a.checkpoint)
     cfg = dataclasses.replace(config_of(ckpt), dataset_path=a.dataset_path, progress=False)
     info = describe(a.dataset_path)
-    cfg.val_split = a.split or info.default_splits[1]
+    cfg.val_split = info.val_split(a.split)
     data = prepare_data(cfg, progress=False)
     model = create_model(cfg.model, len(info.symbols))
     load_weights(model, ckpt, a.checkpoint, info.symbols)

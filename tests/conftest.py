@@ -72,7 +72,8 @@ difficult_threshold: {type: uniform, low: 0.1, high: 5.0}
 @pytest.fixture(scope="session")
 def tiny_sweep(synth_root, start_ckpt, tmp_path_factory) -> Path:
     """One real finished sweep shared by the export, report and resume tests (read-only for them):
-    three masked trials and one control, three epochs each, ASHA from epoch 1."""
+    two trials in each of the arms masked and all, three epochs each, ASHA from epoch 1; selection on the
+    synthetic set's valid split, verdict on its test split."""
     import ray
 
     from tune_landmarks.config import TrainConfig
@@ -82,8 +83,8 @@ def tiny_sweep(synth_root, start_ckpt, tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("tiny_sweep")
     (tmp / "space.yaml").write_text(TINY_SPACE)
     base = TrainConfig(dataset_path=str(synth_root), resume=str(start_ckpt), epochs=3, progress=False, **TINY)
-    settings = SweepSettings(name="tiny", storage=str(tmp / "sweeps"), num_samples=3, max_concurrent=2,
-                             cpus_per_trial=1, control_trials=1, seed=1)
+    settings = SweepSettings(name="tiny", storage=str(tmp / "sweeps"), num_samples=2, max_concurrent=2,
+                             cpus_per_trial=1, arms=["masked", "all"], seed=1)
     try:
         assert run_search(str(tmp / "space.yaml"), base, settings) == 0
     finally:
@@ -107,3 +108,62 @@ def cli(*args: str, check: bool = False, timeout: float = 600, env: dict | None 
     if check and proc.returncode != 0:
         raise AssertionError(f"exit {proc.returncode}\nstdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-4000:]}")
     return proc
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+S3_BUCKET = "bucket"
+
+
+@pytest.fixture(scope="session")
+def s3_env(tmp_path_factory) -> dict[str, str]:
+    """A real S3-compatible server for the session: moto in server mode on 127.0.0.1 and a free port, with one
+    bucket, S3_BUCKET. Returns the standard environment a process needs to use it (AWS_ENDPOINT_URL and dummy
+    credentials; AWS_EC2_METADATA_DISABLED keeps the AWS client from asking the instance-metadata address).
+    Nothing beyond 127.0.0.1 is contacted. The server is stopped by its pid at the end."""
+    import socket
+    import time
+
+    import pyarrow.fs as pafs
+
+    port = free_port()
+    log = tmp_path_factory.mktemp("moto") / "moto.log"
+    with open(log, "wb") as out:
+        server = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+                                  stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.time() + 60
+        while True:
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            if server.poll() is not None or time.time() > deadline:
+                pytest.fail(f"moto_server did not start: {log.read_text()[-2000:]}")
+            time.sleep(0.2)
+        env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing",
+               "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
+        pafs.S3FileSystem(endpoint_override=env["AWS_ENDPOINT_URL"], access_key="testing", secret_key="testing",
+                          region="us-east-1", allow_bucket_creation=True).create_dir(S3_BUCKET)
+        yield env
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+
+
+def s3_fs(env: dict[str, str]):
+    """A pyarrow filesystem on the s3_env server, for a test's own look into the bucket."""
+    import pyarrow.fs as pafs
+
+    return pafs.S3FileSystem(endpoint_override=env["AWS_ENDPOINT_URL"], access_key=env["AWS_ACCESS_KEY_ID"],
+                             secret_key=env["AWS_SECRET_ACCESS_KEY"], region=env["AWS_DEFAULT_REGION"])

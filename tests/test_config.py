@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from tune_landmarks.cli import build_parser, run_config
-from tune_landmarks.config import FIELDS, OPTIONS, TrainConfig, check_field, coerce, from_dict, load_yaml
+from tune_landmarks.config import FIELDS, MODES, OPTIONS, TrainConfig, check_field, coerce, from_dict, load_yaml
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +110,7 @@ BAD = [
     ("awing_alpha", 1.0, "> 1"),
     ("awing_weight", -1.0, ">= 0"),
     ("sigma", 0.0, "> 0"),
-    ("mode", "half", "one of all, weighted, masked"),
+    ("mode", "half", "one of " + ", ".join(MODES)),
     ("difficult_threshold", 0.0, "> 0 mm"),
     ("difficult_weight", 0.0, "> 0"),
     ("distill_weight", -0.5, ">= 0"),

@@ -10,9 +10,11 @@ from tune_landmarks.experiment import SWEEP_FILE, Experiment, Sweep, SweepSettin
 
 
 def _sweep(**settings) -> Sweep:
-    return Sweep(SweepSettings(name="s1", epochs=3, **settings), {"dataset_path": "/data", "lr": 1e-4, "epochs": 3},
-                 "space.yaml", {"lr": {"type": "loguniform", "low": 1e-5, "high": 1e-3}},
-                 {"A": 1.0, "B": 3.0}, ["A", "B"], [{"mode": "all", "control": True}], ["a note"])
+    return Sweep(SweepSettings(name="s1", epochs=3, arm_samples={"all": 4}, **settings),
+                 {"dataset_path": "/data", "lr": 1e-4, "epochs": 3}, "space.yaml",
+                 {"lr": {"type": "loguniform", "low": 1e-5, "high": 1e-3}}, {"A": 1.0, "B": 3.0}, ["A", "B"],
+                 {"val": {"spec": "train:0.2", "image_ids": ["a"]}, "test": {"spec": "test1", "image_ids": ["b"]}},
+                 ["a note"])
 
 
 def test_sweep_round_trips_and_derives_its_figures(tmp_path):
@@ -20,7 +22,7 @@ def test_sweep_round_trips_and_derives_its_figures(tmp_path):
     sweep = _sweep()
     exp.save_sweep(sweep)
     back = exp.load_sweep()
-    assert back == sweep and back.start_mre == 2.0 and back.total_trials == 21
+    assert back == sweep and back.start_mre == 2.0 and back.total_trials == 20 + 4  # masked 20, all 4
     assert back.search_space().get("lr").high == 1e-3
     assert not list(tmp_path.glob("s1/.*")), "a temporary file was left behind"
 
@@ -64,5 +66,5 @@ def test_tables_and_files_read_back_through_the_filesystem_layer(tmp_path):
 
 
 def test_trial_config_is_the_base_then_the_sample(tmp_path):
-    cfg = trial_config({"dataset_path": "/data", "lr": 1e-4, "epochs": 3}, {"lr": 2e-4, "control": True}, tmp_path)
+    cfg = trial_config({"dataset_path": "/data", "lr": 1e-4, "epochs": 3}, {"lr": 2e-4, "arm": "all"}, tmp_path)
     assert cfg.lr == 2e-4 and cfg.epochs == 3 and cfg.out == str(tmp_path / "run") and not cfg.progress

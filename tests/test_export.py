@@ -16,7 +16,7 @@ from conftest import TINY, cli
 
 from tune_landmarks.config import FIELDS
 from tune_landmarks.experiment import Experiment
-from tune_landmarks.export import CONTROL_WON, TOLERANCE_MM, checkpoint_for_epoch, choose, export
+from tune_landmarks.export import ALL_WON, TOLERANCE_MM, checkpoint_for_epoch, choose, export
 from tune_landmarks.model import sha256_file
 
 pytestmark = pytest.mark.slow  # every test here needs a real Ray sweep
@@ -24,7 +24,7 @@ pytestmark = pytest.mark.slow  # every test here needs a real Ray sweep
 
 @pytest.fixture(scope="module")
 def experiment(tiny_sweep) -> Path:
-    """Three masked trials and one control, three epochs each, on the synthetic set (conftest)."""
+    """Two trials in each of the arms masked and all, three epochs each, on the synthetic set (conftest)."""
     return tiny_sweep
 
 
@@ -44,7 +44,8 @@ def exported(experiment, tmp_path_factory) -> tuple[Path, str]:
     logger.addHandler(handler)
     level, logger.level = logger.level, logging.INFO
     try:
-        assert export(experiment, out, split="test", confirm=1) == out
+        # force: whether 3 tiny epochs beat the start is not this test's question (the refusal has its own)
+        assert export(experiment, out, split="test", confirm=1, force=True) == out
     finally:
         logger.removeHandler(handler)
         logger.setLevel(level)
@@ -60,7 +61,7 @@ def test_export_writes_the_best_epoch_of_the_best_trial(exported, trials, start_
     winner, best = choose(trials)
     meta = json.loads((out / "model.json").read_text())
     assert (meta["trial_id"], meta["epoch"]) == (winner.trial_id, int(best["epoch"]))
-    assert meta["control"] == winner.control
+    assert meta["arm"] == winner.arm
     assert meta["metrics"]["val_mre"] == pytest.approx(best["val_mre"])
     assert meta["hyperparameters"] == winner.params
     assert set(meta["config"]) == set(FIELDS) and meta["config"]["lr"] == pytest.approx(winner.params["lr"])
@@ -77,7 +78,7 @@ def test_export_writes_the_best_epoch_of_the_best_trial(exported, trials, start_
 
     proof = json.loads((out / "verification.json").read_text())
     assert proof["passed"] and proof["split"] == "valid" and proof["max_abs_difference_mm"] <= TOLERANCE_MM
-    assert "verified" in stdout and (CONTROL_WON in stdout) == winner.control
+    assert "verified" in stdout and (ALL_WON in stdout) == (winner.arm == "all")
 
     test = json.loads((out / "test_metrics.json").read_text())
     assert test["split"] == "test" and test["images"] > 0 and test["mre"] > 0
@@ -90,7 +91,8 @@ def test_export_writes_the_best_epoch_of_the_best_trial(exported, trials, start_
 
     confirm = json.loads((out / "confirm_seeds.json").read_text())
     arms = {a["arm"]: a for a in confirm["arms"]}
-    assert set(arms) == ({"winner"} if winner.control else {"winner", "control"})
+    other = ({"masked", "all"} - {winner.arm}).pop()
+    assert set(arms) == {"winner", f"best {other}"}  # every other arm's winner, on the same seeds
     assert arms["winner"]["trial_id"] == winner.trial_id and len(arms["winner"]["runs"]) == 1
     assert confirm["seeds"] == [1]  # the sweep's trials all ran seed 0
     for a in arms.values():
@@ -165,7 +167,8 @@ def test_bad_requests_fail_before_any_work(experiment, tmp_path):
     with pytest.raises(FileNotFoundError, match=not_exp):
         export(tmp_path, tmp_path / "out")
     for split in ("valid", "train", "nope"):
-        wrong = rf"`split` is '{split}', but must be a held-out split .*: test\."
+        wrong = rf"`split` is '{split}', but must be images neither trained on nor used to choose \(e\.g\. the sweep's " \
+                rf"verdict split 'test'\): "
         with pytest.raises(ValueError, match=wrong):
             export(experiment, tmp_path / "out", split=split)
     with pytest.raises(ValueError, match=r"`confirm_seeds` is -1, but must be >= 0"):
@@ -180,3 +183,20 @@ def test_bad_requests_fail_before_any_work(experiment, tmp_path):
                "--split", "valid")
     assert proc.returncode == 1 and "error: The value of `split` is 'valid'" in proc.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_export_refuses_when_nothing_beat_the_start_unless_forced(experiment, tmp_path):
+    """A sweep whose trials are all worse than the start model on the selection split: keeping the start model
+    is the honest outcome, so nothing is exported without --force."""
+    copy = tmp_path / "exp"
+    shutil.copytree(experiment, copy)
+    sweep = json.loads((copy / "sweep.json").read_text())
+    sweep["start_errors"] = {s: 0.001 for s in sweep["start_errors"]}  # a start no trial can beat
+    (copy / "sweep.json").write_text(json.dumps(sweep))
+    p = cli("export", copy, "--out", tmp_path / "out")
+    assert p.returncode == 1
+    assert re.search(r"error: no fine-tuned trial improved on the start model on valid \(start 0\.001 mm, best "
+                     r"[\d.]+ mm\); nothing exported — use --force to export the best trial anyway", p.stderr), p.stderr
+    assert not (tmp_path / "out").exists()
+    p = cli("export", copy, "--out", tmp_path / "out", "--force", check=True)
+    assert "exported anyway" in p.stdout and (tmp_path / "out" / "model.safetensors").is_file()

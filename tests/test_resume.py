@@ -21,7 +21,7 @@ awing_omega: {type: uniform, low: 8.0, high: 20.0}
 difficult_threshold: {type: uniform, low: 0.05, high: 20.0}
 mode: {type: fixed, value: masked}
 """
-SAMPLES, EPOCHS = 4, 3
+SAMPLES, EPOCHS = 3, 3  # trials per arm (masked and all)
 
 
 def _launch(synth_root, start_ckpt, tmp_path, name) -> subprocess.Popen:
@@ -58,18 +58,22 @@ def _epochs_reported(trial_dir: Path) -> list[int]:
 
 def _check_complete(exp: Path, name: str, had_checkpoint: set[str]) -> None:
     trials = pq.read_table(exp / "trials.parquet").to_pandas()
-    assert len(trials) == SAMPLES + 1  # the searched trials and the control
+    assert len(trials) == 2 * SAMPLES  # both arms' trials
     assert set(trials.status) <= {"TERMINATED", "ERROR"} and (trials.status == "TERMINATED").all()
     for d in had_checkpoint:  # a trial that had a checkpoint continued from it: epoch 1 was not redone
         assert _epochs_reported(exp / d).count(1) == 1, (d, _epochs_reported(exp / d))
     from optuna.storages import JournalStorage
     from optuna.storages.journal import JournalFileBackend
 
-    study = optuna.load_study(study_name=name, storage=JournalStorage(JournalFileBackend(str(exp / "optuna_journal.log"))))
-    live = [t for t in study.trials if not t.user_attrs.get("orphan")]
+    storage = JournalStorage(JournalFileBackend(str(exp / "optuna_journal.log")))
+    studies = [optuna.load_study(study_name=f"{name}.{arm}", storage=storage) for arm in ("masked", "all")]
+    live = [t for study in studies for t in study.trials if not t.user_attrs.get("orphan")]
     ids = [t.user_attrs["ray_trial_id"] for t in live]
-    assert sorted(ids) == sorted(trials[~trials.control].trial_id)  # each Ray trial once
-    assert all(t.state != optuna.trial.TrialState.RUNNING for t in study.trials)
+    assert sorted(ids) == sorted(trials.trial_id)  # each Ray trial once
+    assert all(t.state != optuna.trial.TrialState.RUNNING for study in studies for t in study.trials)
+    sweep = json.loads((exp / "sweep.json").read_text())
+    verdict = json.loads((exp / "verdict.json").read_text())  # judged on the images recorded at the start
+    assert verdict["image_ids"] == sweep["roles"]["test"]["image_ids"] and verdict["split"] == "test"
     epochs = pq.read_table(exp / "epochs.parquet").to_pandas()
     assert set(epochs.trial_id) == set(trials[trials.epochs_done > 0].trial_id)
 
@@ -134,7 +138,8 @@ def test_asha_replay_rebuilds_the_rungs(tiny_sweep):
     fresh = make_scheduler(sweep.search_space(), sweep.settings)
     assert all(not r for _, r in fresh._brackets[0]._rungs)  # what Ray gives a restored sweep: empty rungs
     n = replay_rungs(fresh, trials)
-    searched = [t for t in trials if not t.control]  # the control arm never enters the rungs
+    searched = trials  # every arm's trials enter the same rungs
+    assert {t.arm for t in searched} == {"masked", "all"}
     assert n == sum(len(t.epochs) for t in searched) > 0
     rungs = dict(fresh._brackets[0]._rungs)
     for t in searched:

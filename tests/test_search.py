@@ -37,7 +37,7 @@ def _journal_trials(path: Path, name: str) -> list[optuna.trial.FrozenTrial]:
 
 @pytest.fixture(scope="module")
 def sweep(synth_root, start_ckpt, tmp_path_factory):
-    """One real sweep: 6 searched trials + 1 control, 4 epochs, ASHA from epoch 1."""
+    """One real sweep: 4 trials in each of the arms masked and all, 4 epochs, ASHA from epoch 1."""
     import ray
 
     from tune_landmarks.experiment import SweepSettings
@@ -47,8 +47,8 @@ def sweep(synth_root, start_ckpt, tmp_path_factory):
     space = tmp / "space.yaml"
     space.write_text(SPACE)
     base = TrainConfig(dataset_path=str(synth_root), resume=str(start_ckpt), epochs=4, progress=False, **TINY)
-    settings = SweepSettings(name="s1", storage=str(tmp / "store"), num_samples=6, max_concurrent=2, cpus_per_trial=1,
-                             seed=3, control_trials=1, grace_period=1, reduction_factor=2)
+    settings = SweepSettings(name="s1", storage=str(tmp / "store"), num_samples=4, max_concurrent=2, cpus_per_trial=1,
+                             seed=2, arms=["masked", "all"], grace_period=1, reduction_factor=2)  # 1 lr=1e30 per arm
     try:
         code = run_search(str(space), base, settings)
     finally:
@@ -61,8 +61,8 @@ def test_sweep_tables_early_stopping_and_journal(sweep):
     code, exp = sweep
     assert code == 0
     trials = pq.read_table(exp / "trials.parquet").to_pandas()
-    assert len(trials) == 7
-    assert {"trial_id", "status", "control", "difficult", "epochs_done", "stopped_early", "best_epoch",
+    assert len(trials) == 8
+    assert {"trial_id", "status", "arm", "difficult", "epochs_done", "stopped_early", "best_epoch",
             "best_val_mre", "best_val_mre_difficult", "best_max_drift", "param_lr", "error"} <= set(trials.columns)
     ok = trials[trials.status == "TERMINATED"]
     assert len(ok) >= 4
@@ -74,22 +74,58 @@ def test_sweep_tables_early_stopping_and_journal(sweep):
     lms = pq.read_table(exp / "landmarks.parquet").to_pandas()
     assert len(lms) == 29 * trials.best_epoch.notna().sum()
     assert {"symbol", "start_mre_mm", "best_mre_mm", "change_mm", "difficult"} <= set(lms.columns)
-    searched = trials[~trials.control]
-    journal = _journal_trials(exp / "optuna_journal.log", "s1")
-    assert len(journal) == len(searched) == 6
-    assert sorted(t.user_attrs["ray_trial_id"] for t in journal) == sorted(searched.trial_id)
-    assert all(t.state != optuna.trial.TrialState.RUNNING for t in journal)
+    for arm in ("masked", "all"):
+        journal = _journal_trials(exp / "optuna_journal.log", f"s1.{arm}")
+        mine = trials[trials.arm == arm]
+        assert len(journal) == len(mine) == 4
+        assert sorted(t.user_attrs["ray_trial_id"] for t in journal) == sorted(mine.trial_id)
+        assert all(t.state != optuna.trial.TrialState.RUNNING for t in journal)
 
 
 @pytest.mark.slow
-def test_control_arm_has_the_same_budget(sweep):
-    _, exp = sweep
+def test_arms_are_tuned_alike_and_judged_on_unseen_images(tiny_sweep):
+    import json
+
+    exp = tiny_sweep
     trials = pq.read_table(exp / "trials.parquet").to_pandas()
-    control = trials[trials.control]
-    assert len(control) == 1
-    c = control.iloc[0]
-    assert c.param_mode == "all" and c.status == "TERMINATED" and c.epochs_done == 4  # never stopped by ASHA
-    assert c.param_lr == 0.003  # the space's central value for a categorical is its first choice
+    for arm in ("masked", "all"):
+        mine = trials[trials.arm == arm]
+        assert len(mine) == 2 and (mine.param_mode == arm).all()
+        assert mine.param_lr.nunique() == 2  # each arm searched its own learning rates
+    assert trials[trials.arm == "all"].param_difficult_threshold.isna().all()
+    sweep = json.loads((exp / "sweep.json").read_text())
+    roles = sweep["roles"]
+    assert (roles["val"]["spec"], roles["test"]["spec"]) == ("valid", "test")
+    assert not set(roles["val"]["image_ids"]) & set(roles["test"]["image_ids"])
+    verdict = json.loads((exp / "verdict.json").read_text())
+    assert verdict["split"] == "test" and verdict["image_ids"] == roles["test"]["image_ids"]
+    pairs = {(r["a"], r["b"]) for r in verdict["comparisons"]}
+    assert pairs == {("best masked", "start"), ("best all", "start"), ("best masked", "best all")}
+    heads = [r for r in verdict["comparisons"] if r["is_group"]]
+    assert {r["group"] for r in heads} >= {"all"} and all(r["ci_low_mm"] <= r["mean_difference_mm"] <= r["ci_high_mm"]
+                                                          for r in heads)
+    assert verdict["sentences"][0].startswith("Verdict: ")
+    assert pq.read_table(exp / "verdict.parquet").num_rows == len(verdict["comparisons"])
+
+
+@pytest.mark.slow
+def test_verdict_equals_compare_run_by_hand(tiny_sweep, synth_root, start_ckpt, tmp_path):
+    import json
+
+    verdict = json.loads((tiny_sweep / "verdict.json").read_text())
+    arm = verdict["arms"]["masked"]
+    ckpt = next(d / "checkpoint.pt" for d in (tiny_sweep / f"trial_{arm['trial_id']}").glob("checkpoint_*")
+                if json.loads((d / "epoch.json").read_text())["epoch"] == arm["epoch"])
+    cli("compare", start_ckpt, ckpt, "--dataset_path", synth_root, "--split", "test", "--bootstrap",
+        verdict["bootstrap"], "--seed", verdict["seed"], "--out", tmp_path, check=True)  # its own difficult set
+    by_hand = {r["landmark"]: r for r in pq.read_table(tmp_path / "compare.parquet").to_pylist()}
+    mine = [r for r in verdict["comparisons"] if (r["a"], r["b"]) == ("best masked", "start")]
+    assert verdict["difficult"] and len(mine) == len(by_hand)
+    for r in mine:
+        h = by_hand[r["group"]]
+        assert (r["mean_difference_mm"], r["ci_low_mm"], r["ci_high_mm"]) == pytest.approx(
+            (h["diff_mm"], h["diff_low_mm"], h["diff_high_mm"]), abs=1e-9)
+        assert r["sdr_difference_pp"] == pytest.approx(h["sdr_diff_pp"], abs=1e-9)
 
 
 @pytest.mark.slow
@@ -134,9 +170,9 @@ def test_search_joins_a_real_cluster(synth_root, start_ckpt, tmp_path):
             time.sleep(1)
         time.sleep(3)
         space = tmp_path / "space.yaml"
-        space.write_text("lr: {type: loguniform, low: 1.0e-4, high: 1.0e-3}\nmode: {type: fixed, value: all}\n")
+        space.write_text("lr: {type: loguniform, low: 1.0e-4, high: 1.0e-3}\n")
         p = cli("search", "--space", space, "--dataset_path", synth_root, "--resume", start_ckpt, "--name", "c1",
-                "--storage", tmp_path / "store", "--num-samples", "2", "--max-concurrent", "2", "--no-control",
+                "--storage", tmp_path / "store", "--num-samples", "2", "--max-concurrent", "2", "--arms", "all",
                 "--epochs", "1", "--address", f"127.0.0.1:{port}", "--model", "hrnet_w18_small_v2",
                 "--image_size", "64", "64", "--batch_size", "4")
         assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]

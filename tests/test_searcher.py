@@ -1,4 +1,4 @@
-"""The sweep's searcher and scheduler without a Ray cluster: the control arm, orphan failing after a hard
+"""The sweep's searcher and scheduler without a Ray cluster: arms searched alike, orphan failing after a hard
 kill, and ASHA rung replay, on real OptunaSearch/ASHAScheduler objects and a real Optuna journal."""
 from __future__ import annotations
 
@@ -25,46 +25,61 @@ def space():
 
 
 def _settings(**kw) -> SweepSettings:
-    return SweepSettings(**{"name": "s", "num_samples": 4, "epochs": 4, "seed": 0, "control_trials": 2,
+    return SweepSettings(**{"name": "s", "num_samples": 3, "epochs": 4, "seed": 0, "arms": ["masked", "all"],
                             "grace_period": 1, "reduction_factor": 2} | kw)
 
 
-def _study(journal, name="s") -> optuna.Study:
+def _study(journal, name="s.masked") -> optuna.Study:
     return optuna.load_study(study_name=name, storage=JournalStorage(JournalFileBackend(str(journal))))
 
 
-def test_control_arm_first_then_optuna_and_controls_never_told(space, tmp_path):
-    from tune_landmarks.search import CONTROL_KEY, control_configs, make_searcher
+def test_arms_take_turns_each_with_its_own_study_and_space(space, tmp_path):
+    from tune_landmarks.search import ARM_KEY, make_searcher
 
-    controls = control_configs(space, 2)
-    searcher = make_searcher(space, _settings(), tmp_path / "j.log", controls)
-    first, second = searcher.suggest("c1"), searcher.suggest("c2")
-    assert first[CONTROL_KEY] and second[CONTROL_KEY] and first["mode"] == second["mode"] == "all"
-    assert {first["seed"], second["seed"]} == {0, 1}  # control repeats differ by seed
-    assert not {"difficult_threshold", "difficult", "distill_weight"} & set(first)
-    assert first["lr"] == pytest.approx(1e-4)  # the space's geometric centre
-    sampled = [searcher.suggest(f"t{i}") for i in range(3)]
-    assert all(CONTROL_KEY not in p and p["mode"] == "masked" for p in sampled)
-    assert all(1e-5 <= p["lr"] <= 1e-3 and 0.5 <= p["difficult_threshold"] <= 3.0 for p in sampled)
-    assert len({p["lr"] for p in sampled}) == 3
-    for tid in ("c1", "c2", "t0", "t1"):
-        searcher.on_trial_complete(tid, {"best_val_mre": 1.0, "training_iteration": 4})
-    study = _study(tmp_path / "j.log")
-    assert [t.user_attrs["ray_trial_id"] for t in study.trials] == ["t0", "t1", "t2"]  # no control in the study
-    assert [t.state.name for t in study.trials] == ["COMPLETE", "COMPLETE", "RUNNING"]
+    searcher = make_searcher(space, _settings(arm_samples={"all": 2}), tmp_path / "j.log")
+    given = [searcher.suggest(f"t{i}") for i in range(5)]
+    assert [p[ARM_KEY] for p in given] == ["masked", "all", "masked", "all", "masked"]  # in turn, to each budget
+    assert searcher.suggest("t5") == "FINISHED"
+    for p in given:
+        assert p["mode"] == p[ARM_KEY] and 1e-5 <= p["lr"] <= 1e-3 and 0 <= p["warmup_epochs"] <= 1
+    masked = [p for p in given if p[ARM_KEY] == "masked"]
+    plain = [p for p in given if p[ARM_KEY] == "all"]
+    assert all(0.5 <= p["difficult_threshold"] <= 3.0 for p in masked)
+    assert not any("difficult_threshold" in p for p in plain)  # what the arm cannot use is not searched for it
+    assert len({p["lr"] for p in masked}) == 3 and len({p["lr"] for p in plain}) == 2
+    for i in range(5):
+        searcher.on_trial_complete(f"t{i}", {"best_val_mre": 1.0 + i, "training_iteration": 4})
+    for arm, ids in (("masked", ["t0", "t2", "t4"]), ("all", ["t1", "t3"])):
+        study = _study(tmp_path / "j.log", f"s.{arm}")
+        assert [t.user_attrs["ray_trial_id"] for t in study.trials] == ids
+        assert [t.value for t in study.trials] == [1.0 + int(i[1]) for i in ids]  # each told only its own
+
+
+def test_an_arm_that_cannot_be_searched_is_refused(space):
+    from tune_landmarks.space import SpaceError
+
+    searched_mode = space_from_dict(SPACE | {"mode": {"type": "categorical", "choices": ["masked", "weighted"]}}, "s.yaml")
+    with pytest.raises(SpaceError, match=r"s.yaml: `mode` is searched, but --arms chooses it"):
+        searched_mode.for_arm("masked")
+    with pytest.raises(SpaceError, match=r"arm 'half' is not one of masked, weighted, all"):
+        space.for_arm("half")
+    with pytest.raises(ValueError, match=r"The value of `arms` is \['masked', 'half'\], but must be distinct names"):
+        _settings(arms=["masked", "half"]).validate()
+    with pytest.raises(ValueError, match=r"The value of `arm_samples` is \{'weighted': 2\}"):
+        _settings(arm_samples={"weighted": 2}).validate()
 
 
 def test_restore_fails_the_orphans_of_a_hard_kill(space, tmp_path):
     from tune_landmarks.search import make_searcher
 
     journal = tmp_path / "j.log"
-    searcher = make_searcher(space, _settings(control_trials=0), journal, [])
+    searcher = make_searcher(space, _settings(arms=["masked"]), journal)
     searcher.suggest("a")
     searcher.on_trial_complete("a", {"best_val_mre": 2.0})
     searcher.suggest("b")
     searcher.save(str(tmp_path / "searcher.pkl"))  # Ray's last saved searcher state
     searcher.suggest("c")  # asked after it, then the driver is killed: RUNNING in the journal forever
-    restored = make_searcher(space, _settings(control_trials=0), journal, [])
+    restored = make_searcher(space, _settings(arms=["masked"]), journal)
     restored.restore(str(tmp_path / "searcher.pkl"))
     by_id = {t.user_attrs["ray_trial_id"]: t for t in _study(journal).trials}
     assert by_id["c"].state == optuna.trial.TrialState.FAIL and by_id["c"].user_attrs["orphan"]
@@ -73,10 +88,10 @@ def test_restore_fails_the_orphans_of_a_hard_kill(space, tmp_path):
     assert restored.fail_orphans() == 0  # idempotent
 
 
-def _record(tid: str, values: list[float], t0: float, control: bool = False) -> TrialRecord:
+def _record(tid: str, values: list[float], t0: float, arm: str = "masked") -> TrialRecord:
     epochs = [{"epoch": i + 1, "training_iteration": i + 1, "timestamp": t0 + i, "val_mre": v}
               for i, v in enumerate(values)]
-    return TrialRecord(tid, "TERMINATED", control, {}, "", epochs, "")
+    return TrialRecord(tid, "TERMINATED", arm, {}, "", epochs, "")
 
 
 def test_rung_replay_from_recorded_events(space):
@@ -85,14 +100,14 @@ def test_rung_replay_from_recorded_events(space):
     from tune_landmarks.search import make_scheduler, replay_rungs
 
     trials = [_record("a", [2.0, 1.5, 1.4, 1.3], 0), _record("b", [2.5, 2.4], 1), _record("c", [1.8, 1.7], 2),
-              _record("ctl", [0.1, 0.1, 0.1, 0.1], 3, control=True)]
+              _record("d", [2.2, 2.0], 3, arm="all")]
     fresh = make_scheduler(space, _settings())
     bracket = fresh._brackets[0]
     assert all(not r for _, r in bracket._rungs)  # what Ray gives a restored sweep
-    assert replay_rungs(fresh, trials) == 8  # every searched epoch, none of the control's
+    assert replay_rungs(fresh, trials) == 10  # every recorded epoch, of every arm alike
     rungs = dict(bracket._rungs)
-    assert rungs[1] == {"a": -2.0, "b": -2.5, "c": -1.8} and rungs[2] == {"a": -1.5, "b": -2.4, "c": -1.7}
-    assert all("ctl" not in r for r in rungs.values())
+    assert rungs[1] == {"a": -2.0, "b": -2.5, "c": -1.8, "d": -2.2}
+    assert rungs[2] == {"a": -1.5, "b": -2.4, "c": -1.7, "d": -2.0}
     # a resumed trial below the first rung's cut-off stops; one above it continues; with empty rungs it would not
     assert bracket.on_result(SimpleNamespace(trial_id="late"), 1, -3.0) == TrialScheduler.STOP
     assert bracket.on_result(SimpleNamespace(trial_id="good"), 1, -1.0) == TrialScheduler.CONTINUE

@@ -11,7 +11,7 @@ from pathlib import Path
 import optuna
 import pytest
 
-from tune_landmarks.config import TrainConfig
+from tune_landmarks.config import MODES, TrainConfig
 from tune_landmarks.space import SearchSpace, SpaceError, load_space, space_from_dict
 
 SHIPPED = sorted((Path(__file__).resolve().parent.parent / "search_spaces").glob("*.yaml"))
@@ -104,7 +104,7 @@ def test_max_warmup_of_each_entry_type(tmp_path: Path) -> None:
      "`freeze_stages`: The value of `freeze_stages` is 7, but must be between 0 and 4."),
     ("awing_omega: {type: fixed, value: 0}", "`awing_omega`: The value of `awing_omega` is 0.0, but must be > 0."),
     ("mode: {type: categorical, choices: [masked, half]}",
-     "`mode`: The value of `mode` is 'half', but must be one of all, weighted, masked."),
+     f"`mode`: The value of `mode` is 'half', but must be one of {', '.join(MODES)}."),
     ("distill_weight: {type: categorical, choices: [0.0, -1.0]}",
      "`distill_weight`: The value of `distill_weight` is -1.0, but must be >= 0."),
     ("batch_size: {type: categorical, choices: [2, 2.5]}",

@@ -99,6 +99,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         print(f"  {split:<6} {len(sizes):>5} images  {len(info.symbols)} landmarks  "
               + (f"size {min(ws)}-{max(ws)} x {min(hs)}-{max(hs)} px  spacing {lo:g}-{hi:g} mm/px" if ws else "")
               + (f"  ({bad} with problems)" if bad else ""))
+    _print_roles(info, args)
     pairs = pa.concat_tables(pair_tables)
     limit = args.max_disagreement_mm
     summary = summarise(pairs, info.symbols, limit)
@@ -129,6 +130,20 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def _print_roles(info: Any, args: argparse.Namespace) -> None:
+    """The images of each role a run or sweep would use with these split specs (images with problems left out)."""
+    from .read import load_roles
+
+    try:
+        roles = load_roles(info, args.train_split, args.val_split, args.test_split, args.annotator, skip_bad=True)
+    except ValueError as exc:
+        print(f"roles: refused — {str(exc).splitlines()[0]}")
+        return
+    names = {"train": "training", "val": "selection (--val-split)", "test": "verdict (--test-split)"}
+    print("roles a run or sweep would use: " + ", ".join(f"{names[role]} {v['spec']} {len(v['image_ids'])} images"
+                                                          for role, v in roles.ids().items()))
+
+
 def _finetune_defaults(cfg: TrainConfig) -> TrainConfig:
     """finetune's defaults are the workflow's: masked loss on the twelve landmarks the workflow names."""
     if cfg.mode != "all" and not cfg.difficult and cfg.difficult_threshold is None:
@@ -141,7 +156,7 @@ def _finetune_defaults(cfg: TrainConfig) -> TrainConfig:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .run import train
+    from .refine import train_any as train
 
     base = TrainConfig(mode="masked") if args.command == "finetune" else TrainConfig()
     cfg = run_config(args, base)
@@ -174,21 +189,34 @@ def _sweep_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--space", required=True, help="search space YAML (search_spaces/*.yaml)")
     p.add_argument("--name", required=True, help="experiment name (a folder under --storage)")
     p.add_argument("--storage", default="./sweeps", help="local/shared path or pyarrow URI (s3://, gs://)")
+    p.add_argument("--arms", default="masked,all", type=_names,
+                   help="arms searched alike and compared by the verdict: masked, weighted, all (default masked,all)")
     p.add_argument("--num-samples", "--num_samples", type=int, default=20, dest="num_samples",
-                   help="searched trials (the control arm comes on top)")
+                   help="trials per arm (the same for every arm: the fair comparison)")
+    p.add_argument("--arm-samples", "--arm_samples", type=_budgets, default={}, dest="arm_samples", metavar="ARM=N,...",
+                   help="a different budget for some arms (fewer trials: a less certain verdict for that arm)")
     p.add_argument("--max-concurrent", "--max_concurrent", type=int, default=4, dest="max_concurrent")
     p.add_argument("--gpus-per-trial", "--gpus_per_trial", type=float, default=None, dest="gpus_per_trial",
                    help="fractional shares a GPU; default 1 where CUDA is available, else 0")
     p.add_argument("--cpus-per-trial", "--cpus_per_trial", type=float, default=1.0, dest="cpus_per_trial")
     p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray on 127.0.0.1)")
-    p.add_argument("--control-trials", "--control_trials", type=int, default=1, dest="control_trials",
-                   help="same-budget control trials fine-tuning all landmarks")
-    p.add_argument("--no-control", action="store_const", const=0, dest="control_trials", help="no control arm")
     p.add_argument("--max-failures", "--max_failures", type=int, default=0, dest="max_failures")
     p.add_argument("--reduction-factor", "--reduction_factor", type=float, default=2.0, dest="reduction_factor")
     p.add_argument("--grace-period", "--grace_period", type=int, default=None, dest="grace_period",
                    help="ASHA's first rung (default: the largest warmup in the space, at least 1)")
     p.add_argument("--keep-checkpoints", "--keep_checkpoints", type=int, default=2, dest="keep_checkpoints")
+
+
+def _names(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def _budgets(text: str) -> dict[str, int]:
+    """`masked=8,all=4` -> {"masked": 8, "all": 4}."""
+    try:
+        return {k.strip(): int(v) for k, v in (item.split("=") for item in _names(text))}
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not ARM=N[,ARM=N...]") from None
 
 
 def cmd_search(args: argparse.Namespace) -> int:
@@ -205,7 +233,7 @@ def cmd_search(args: argparse.Namespace) -> int:
                              max_concurrent=args.max_concurrent, gpus_per_trial=gpus,
                              cpus_per_trial=args.cpus_per_trial, address=args.address,
                              epochs=base.epochs, seed=base.seed,
-                             control_trials=args.control_trials, max_failures=args.max_failures,
+                             arms=args.arms, arm_samples=args.arm_samples, max_failures=args.max_failures,
                              reduction_factor=args.reduction_factor, grace_period=args.grace_period,
                              keep_checkpoints=args.keep_checkpoints)
     return run_search(args.space, base, settings)
@@ -249,6 +277,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "on ISBI 2015 above the largest distance of 16 of the 19 landmarks, 10 of 5,700 pairs beyond it)")
     s.add_argument("--strict", action="store_true", help="pairs beyond --max-disagreement-mm are errors (exit 1)")
     s.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bar while decoding")
+    for flag in ("train", "val", "test"):
+        s.add_argument(f"--{flag}-split", f"--{flag}_split", dest=f"{flag}_split",
+                       help=f"{flag} split spec for the roles shown (NAME or NAME:FRACTION; default per layout)")
     s.set_defaults(func=cmd_check)
 
     for name, what in (("train", "train from scratch (all landmarks by default)"),

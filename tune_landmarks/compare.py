@@ -8,6 +8,7 @@ The statistics are verdict.paired_bootstrap's; this module reads and scores the 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import re
@@ -18,7 +19,20 @@ from typing import Any
 
 import numpy as np
 
-from .verdict import CONFIDENCE, SDR_MM, PairedDiff, Scored, aligned, paired_bootstrap
+from .experiment import DEFAULT_STORAGE, SWEEP_FILE, VERDICT_FILES, Experiment, Sweep
+from .results import best_row, kept_checkpoints
+from .verdict import (
+    CONFIDENCE,
+    SDR_MM,
+    PairedDiff,
+    Scored,
+    aligned,
+    compare_models,
+    format_verdict,
+    paired_bootstrap,
+    verdict_record,
+    verdict_sentences,
+)
 
 log = logging.getLogger(__name__)
 
@@ -196,6 +210,75 @@ def compare(inputs: Sequence[str | Path], out: str | Path, dataset_path: str | P
     return {cand: rows for _, cand, rows in results}
 
 
+# ---------------------------------------------------------------- the sweep's verdict
+
+def arm_winners(exp: Experiment, sweep: Sweep) -> dict[str, tuple[dict[str, Any], Path]]:
+    """"best ARM" -> (its trials.parquet row, its best epoch's checkpoint on this machine), for every arm
+    with a scored trial: each arm's winner by the same rule on the selection split."""
+    rows = exp.read_table("trials").to_pylist()
+    out = {}
+    for arm in sweep.settings.arms:
+        row = best_row(rows, arm)
+        if row is None:
+            continue
+        kept, epoch = kept_checkpoints(exp, row["trial_id"]), int(row["best_epoch"])
+        if epoch not in kept:
+            raise FileNotFoundError(f"{exp.trial_dir(row['trial_id'])}: the checkpoint of epoch {epoch} (best {arm}) "
+                                    "was not kept")
+        out[f"best {arm}"] = (row, exp.local_file(kept[epoch][1], "checkpoint.pt"))
+    return out
+
+
+def sweep_verdict(experiment: Experiment | str, n_boot: int = 2000, seed: int = 0, device: str = "auto") -> dict[str, Any]:
+    """Each arm's winner vs the start and vs each other on the sweep's verdict split (images no choice ever
+    saw), written to verdict.json and verdict.parquet in the experiment; returns the record."""
+    import pyarrow as pa
+
+    exp = Experiment.of(experiment)
+    sweep = exp.load_sweep()
+    test, val = sweep.roles.get("test"), sweep.roles.get("val", {})
+    if not test:
+        raise ValueError(f"{exp.uri_of(SWEEP_FILE)}: records no verdict split (a sweep of an earlier version)")
+    winners = arm_winners(exp, sweep)
+    models = {"start": Path(sweep.base["resume"])} | {name: ckpt for name, (_, ckpt) in winners.items()}
+    base = sweep.base
+    options = {"fmt": base.get("format"), "annotator": base.get("annotator", "mean"), "device": device,
+               "cache_dir": base.get("cache_dir")}
+    scored = {name: evaluated(path, base["dataset_path"], test["spec"], **options) for name, path in models.items()}
+    ids = scored["start"].image_ids
+    if sorted(ids) != sorted(test["image_ids"]):
+        raise ValueError(f"{base['dataset_path']}: the verdict split {test['spec']!r} no longer holds the images the "
+                         f"sweep recorded ({len(ids)} now, {len(test['image_ids'])} recorded): the dataset changed")
+    difficult = next((row["difficult"].split(",") for row, _ in winners.values() if row["difficult"]), [])
+    comparisons = compare_models(scored, difficult, n_boot, seed)
+    selection = {"start": sweep.start_mre} | {name: row["best_val_mre"] for name, (row, _) in winners.items()}
+    record = verdict_record(
+        comparisons, test["spec"], ids, difficult, n_boot, seed, selection_split=val.get("spec"),
+        selection_mre_mm=selection,
+        arms={name.removeprefix("best "): {"trial_id": row["trial_id"], "epoch": row["best_epoch"],
+                                           "budget": sweep.settings.budget(name.removeprefix("best "))}
+              for name, (row, _) in winners.items()},
+        sentences=verdict_sentences(comparisons, test["spec"], selection, val.get("spec", "selection")))
+    exp.write_bytes(VERDICT_FILES["json"], json.dumps(record, indent=2))
+    exp.write_table(VERDICT_FILES["table"], pa.Table.from_pylist(record["comparisons"]))
+    return record
+
+
+def verdict_text(record: dict[str, Any]) -> str:
+    """What the console shows of a verdict: its sentences, then the headline table."""
+    budgets = ", ".join(f"{arm} {a['budget']} trials" for arm, a in record.get("arms", {}).items())
+    head = (f"verdict on {record['split']} ({len(record['image_ids'])} images never used for a choice; paired "
+            f"bootstrap, {record['confidence']:.0%} intervals; difficult: {', '.join(record['difficult']) or 'none'}; "
+            f"budgets: {budgets or 'none'})")
+    return "\n".join([head, *record["sentences"], format_verdict(record)])
+
+
+def cmd_verdict(args: argparse.Namespace) -> int:
+    record = sweep_verdict(Experiment.find(args.experiment, args.storage), args.bootstrap, args.seed, args.device)
+    log.info(verdict_text(record))
+    return 0
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
     compare([args.reference, *args.candidates], args.out, args.dataset_path, args.split, args.difficult,
             n_boot=args.bootstrap, seed=args.seed, fmt=args.format, annotator=args.annotator, device=args.device,
@@ -219,3 +302,11 @@ def register_cli(sub: Any) -> None:
     s.add_argument("--device", default="auto")
     s.add_argument("--cache_dir", "--cache-dir", dest="cache_dir")
     s.set_defaults(func=cmd_compare)
+
+    s = sub.add_parser("verdict", help="each arm's winner vs the start and each other, on the sweep's verdict split")
+    s.add_argument("experiment", help="experiment path or URI, or a name under --storage")
+    s.add_argument("--storage", default=DEFAULT_STORAGE)
+    s.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples of the images")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--device", default="auto")
+    s.set_defaults(func=cmd_verdict)

@@ -29,7 +29,7 @@ import yaml
 ANNOTATORS = ("senior", "junior", "mean")
 FORMATS = ("aariz", "isbi")
 LOSSES = ("adaptive_wing", "mse")
-MODES = ("all", "weighted", "masked")
+MODES = ("all", "weighted", "masked", "refine")
 DECODERS = ("dark", "quarter", "argmax")
 
 
@@ -112,8 +112,9 @@ class TrainConfig:
     dataset_path: str = opt("", Rule(test=bool, text="a dataset directory"))
     format: str | None = opt(None, one_of(*FORMATS))  # detected from the layout when None
     annotator: str = opt("mean", one_of(*ANNOTATORS))
-    train_split: str | None = None  # default: train
-    val_split: str | None = None  # default: valid (Aariz) / test1 (ISBI)
+    train_split: str | None = None  # default: train, less any image another role carves from it
+    val_split: str | None = None  # selection; default: valid (Aariz) / train:0.2 (ISBI), see read.DatasetInfo
+    test_split: str | None = None  # verdict; default: test (Aariz) / test1 (ISBI); never chosen on
     skip_bad: bool = False
     image_size: tuple[int, int] = opt((256, 256), Rule(test=_image_size_ok,  # width height of the network input
                                                        text="two multiples of 32 (width height), each >= 32"))
@@ -149,6 +150,11 @@ class TrainConfig:
     distill_weight: float = opt(0.0, ge(0))
     bn_eval: bool = False
     freeze_stages: int = opt(0, between(0, 4))
+    # refine mode: a second, local stage for the difficult landmarks (refine.py; crops.py for the geometry)
+    refine_crop_mm: float = opt(38.4, gt(0, " mm"))  # side of the square crop (rounded to whole 32-px blocks)
+    refine_mm_per_px: float = opt(0.3, gt(0, " mm/px"))  # crop resolution; never finer than the images' spacing
+    refine_offset_scale: float = opt(1.5, ge(0))  # training-crop offsets: x the start model's own train errors
+    refine_model: str = opt("hrnet_w18_small", Rule(test=bool, text="a timm backbone name"))  # the crop network
     # augmentation
     aug_scale: float = opt(0.1, ge(0))
     aug_rotate: float = opt(10.0, ge(0))
@@ -243,11 +249,35 @@ def _distill_has_a_teacher(c: TrainConfig) -> tuple[str, str] | None:
     return None
 
 
+def crop_pixels(crop_mm: float, mm_per_px: float) -> int:
+    """A refine crop's side in pixels: `crop_mm` at `mm_per_px`, rounded to whole 32-px blocks (HRNet's fusion
+    needs a multiple of 32) and never below one block."""
+    return 32 * max(1, round(crop_mm / mm_per_px / 32))
+
+
+MAX_CROP_PX = 512
+
+
+def _crop_in_pixels(c: TrainConfig) -> tuple[str, str] | None:
+    if c.refine_crop_mm / c.refine_mm_per_px > MAX_CROP_PX + 16:
+        return "refine_crop_mm", (f"<= {MAX_CROP_PX} crop pixels at `refine_mm_per_px` {c.refine_mm_per_px:g} "
+                                  f"(<= {(MAX_CROP_PX + 16) * c.refine_mm_per_px:g} mm): a crop is a local view")
+    return None
+
+
+def _refine_has_a_start(c: TrainConfig) -> tuple[str, str] | None:
+    if c.mode == "refine" and not c.resume:
+        return "mode", "not 'refine' without a start model (--resume START): the refinement stage sits on top of it"
+    return None
+
+
 RELATIONS: tuple[Relation, ...] = (
     Relation(("difficult", "difficult_threshold"), _one_way_to_pick),
     Relation(("warmup_epochs", "epochs"), _warmup_within_epochs),
     Relation(("mode", "difficult", "difficult_threshold"), _mode_has_a_set),
     Relation(("distill_weight", "resume", "pretrained"), _distill_has_a_teacher),
+    Relation(("refine_crop_mm", "refine_mm_per_px"), _crop_in_pixels),
+    Relation(("mode", "resume"), _refine_has_a_start),
 )
 
 

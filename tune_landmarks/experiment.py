@@ -14,6 +14,7 @@ Layout of an experiment `<storage>/<name>/`:
 from __future__ import annotations
 
 import json
+import os
 import posixpath
 import statistics
 from dataclasses import asdict, dataclass, field
@@ -31,7 +32,10 @@ if TYPE_CHECKING:
 SWEEP_FILE = "sweep.json"
 JOURNAL_FILE = "optuna_journal.log"
 TABLES = {"trials": "trials.parquet", "epochs": "epochs.parquet", "landmarks": "landmarks.parquet"}
-CONTROL_KEY = "control"  # the sampled-config key that marks a control-arm trial
+ARM_KEY = "arm"  # the key of a trial's config that names its arm (masked, weighted, all)
+ARMS = ("masked", "weighted", "all")
+DEFAULT_ARMS = ("masked", "all")
+VERDICT_FILES = {"json": "verdict.json", "table": "verdict.parquet"}
 METRIC = "val_mre"  # what ASHA compares at each rung and what "best epoch" means
 TERMINAL = ("TERMINATED", "ERROR")
 DEFAULT_STORAGE = "./sweeps"
@@ -53,7 +57,8 @@ class SweepSettings:
     address: str | None = None
     epochs: int | None = None
     seed: int = 0
-    control_trials: int = 1
+    arms: list[str] = field(default_factory=lambda: list(DEFAULT_ARMS))
+    arm_samples: dict[str, int] = field(default_factory=dict)  # an arm's budget when not num_samples
     max_failures: int = 0
     reduction_factor: float = 2.0
     grace_period: int | None = None  # default: max(1, ceil(largest warmup in the space))
@@ -67,15 +72,22 @@ class SweepSettings:
 
         need(bool(self.name) and "/" not in self.name, "name", "a non-empty name without '/'")
         need(self.num_samples >= 1, "num_samples", ">= 1")
+        need(bool(self.arms) and len(set(self.arms)) == len(self.arms) and set(self.arms) <= set(ARMS), "arms",
+             f"distinct names from {', '.join(ARMS)}")
+        need(set(self.arm_samples) <= set(self.arms) and all(n >= 1 for n in self.arm_samples.values()),
+             "arm_samples", "a budget >= 1 for arms of --arms")
         need(self.max_concurrent >= 1, "max_concurrent", ">= 1")
         need(self.gpus_per_trial >= 0, "gpus_per_trial", ">= 0")
         need(self.cpus_per_trial > 0, "cpus_per_trial", "> 0")
         need(self.epochs is None or self.epochs >= 1, "epochs", ">= 1")
-        need(self.control_trials >= 0, "control_trials", ">= 0")
         need(self.max_failures >= 0, "max_failures", ">= 0")
         need(self.reduction_factor > 1, "reduction_factor", "> 1")
         need(self.keep_checkpoints >= 1, "keep_checkpoints", ">= 1")
         return self
+
+    def budget(self, arm: str) -> int:
+        """Trials an arm gets (the same for every arm unless --arm-samples says otherwise)."""
+        return self.arm_samples.get(arm, self.num_samples)
 
 
 @dataclass
@@ -87,9 +99,9 @@ class Sweep:
     base: dict[str, Any]  # the run options every trial starts from (TrainConfig.to_dict())
     space_path: str
     space: dict[str, Any]  # the parsed search space (space.SearchSpace.to_dict()), after any clipping
-    start_errors: dict[str, float]  # the start checkpoint's per-landmark MRE on the validation split
+    start_errors: dict[str, float]  # the start checkpoint's per-landmark MRE on the selection split
     symbols: list[str]
-    controls: list[dict[str, Any]] = field(default_factory=list)
+    roles: dict[str, dict[str, Any]] = field(default_factory=dict)  # read.Roles.ids(): spec and image ids per role
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -99,7 +111,7 @@ class Sweep:
 
     @property
     def total_trials(self) -> int:
-        return self.settings.num_samples + len(self.controls)
+        return sum(self.settings.budget(arm) for arm in self.settings.arms)
 
     def trial_config(self, sampled: dict[str, Any], trial_dir: str | Path) -> TrainConfig:
         return trial_config(self.base, sampled, trial_dir)
@@ -125,7 +137,7 @@ def trial_config(base: dict[str, Any], sampled: dict[str, Any], trial_dir: str |
     """The single-run config a trial runs: the sweep's base, then the sampled parameters."""
     from .config import from_dict
 
-    params = {k: v for k, v in sampled.items() if k != CONTROL_KEY}
+    params = {k: v for k, v in sampled.items() if k != ARM_KEY}
     cfg = from_dict(params, from_dict(base), source="trial parameters")
     cfg.out = str(Path(trial_dir) / "run")
     cfg.progress = False
@@ -173,6 +185,7 @@ class Experiment:
         if "://" not in text and not Path(text).is_absolute():
             tried.append(cls.at(storage or DEFAULT_STORAGE, text))
         for exp in tried:
+            exp.check_storage()  # object storage: endpoint, credentials and bucket, one clear line each
             if exp.exists(SWEEP_FILE):
                 return exp
         places = " or ".join(e.uri for e in tried)
@@ -271,6 +284,50 @@ class Experiment:
     def save_sweep(self, sweep: Sweep) -> str:
         return self.write_bytes(SWEEP_FILE, sweep.to_json())
 
+    def check_storage(self) -> None:
+        """Before a command reads or writes anything: on object storage, that credentials are configured, the
+        endpoint answers and the bucket exists; each problem a StorageError of one line. A local experiment
+        needs no check (its folder is made when it is written)."""
+        if self.local is not None:
+            return
+        bucket = self.root.split("/", 1)[0]
+        endpoint = None
+        if isinstance(self.fs, pafs.S3FileSystem):
+            problem = _s3_credentials_problem()
+            if problem:
+                raise StorageError(f"{self.uri}: {problem}")
+            endpoint, source = _s3_endpoint(self.uri)
+            if endpoint and (why := _unreachable(endpoint)):
+                raise StorageError(f"{self.uri}: cannot reach the S3 endpoint {endpoint} (from {source}): {why}")
+        try:
+            info = self.fs.get_file_info(bucket)
+        except OSError as exc:
+            raise StorageError(f"{self.uri}: {_storage_problem(exc)}") from None
+        if info.type == pafs.FileType.NotFound:
+            at = f" at {endpoint}" if endpoint else ""
+            raise StorageError(f"{self.uri}: the bucket {bucket!r} does not exist{at}; create it first "
+                               "(tune-landmarks never creates buckets)")
+
+    def push_journal(self, local: Path) -> bool:
+        """Upload the local working copy of a remote experiment's Optuna journal, whole (object storage has no
+        appends; the journal is small). Returns whether anything was uploaded."""
+        if self.local is not None or not local.is_file():
+            return False
+        self.write_bytes(JOURNAL_FILE, local.read_bytes())
+        return True
+
+    def pull_journal(self, local: Path) -> Path:
+        """Before a remote experiment is resumed: make `local` its journal. The stored journal, unless `local`
+        already extends it (this machine ran the sweep and appended after the last upload; a journal only grows,
+        so a copy that starts with the stored bytes is the newer one)."""
+        stored = self.read_bytes(JOURNAL_FILE) if self.exists(JOURNAL_FILE) else b""
+        mine = local.read_bytes() if local.is_file() else b""
+        if not local.is_file() or not mine.startswith(stored):
+            from .atomic import write_bytes
+
+            write_bytes(local, stored)
+        return local
+
     def trial_dir(self, trial_id: str) -> str:
         """A trial's folder inside this experiment (so a moved or copied experiment reads its own copies)."""
         return self.uri_of(trial_dirname(trial_id))
@@ -278,3 +335,83 @@ class Experiment:
 
 def load_sweep(experiment: Experiment | str | Path) -> Sweep:
     return Experiment.of(experiment).load_sweep()
+
+
+# ---------------------------------------------------------------- object storage: checks and the journal's copy
+
+class StorageError(ValueError):
+    """An experiment location that cannot be used (credentials, endpoint, bucket): one line naming it."""
+
+
+def journal_copy(uri: str) -> Path:
+    """Where a remote experiment's Optuna journal is worked on locally (Optuna's journal needs a file it can
+    append to; object storage has none). A function of the experiment's URI alone: Ray saves this path with
+    the searcher, and a resume on another machine finds the journal at the same path."""
+    import hashlib
+    import tempfile
+
+    digest = hashlib.sha256(uri.encode()).hexdigest()[:16]
+    return Path(tempfile.gettempdir()) / "tune_landmarks-journals" / digest / JOURNAL_FILE
+
+
+def _s3_credentials_problem() -> str | None:
+    """What is missing from the standard AWS environment, or None when credentials are configured (or an
+    instance role may supply them: then the probe of the bucket tells)."""
+    env = os.environ
+    key, secret = env.get("AWS_ACCESS_KEY_ID"), env.get("AWS_SECRET_ACCESS_KEY")
+    if key and secret:
+        return None
+    if key or secret:
+        given, missing = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY") if key else ("AWS_SECRET_ACCESS_KEY",
+                                                                                    "AWS_ACCESS_KEY_ID")
+        return f"incomplete AWS credentials: {given} is set but {missing} is not"
+    if any(env.get(v) for v in ("AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_WEB_IDENTITY_TOKEN_FILE",
+                                "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI", "AWS_CONTAINER_CREDENTIALS_FULL_URI")):
+        return None
+    if Path(env.get("AWS_SHARED_CREDENTIALS_FILE", "~/.aws/credentials")).expanduser().is_file():
+        return None
+    if env.get("AWS_EC2_METADATA_DISABLED", "").lower() != "true":
+        return None  # an instance role may supply them
+    return ("no AWS credentials in the environment: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE "
+            "with a credentials file)")
+
+
+def _s3_endpoint(uri: str) -> tuple[str | None, str]:
+    """The endpoint pyarrow will use for an s3:// URI, and where that comes from (None: AWS's own)."""
+    from urllib.parse import parse_qs, urlparse
+
+    query = parse_qs(urlparse(uri).query)
+    if query.get("endpoint_override"):
+        return query["endpoint_override"][0], "the URI's endpoint_override"
+    for var in ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"):
+        if os.environ.get(var):
+            return os.environ[var], var
+    return None, "AWS"
+
+
+def _unreachable(endpoint: str, timeout: float = 5.0) -> str | None:
+    """Why a TCP connection to the endpoint fails, or None when it opens (pyarrow's own client would retry an
+    unreachable endpoint for a long while before saying so)."""
+    import socket
+    from urllib.parse import urlparse
+
+    url = urlparse(endpoint if "://" in endpoint else f"https://{endpoint}")
+    try:
+        port = url.port or (80 if url.scheme == "http" else 443)
+        with socket.create_connection((url.hostname or "", port), timeout=timeout):
+            return None
+    except (OSError, ValueError) as exc:
+        return getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+
+
+def _storage_problem(exc: OSError) -> str:
+    """An S3/GCS client error as what to check."""
+    text = str(exc)
+    if any(k in text for k in ("INVALID_ACCESS_KEY_ID", "InvalidAccessKeyId", "SIGNATURE_DOES_NOT_MATCH",
+                               "SignatureDoesNotMatch")):
+        return "the credentials in the environment are not valid for this storage"
+    if any(k in text for k in ("ACCESS_DENIED", "AccessDenied", "Forbidden", "403")):
+        return "access denied with the credentials in the environment"
+    if any(k in text for k in ("NETWORK_CONNECTION", "curlCode", "Could not connect", "Couldn't resolve")):
+        return f"cannot reach the storage's endpoint ({text.splitlines()[0]})"
+    return f"storage not usable ({text.splitlines()[0] if text else type(exc).__name__})"

@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 TOLERANCE_MM = 1e-3
-CONTROL_WON = "plain fine-tuning on all landmarks beat every masked configuration"
+ALL_WON = "plain fine-tuning on all landmarks beat every other arm on the selection split"
 MODEL_JSON = "model.json"
 WEIGHTS = "model.safetensors"
 
@@ -78,18 +78,14 @@ def select(trials: list[TrialRecord], exp: Experiment) -> Selection:
     return Selection(trial, epoch, checkpoint_for_epoch(exp, trial.trial_id, int(epoch["epoch"])))
 
 
-def _validation_source(base: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
-    """Where the sweep measured val MRE (the data, annotator and split the proof must use), and the dataset's
-    held-out splits (neither trained on nor chosen with)."""
-    from .config import from_dict
+def _validation_source(sweep: Sweep) -> dict[str, Any]:
+    """Where the sweep measured val MRE: the data, annotator and selection split the proof must use."""
     from .read import describe
 
-    cfg = from_dict(base)
-    info = describe(cfg.dataset_path, cfg.format)
-    val, train = info.val_split(cfg.val_split), info.train_split(cfg.train_split)
-    source = {"dataset_path": str(info.root), "format": info.format, "annotator": cfg.annotator, "split": val,
-              "cache_dir": cfg.cache_dir}
-    return source, [s for s in info.splits if s not in (val, train)]
+    base = sweep.base
+    info = describe(base["dataset_path"], base.get("format"))
+    return {"dataset_path": str(info.root), "format": info.format, "annotator": base.get("annotator", "mean"),
+            "split": sweep.roles["val"]["spec"], "cache_dir": base.get("cache_dir")}
 
 
 def _check_out(out: Path) -> None:
@@ -100,11 +96,20 @@ def _check_out(out: Path) -> None:
                               "choose another --out")
 
 
-def _check_split(split: str | None, held_out: list[str], source: dict[str, Any]) -> None:
-    if split is not None and split not in held_out:
-        raise ValueError(f"The value of `split` is {split!r}, but must be a held-out split of "
-                         f"{source['dataset_path']} (neither trained on nor used to choose): "
-                         f"{', '.join(held_out) or 'there is none'}.")
+def _check_split(split: str, sweep: Sweep, source: dict[str, Any]) -> None:
+    """A held-out split must share no image with what the sweep trained or chose on (its recorded roles)."""
+    from .read import describe, read_split
+
+    sp = read_split(describe(source["dataset_path"], source["format"]), split, source["annotator"])
+    ids = {r.image_id for r in sp.records}
+    used = {role: ids & set(sweep.roles[role]["image_ids"]) for role in ("train", "val") if role in sweep.roles}
+    clash = {role: shared for role, shared in used.items() if shared}
+    if not ids or clash:
+        why = "it holds no image" if not ids else "; ".join(
+            f"{len(v)} image(s) of the {'training' if r == 'train' else 'selection'} split {sweep.roles[r]['spec']!r}"
+            for r, v in clash.items())
+        raise ValueError(f"The value of `split` is {split!r}, but must be images neither trained on nor used to choose "
+                         f"(e.g. the sweep's verdict split {sweep.roles.get('test', {}).get('spec')!r}): {why}.")
 
 
 def landmark_rows(sweep: Sweep, epoch: dict[str, Any], difficult: list[str]) -> list[dict[str, Any]]:
@@ -156,13 +161,13 @@ def _write_model(dest: Path, sel: Selection, sweep: Sweep, exp: Experiment, sour
         "heatmap": {"sigma": cfg.sigma, "decoder": cfg.decoder, "stride": 4},  # LandmarkNet's output stride
         "config": cfg.to_dict(), "hyperparameters": sel.trial.params, "difficult": difficult,
         "metrics": _epoch_metrics(sel.epoch, sweep.symbols), "validation": source,
-        "trial_id": sel.trial.trial_id, "epoch": epoch, "control": sel.trial.control,
+        "trial_id": sel.trial.trial_id, "epoch": epoch, "arm": sel.trial.arm,
         "start_checkpoint": {"path": str(start), "sha256": sha256_file(start)},
         "source": {"experiment": exp.uri, "checkpoint": exp.uri_of(sel.checkpoint)},
     }
     (dest / MODEL_JSON).write_text(json.dumps(meta, indent=2))
     (dest / "best_hyperparameters.yaml").write_text(
-        f"# trial {sel.trial.trial_id}{' (control arm)' if sel.trial.control else ''}, epoch {epoch}: "
+        f"# trial {sel.trial.trial_id} (arm {sel.trial.arm}), epoch {epoch}: "
         f"val MRE {sel.epoch['val_mre']:.4f} mm\n"
         "# usable as `tune-landmarks finetune --config` (with --dataset-path and --resume)\n"
         + yaml.safe_dump(sel.trial.params, sort_keys=True))
@@ -240,41 +245,38 @@ def _spread(values: list[float]) -> dict[str, float | None]:
 
 def confirm_seeds(sweep: Sweep, trials: list[TrialRecord], winner: TrialRecord, n: int, dest: Path,
                   device: str = "auto") -> dict[str, Any]:
-    """Re-run the winner's configuration (and the control's, if the sweep has one) from the same start with
-    `n` new seeds, both arms on the same seeds, to show how much of the winner's margin is luck."""
+    """Re-run the winner's configuration, and every other arm's winner, from the same start with `n` new seeds
+    (all on the same seeds), to show how much of the winner's margin is luck."""
     from .config import from_dict
+    from .results import winners
     from .run import prepare_data, train
 
     base_seed = int(sweep.base.get("seed", 0))
-    first = 1 + max([base_seed] + [int(t.params.get("seed", base_seed)) for t in trials]
-                    + [int(c.get("seed", base_seed)) for c in sweep.controls])
+    first = 1 + max([base_seed] + [int(t.params.get("seed", base_seed)) for t in trials])
     seeds = list(range(first, first + n))
-    arms = [("winner", winner.params, winner)]
-    if sweep.controls and not winner.control:
-        control = best_trial([t for t in trials if t.control])
-        arms.append(("control", control.params if control else sweep.controls[0], control))
+    runs_of = [("winner", winner)] + [(f"best {arm}", t) for arm, t in winners(trials, sweep.settings.arms).items()
+                                      if t is not winner]
     data = prepare_data(from_dict(sweep.base), progress=False)
     out: dict[str, Any] = {"seeds": seeds, "arms": []}
-    for arm, params, trial in arms:
+    for name, trial in runs_of:
         runs = []
         for seed in seeds:
-            run_dir = dest / "confirm" / f"{arm}-seed{seed}"
-            cfg = sweep.trial_config(params, run_dir)
+            run_dir = dest / "confirm" / f"{name.replace(' ', '_')}-seed{seed}"
+            cfg = sweep.trial_config(trial.params, run_dir)
             cfg.out, cfg.seed, cfg.device = str(run_dir), seed, device
             res = train(cfg, start_per_landmark=sweep.start_errors, data=data, keep_files=False)
             runs.append({"seed": seed, "best_val_mre": res.best.mre, "best_epoch": res.best_epoch,
                          "out": str(run_dir.relative_to(dest))})
-            log.info(f"  {arm} seed {seed}: best val MRE {res.best.mre:.3f} mm at epoch {res.best_epoch}")
-        out["arms"].append({"arm": arm, "trial_id": trial.trial_id if trial else None,
-                            "control": arm == "control" or winner.control,
-                            "sweep_val_mre": trial.best["val_mre"] if trial and trial.best else None,
+            log.info(f"  {name} seed {seed}: best val MRE {res.best.mre:.3f} mm at epoch {res.best_epoch}")
+        out["arms"].append({"arm": name, "trial_id": trial.trial_id, "trial_arm": trial.arm,
+                            "sweep_val_mre": trial.best["val_mre"] if trial.best else None,
                             "runs": runs, **_spread([r["best_val_mre"] for r in runs])})
     (dest / "confirm_seeds.json").write_text(json.dumps(out, indent=2))
     return out
 
 
 def format_confirm(result: dict[str, Any]) -> str:
-    """The winner's (and the control's) sweep val MRE next to the mean and spread over the new seeds."""
+    """The winner's (and the other arms' winners') sweep val MRE next to the mean and spread over the new seeds."""
     head = "".join(f"{h:>8}" for h in ("sweep", "seeds", "mean", "sd", "min", "max"))
     lines = [f"{'arm':<9}{'trial':<11}{head}   (val MRE mm)"]
     for a in result["arms"]:
@@ -287,16 +289,18 @@ def format_confirm(result: dict[str, Any]) -> str:
 
 
 def export(experiment: Experiment | str | Path, out: str | Path, split: str | None = None, confirm: int = 0,
-           device: str = "auto") -> Path:
-    """Export the best trial's best epoch to `out` (see the module docstring); returns `out`."""
+           device: str = "auto", force: bool = False) -> Path:
+    """Export the best trial's best epoch to `out` (see the module docstring); returns `out`. When no trial
+    improved on the start model on the selection split, nothing is exported unless `force`."""
     if confirm < 0:
         raise ValueError(f"The value of `confirm_seeds` is {confirm}, but must be >= 0.")
     exp = Experiment.of(experiment)
     out = Path(out).resolve()
     sweep = exp.load_sweep()
     _check_out(out)
-    source, held_out = _validation_source(sweep.base)
-    _check_split(split, held_out, source)
+    source = _validation_source(sweep)
+    if split is not None:
+        _check_split(split, sweep, source)
     start = Path(sweep.base["resume"])
     if not start.is_file():
         raise FileNotFoundError(f"{start}: the sweep's start checkpoint is missing "
@@ -304,13 +308,16 @@ def export(experiment: Experiment | str | Path, out: str | Path, split: str | No
     trials = collect(exp)
     sel = select(trials, exp)
     b = sel.epoch
-    log.info(f"best trial {sel.trial.trial_id}{' (control arm)' if sel.trial.control else ''}: val MRE "
-             f"{b['val_mre']:.3f} mm at epoch {int(b['epoch'])} of {len(sel.trial.epochs)} "
-             f"({exp.uri_of(sel.checkpoint)})")
-    if sel.trial.control:
-        log.info(f"The control arm won: {CONTROL_WON}.")
+    if b["val_mre"] >= sweep.start_mre and not force:
+        raise ValueError(f"no fine-tuned trial improved on the start model on {source['split']} (start "
+                         f"{sweep.start_mre:.3f} mm, best {b['val_mre']:.3f} mm); nothing exported — use --force to "
+                         "export the best trial anyway")
+    log.info(f"best {sel.trial.arm} (trial {sel.trial.trial_id}): {source['split']} MRE {b['val_mre']:.3f} mm at epoch "
+             f"{int(b['epoch'])} of {len(sel.trial.epochs)} ({exp.uri_of(sel.checkpoint)})")
+    if sel.trial.arm == "all":
+        log.info(f"The best trial is of arm 'all': {ALL_WON}.")
     if b["val_mre"] >= sweep.start_mre:
-        log.info(f"note: no trial improved on the start checkpoint's val MRE ({sweep.start_mre:.3f} mm)")
+        log.info(f"note: --force: no trial improved on the start model ({sweep.start_mre:.3f} mm); exported anyway")
     with staged_dir(out) as tmp:
         _write_model(tmp, sel, sweep, exp, source)
         log.info(f"verified: the exported files' {_verified(verify(tmp, device))}")
@@ -335,7 +342,8 @@ def cmd_export(args: argparse.Namespace) -> int:
         return 0
     if not args.experiment or not args.out:
         raise ValueError("export needs EXPERIMENT and --out DIR (or --verify DIR to re-check an export)")
-    export(Experiment.find(args.experiment, args.storage), args.out, args.split, args.confirm_seeds, args.device)
+    export(Experiment.find(args.experiment, args.storage), args.out, args.split, args.confirm_seeds, args.device,
+           args.force)
     return 0
 
 
@@ -344,12 +352,14 @@ def register_cli(sub: Any) -> None:
     p.add_argument("experiment", nargs="?", help="experiment path or URI, or a name under --storage")
     p.add_argument("--out", help="export folder (an earlier export there is replaced)")
     p.add_argument("--storage", default=DEFAULT_STORAGE)
-    p.add_argument("--split", help="held-out split scored once after the choice (e.g. test); "
-                   "never used to choose")
+    p.add_argument("--split", help="held-out split spec scored once after the choice (e.g. test, or the sweep's "
+                   "verdict split); refused if it shares an image with the training or selection split")
     p.add_argument("--confirm-seeds", "--confirm_seeds", type=int, default=0, dest="confirm_seeds",
                    metavar="N",
-                   help="re-run the winner (and the control) with N further seeds from the same start")
+                   help="re-run the winner (and each other arm's winner) with N further seeds from the same start")
     p.add_argument("--verify", metavar="DIR",
                    help="only re-check an existing export against its recorded metrics")
+    p.add_argument("--force", action="store_true",
+                   help="export the best trial even when no trial improved on the start model")
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_export)

@@ -7,6 +7,7 @@ decode and map back to original pixels through these functions, so they cannot d
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,10 +18,11 @@ import torch
 
 from . import heatmap
 from .atomic import write_parquet
-from .cache import CachedSplit, build_cache, to_original
+from .cache import CachedSplit, build_cache, resize, to_original, to_target
 from .config import TrainConfig, from_dict
+from .crops import CropGeometry, PhysicalSplit, build_physical_cache, check_geometry, from_crop, physical_size, take
 from .metrics import Summary, predictions_table, radial_errors_mm, summarize
-from .model import CheckpointError, LandmarkNet, create_model, load_weights, read_checkpoint
+from .model import CheckpointError, LandmarkNet, create_model, load_weights, read_checkpoint, sha256_file
 from .read import DatasetInfo, describe, load_split
 
 
@@ -144,6 +146,122 @@ def load_model(path: str | Path, device: torch.device) -> tuple[LandmarkNet, Tra
     return place(model, device).eval(), cfg, symbols
 
 
+def predict_as_run(model: LandmarkNet, cfg: TrainConfig, split: CachedSplit) -> np.ndarray:
+    """A model's points (original px) for a split cached at its input size, decoded with its own run's decoder,
+    sigma and precision: what `evaluate` gives it (a cascade's start model included)."""
+    return predict_cached(model, split, next(model.parameters()).device, cfg.decoder, cfg.sigma, amp=cfg.mixed_precision)
+
+
+# ---------------------------------------------------------------- the refinement cascade (trained by refine.py)
+
+@torch.no_grad()
+def refine_points(model: LandmarkNet, images: Sequence[np.ndarray], scale: np.ndarray, coarse: np.ndarray,
+                  geometry: CropGeometry, device: torch.device, decoder: str = "dark", sigma: float = 2.0,
+                  amp: bool = False, batch_size: int = 32) -> np.ndarray:
+    """Refined points (N, L, 2) in original px. For image n and refined landmark j: the crop of the physical image
+    `images[n]` (`scale[n]`: original -> physical px) around `coarse[n, j]` (original px), channel j of `model`
+    decoded there by `predict_batch` and mapped back exactly (crops.from_crop)."""
+    origins = geometry.origins(to_target(coarse, scale[:, None, :]))
+    jobs = [(n, j) for n in range(coarse.shape[0]) for j in range(coarse.shape[1])]
+    in_crop = np.empty(coarse.shape, np.float64)
+    was_training = model.training
+    model.eval()
+    for b in range(0, len(jobs), batch_size):
+        chunk = jobs[b:b + batch_size]
+        pts = predict_batch(model, np.stack([take(images[n], origins[n, j], geometry.size) for n, j in chunk]),
+                            device, decoder, sigma, amp)
+        for (n, j), p in zip(chunk, pts):
+            in_crop[n, j] = p[j]
+    model.train(was_training)
+    return from_crop(in_crop, scale[:, None, :], origins)
+
+
+@dataclass
+class Cascade:
+    """A start model and the refinement stage of some of its landmarks: those come from crops around the start
+    model's points; every other landmark is the start model's own prediction, bit for bit (the same call on the
+    same input as the start model alone)."""
+
+    start: LandmarkNet
+    start_cfg: TrainConfig
+    refine: LandmarkNet
+    cfg: TrainConfig  # the refinement run's: crop settings, and the decoder and sigma of the crop heatmaps
+    symbols: list[str]
+    refined: list[str]  # the refinement model's channels, in order
+    train_spacing_mm: tuple[float, float] = (0.0, 0.0)  # pixel spacings of the images it was trained on (min, max)
+
+    @property
+    def geometry(self) -> CropGeometry:
+        return CropGeometry.from_mm(self.cfg.refine_crop_mm, self.cfg.refine_mm_per_px)
+
+    @property
+    def channels(self) -> list[int]:
+        return [self.symbols.index(s) for s in self.refined]
+
+    def refine_coarse(self, coarse: np.ndarray, images: Sequence[np.ndarray], scale: np.ndarray) -> np.ndarray:
+        """All landmarks (N, K, 2): the start model's points `coarse` with the refined ones replaced."""
+        out = coarse.copy()
+        out[:, self.channels] = refine_points(self.refine, images, scale, coarse[:, self.channels], self.geometry,
+                                              next(self.refine.parameters()).device, self.cfg.decoder, self.cfg.sigma,
+                                              self.cfg.mixed_precision)
+        return out
+
+    def predict_cached(self, split: CachedSplit, phys: PhysicalSplit) -> np.ndarray:
+        """All landmarks (N, K, 2) in original px for a split cached at the start model's input size (`split`) and at
+        the crop resolution (`phys`, the same records)."""
+        if list(split.image_ids) != list(phys.image_ids):
+            raise ValueError(f"{split.path} and {phys.path} hold different images")
+        check_geometry(self.geometry, phys.spacing_mm, phys.orig_size, phys.image_ids)
+        return self.refine_coarse(predict_as_run(self.start, self.start_cfg, split), phys.images(), phys.scale)
+
+    def predict_images(self, greys: Sequence[np.ndarray], spacing_mm: Sequence[float]) -> np.ndarray:
+        """All landmarks (N, K, 2) in original px for decoded grey images of any size and their pixel spacings; the
+        start model's part is exactly `predict`'s for the start model alone (resize, predict_batch, to_original)."""
+        c, mm = self.start_cfg, self.geometry.mm_per_px
+        small, scales = zip(*(resize(g, tuple(c.image_size)) for g in greys))
+        coarse = to_original(predict_batch(self.start, np.stack(small), next(self.start.parameters()).device,
+                                           c.decoder, c.sigma, c.mixed_precision), np.stack(scales)[:, None, :])
+        phys, pscale = zip(*(resize(g, physical_size(g.shape[1], g.shape[0], sp, mm)) for g, sp in zip(greys, spacing_mm)))
+        return self.refine_coarse(coarse, phys, np.stack(pscale))
+
+
+def is_refine(ckpt: dict[str, Any]) -> bool:
+    """A refinement-stage checkpoint (refine.py writes one; its "refine" record names the start model)."""
+    return isinstance(ckpt.get("refine"), dict)
+
+
+def load_cascade(path: str | Path, device: torch.device, symbols: list[str] | None = None,
+                 ckpt: dict[str, Any] | None = None, start: str | Path | None = None) -> Cascade:
+    """A refine checkpoint and the start model it records (`start` overrides the recorded path), both in eval
+    mode on `device`. Refused before any work, naming both sides: a start model whose sha256 is not the
+    recorded one, or landmarks that differ from `symbols` (the dataset's) or from the start model's."""
+    ckpt = ckpt if ckpt is not None else read_checkpoint(path)
+    if not is_refine(ckpt):
+        raise CheckpointError(f"{path}: not a refinement-stage checkpoint (tune-landmarks finetune --mode refine writes one)")
+    rec = ckpt["refine"]
+    start_path = Path(start or rec["start"]["path"])
+    if not start_path.exists():
+        raise CheckpointError(f"{path}: its start model {start_path} is missing (the refinement stage needs the start "
+                              "model it was trained on)")
+    got = sha256_file(start_path)
+    if got != rec["start"]["sha256"]:
+        raise CheckpointError(f"{path}: refines the start model with sha256 {rec['start']['sha256'][:16]}... "
+                              f"({rec['start']['path']}), but {start_path} has sha256 {got[:16]}...: a refinement stage "
+                              "fits only the start model it was trained on")
+    own, refined = list(ckpt.get("symbols") or []), list(rec["refined"])
+    if symbols is not None and own != list(symbols):
+        raise CheckpointError(f"{path}: landmark symbols {own} differ from the dataset's {list(symbols)}")
+    if not refined or not set(refined) <= set(own):
+        raise CheckpointError(f"{path}: refines {refined}, which are not among its landmarks {own}")
+    start_model, start_cfg, start_symbols = load_model(start_path, device)
+    if start_symbols != own:
+        raise CheckpointError(f"{path}: landmark symbols {own} differ from its start model's {start_symbols} ({start_path})")
+    refine = create_model(ckpt["arch"]["model"], len(refined))
+    load_weights(refine, ckpt, path)
+    return Cascade(start_model, start_cfg, place(refine, device).eval(), config_of(ckpt), own, refined,
+                   tuple(rec.get("train_spacing_mm") or (0.0, 0.0)))
+
+
 @dataclass
 class Evaluation:
     """A checkpoint scored on one split: the summary and the per image x landmark arrays behind it."""
@@ -160,25 +278,32 @@ class Evaluation:
 def evaluate_checkpoint(checkpoint: str | Path, dataset_path: str | Path, split: str, *, fmt: str | None = None,
                         annotator: str = "mean", device: str = "auto", cache_dir: str | None = None,
                         start: str | Path | None = None, progress: bool = False) -> Evaluation:
-    """Predict every image of `split` and score it; `start` adds per-landmark drift against that checkpoint."""
+    """Predict every image of `split` and score it; `start` adds per-landmark drift against that checkpoint.
+    A refine checkpoint is evaluated as its cascade (Cascade.predict_cached), checked against its start model first."""
     ckpt = read_checkpoint(checkpoint)
     cfg = config_of(ckpt)
     info = describe(dataset_path, fmt)
-    sp = load_split(info, split, annotator)
-    cached = build_cache(sp.records, split, tuple(cfg.image_size), annotator, cache_dir, progress)
     dev = resolve_device(device)
-    model = create_model(cfg.model, len(info.symbols))
-    load_weights(model, ckpt, checkpoint, info.symbols)
-    model = place(model, dev)
+    cascade = load_cascade(checkpoint, dev, info.symbols, ckpt) if is_refine(ckpt) else None
+    sp = load_split(info, split, annotator)
+    size = tuple((cascade.start_cfg if cascade else cfg).image_size)
+    cached = build_cache(sp.records, split, size, annotator, cache_dir, progress)
     difficult = list(ckpt.get("difficult") or (ckpt.get("export") or {}).get("difficult") or [])
     start_pl, trained = None, None
     if start is not None:
         st = evaluate_checkpoint(start, dataset_path, split, fmt=fmt, annotator=annotator, device=device,
                                  cache_dir=cache_dir)
         start_pl = st.summary.per_landmark
-        trained = difficult if cfg.mode == "masked" else info.symbols
-    # the precision the run validated with, so an export reproduces its recorded metrics
-    pred = predict_cached(model, cached, dev, cfg.decoder, cfg.sigma, amp=cfg.mixed_precision)
+        trained = difficult if cfg.mode in ("masked", "refine") else info.symbols
+    if cascade is not None:
+        phys = build_physical_cache(sp.records, split, cascade.geometry.mm_per_px, annotator, cache_dir, progress)
+        pred = cascade.predict_cached(cached, phys)
+    else:
+        model = create_model(cfg.model, len(info.symbols))
+        load_weights(model, ckpt, checkpoint, info.symbols)
+        model = place(model, dev)
+        # the precision the run validated with, so an export reproduces its recorded metrics
+        pred = predict_cached(model, cached, dev, cfg.decoder, cfg.sigma, amp=cfg.mixed_precision)
     err = radial_errors_mm(pred, cached.keypoints_orig, cached.spacing_mm)
     summ = summarize(err, info.symbols, difficult, start_pl, trained)
     return Evaluation(summ, list(cached.image_ids), info.symbols, pred, cached.keypoints_orig, err, difficult)

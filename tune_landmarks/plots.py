@@ -12,7 +12,8 @@ import numpy as np
 
 from .verdict import CONFIDENCE, PairedDiff
 
-DIFFICULT_COLOR, OTHER_COLOR, CONTROL_COLOR = "tab:red", "tab:blue", "tab:orange"
+DIFFICULT_COLOR, OTHER_COLOR = "tab:red", "tab:blue"
+ARM_COLORS = ("tab:blue", "tab:orange", "tab:green", "tab:purple")
 
 
 def forest_figure(rows: Sequence[PairedDiff], title: str) -> Any:
@@ -82,21 +83,19 @@ def landmark_figure(rows: list[dict[str, Any]], title: str) -> Any:
     return fig
 
 
-def history_figure(complete: Sequence[Any], start_mre: float, controls: Sequence[float]) -> Any:
-    """Each complete searched Optuna trial's value in Optuna's order, the running best, the start and controls."""
+def history_figure(by_arm: dict[str, Sequence[Any]], start_mre: float) -> Any:
+    """Each arm's complete Optuna trials in its study's order with the arm's running best, and the start."""
     from matplotlib.ticker import MaxNLocator
 
-    trials = sorted(complete, key=lambda t: t.number)
-    x = np.array([t.number for t in trials])
-    v = np.array([t.value for t in trials])
     fig, ax = _figure(7, 3.6)
-    ax.plot(x, v, "o", color=OTHER_COLOR, label="searched trial (best val MRE)")
-    if len(v):
-        ax.step(x, np.minimum.accumulate(v), where="post", color="black", label="running best")
+    for (arm, complete), color in zip(by_arm.items(), ARM_COLORS):
+        trials = sorted(complete, key=lambda t: t.number)
+        x, v = np.array([t.number for t in trials]), np.array([t.value for t in trials])
+        ax.plot(x, v, "o", color=color, label=f"{arm}: trial (best val MRE)")
+        if len(v):
+            ax.step(x, np.minimum.accumulate(v), where="post", color=color, label=f"{arm}: running best")
     ax.axhline(start_mre, color="grey", ls="--", label=f"start checkpoint {start_mre:.3f} mm")
-    for i, c in enumerate(controls):
-        ax.axhline(c, color=CONTROL_COLOR, ls=":", label="control (all landmarks)" if i == 0 else None)
-    ax.set_xlabel("Optuna trial number")
+    ax.set_xlabel("Optuna trial number (per arm)")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("best val MRE (mm)")
     ax.legend(fontsize=8)
@@ -174,14 +173,11 @@ def epochs_figure(rows: list[dict[str, Any]], budget: int) -> tuple[Any, str]:
     from matplotlib.patches import Patch
     from matplotlib.ticker import MaxNLocator
 
-    kinds = {"control": CONTROL_COLOR, "ran the full budget": OTHER_COLOR, "stopped early by ASHA": "tab:green",
-             "errored": "tab:red"}
+    kinds = {"ran the full budget": OTHER_COLOR, "stopped early by ASHA": "tab:green", "errored": "tab:red"}
 
     def kind(r: dict[str, Any]) -> str:
         if r["status"] == "ERROR":
             return "errored"
-        if r["control"]:
-            return "control"
         return "stopped early by ASHA" if r["stopped_early"] else "ran the full budget"
 
     run = sum(r["epochs_done"] for r in rows)
@@ -193,7 +189,7 @@ def epochs_figure(rows: list[dict[str, Any]], budget: int) -> tuple[Any, str]:
     fig, ax = _figure(max(5.0, 0.45 * len(rows) + 2), 3.6)
     ax.bar(range(len(rows)), [r["epochs_done"] for r in rows], color=[kinds[kind(r)] for r in rows])
     line = ax.axhline(budget, color="black", ls="--", lw=0.8, label=f"budget ({budget} epochs)")
-    ax.set_xticks(range(len(rows)), [r["trial_id"] for r in rows], rotation=60, ha="right", fontsize=7)
+    ax.set_xticks(range(len(rows)), [f"{r['arm']} {r['trial_id']}" for r in rows], rotation=60, ha="right", fontsize=7)
     ax.set_ylabel("epochs run")
     ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_title(summary.replace("; ", "\n"), fontsize=9)

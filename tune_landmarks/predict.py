@@ -118,18 +118,41 @@ def _csv_text(preds: list[Prediction], symbols: list[str], integer: bool) -> str
     return buf.getvalue()
 
 
+def _cascade_spacing(cascade: Any, pixel_size: float | None) -> float:
+    """The pixel spacing a refinement cascade crops new images at: `pixel_size`, else the one spacing of every image
+    it was trained on (ISBI's 0.1 mm/px); images of several machines (Aariz) need it given."""
+    if pixel_size is not None:
+        if not pixel_size > 0:
+            raise ValueError(f"The value of `pixel_size` is {pixel_size}, but must be > 0 (mm/px).")
+        return float(pixel_size)
+    lo, hi = cascade.train_spacing_mm
+    if not lo or abs(hi - lo) > 1e-9:
+        raise ValueError(f"this refinement cascade was trained on images of {lo:g}-{hi:g} mm/px: give the images' "
+                         "pixel size (--pixel-size MM)")
+    return float(lo)
+
+
 def predict(model_path: str | Path, inputs: Sequence[str | Path], out: str | Path, integer: bool = False,
-            device: str = "auto", batch_size: int = 8) -> PredictReport:
-    """Predict every readable input and write its outputs to `out`; see the module docstring."""
+            device: str = "auto", batch_size: int = 8, pixel_size: float | None = None) -> PredictReport:
+    """Predict every readable input and write its outputs to `out`; see the module docstring. A refinement
+    checkpoint predicts with its cascade (infer.Cascade.predict_images) at `pixel_size` mm/px (see _cascade_spacing)."""
     from .cache import decode_image, resize, to_original
-    from .infer import load_model, predict_batch, resolve_device
+    from .crops import check_geometry
+    from .infer import is_refine, load_cascade, load_model, predict_batch, resolve_device
+    from .model import read_checkpoint
 
     if batch_size < 1:
         raise ValueError(f"The value of `batch_size` is {batch_size}, but must be > 0.")
     images, failed = find_images(inputs)
     _check_names(images)
     dev = resolve_device(device)
-    model, cfg, symbols = load_model(model_path, dev)
+    ckpt = read_checkpoint(model_path)
+    cascade = load_cascade(model_path, dev, ckpt=ckpt) if is_refine(ckpt) else None
+    if cascade is not None:
+        spacing = _cascade_spacing(cascade, pixel_size)
+        symbols = cascade.symbols
+    else:
+        model, cfg, symbols = load_model(model_path, dev)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     report = PredictReport(failed=failed)
@@ -138,17 +161,21 @@ def predict(model_path: str | Path, inputs: Sequence[str | Path], out: str | Pat
         for path in images[i:i + batch_size]:
             try:
                 grey = decode_image(path)
-            except (OSError, cv2.error) as exc:
+                if cascade is not None:
+                    check_geometry(cascade.geometry, [spacing], [grey.shape[::-1]], [str(path)])
+            except (OSError, cv2.error, ValueError) as exc:
                 report.failed.append((str(path), str(exc).removeprefix(f"{path}: ")))
                 continue
-            small, scale = resize(grey, tuple(cfg.image_size))
-            batch.append((path, grey, small, scale))
+            batch.append((path, grey) + (() if cascade is not None else resize(grey, tuple(cfg.image_size))))
         if not batch:
             continue
-        small = np.stack([b[2] for b in batch])
-        pts = predict_batch(model, small, dev, cfg.decoder, cfg.sigma, cfg.mixed_precision)
-        pts = to_original(pts, np.stack([b[3] for b in batch])[:, None, :])
-        for (path, grey, _, _), p in zip(batch, pts, strict=True):
+        if cascade is not None:
+            pts = cascade.predict_images([b[1] for b in batch], [spacing] * len(batch))
+        else:
+            small = np.stack([b[2] for b in batch])
+            pts = predict_batch(model, small, dev, cfg.decoder, cfg.sigma, cfg.mixed_precision)
+            pts = to_original(pts, np.stack([b[3] for b in batch])[:, None, :])
+        for (path, grey, *_), p in zip(batch, pts, strict=True):
             _write_image_outputs(out, path, grey, p, symbols, integer)
             report.predicted.append(Prediction(path, p))
     if report.predicted:
@@ -157,7 +184,7 @@ def predict(model_path: str | Path, inputs: Sequence[str | Path], out: str | Pat
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    rep = predict(args.model, args.inputs, args.out, args.integer, args.device, args.batch_size)
+    rep = predict(args.model, args.inputs, args.out, args.integer, args.device, args.batch_size, args.pixel_size)
     if rep.predicted:
         print(f"predicted {len(rep.predicted)} image(s) -> {args.out}: one JSON and one {OVERLAY_SUFFIX} per "
               f"image, {CSV_NAME}")
@@ -177,4 +204,7 @@ def register_cli(sub: Any) -> None:
                    help="round coordinates to whole pixels (default: floats)")
     p.add_argument("--device", default="auto")
     p.add_argument("--batch-size", "--batch_size", type=int, default=8, dest="batch_size")
+    p.add_argument("--pixel-size", "--pixel_size", type=float, dest="pixel_size", metavar="MM",
+                   help="the images' pixel spacing (mm/px), for a refinement cascade (default: its training images' "
+                        "spacing when they all share one)")
     p.set_defaults(func=cmd_predict)

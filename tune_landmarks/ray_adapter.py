@@ -61,12 +61,6 @@ def asha_record(scheduler: Any, trial_id: str, iteration: int, value: float) -> 
     return bracket.on_result(SimpleNamespace(trial_id=trial_id), int(iteration), scheduler._metric_op * float(value))
 
 
-def asha_forget(scheduler: Any, trial_id: str) -> None:
-    """Drop a trial ASHA tracks (a control-arm trial that must never count in the rungs)."""
-    check_versions()
-    scheduler._trial_info.pop(trial_id, None)
-
-
 def restored_scheduler(tuner: Any) -> Any:
     """The scheduler a restored Tuner will use: the one unpickled with the experiment, not a fresh one."""
     check_versions()

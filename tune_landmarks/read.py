@@ -6,6 +6,7 @@ every problem it sees instead of stopping at the first one, so a user fixes a da
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import logging
@@ -74,18 +75,19 @@ class DatasetInfo:
     def symbols(self) -> list[str]:
         return symbols(self.catalogue)
 
-    @property
-    def default_splits(self) -> tuple[str, str]:
-        """(train, validation) split names for this layout."""
-        return ("train", "valid") if self.format == "aariz" else ("train", "test1")
-
     def train_split(self, given: str | None = None) -> str:
-        """The split trained on: `given`, else this layout's default. The one place the default lives."""
-        return given or self.default_splits[0]
+        """The split trained on: `given`, else `train`. (Images of the other roles carved from it are left out.)"""
+        return given or "train"
 
     def val_split(self, given: str | None = None) -> str:
-        """The split validated (and selected) on: `given`, else this layout's default."""
-        return given or self.default_splits[1]
+        """The selection split (difficulty threshold, Optuna's objective, ASHA, export's choice): `given`, else
+        Aariz's `valid`, or for ISBI (which ships no validation split) 20 % carved from `train`."""
+        return given or ("valid" if self.format == "aariz" else "train:0.2")
+
+    def test_split(self, given: str | None = None) -> str | None:
+        """The verdict split (judged on, never chosen on): `given`, else Aariz's `test` / ISBI's `test1` when
+        present."""
+        return given or next((s for s in (("test",) if self.format == "aariz" else ("test1",)) if s in self.splits), None)
 
 
 def _find_dir(parent: Path, name: str) -> Path | None:
@@ -449,13 +451,18 @@ def _read_isbi_split(info: DatasetInfo, split: str, annotator: str) -> Split:
 
 
 def read_split(info: DatasetInfo, split: str, annotator: str = "mean") -> Split:
-    """Read one split; problems are collected in `Split.problems`, never raised one by one."""
+    """Read one split spec (`name`, or `name:fraction`: its carved part, see `carve`); problems are collected
+    in `Split.problems`, never raised one by one."""
     _check_annotator(annotator)
-    if split not in info.splits:
-        return Split(split, [], [f"{info.root}: split {split!r} is missing (present: {', '.join(info.splits) or 'none'})"])
-    if info.format == "aariz":
-        return _read_aariz_split(info, split, annotator)
-    return _read_isbi_split(info, split, annotator)
+    name, fraction = parse_split(split)
+    if name not in info.splits:
+        return Split(split, [], [f"{info.root}: split {name!r} is missing (present: {', '.join(info.splits) or 'none'})"])
+    sp = _read_aariz_split(info, name, annotator) if info.format == "aariz" else _read_isbi_split(info, name, annotator)
+    if fraction is None:
+        return sp
+    keep = carve([r.image_id for r in sp.records], fraction) if sp.records else set()
+    return Split(split, [r for r in sp.records if r.image_id in keep], sp.problems, sp.bad_images,
+                 {a: {i: v for i, v in pts.items() if i in keep} for a, pts in sp.annotations.items()})
 
 
 def load_split(info: DatasetInfo, split: str, annotator: str = "mean", skip_bad: bool = False) -> Split:
@@ -468,6 +475,77 @@ def load_split(info: DatasetInfo, split: str, annotator: str = "mean", skip_bad:
     if sp.problems:
         log.info(f"--skip-bad: dropped {len(sp.bad_images)} image(s) of split {split!r} with problems")
     return sp
+
+
+CARVE_SALT = "tune_landmarks:carve:v1"  # changing it changes every carved split: never change it silently
+
+
+def parse_split(spec: str) -> tuple[str, float | None]:
+    """A split spec: `name` (the whole split) or `name:fraction` (a deterministic part of it, see `carve`)."""
+    name, sep, frac = str(spec).partition(":")
+    if not sep:
+        return name, None
+    try:
+        fraction = float(frac)
+    except ValueError:
+        fraction = math.nan
+    if not 0 < fraction < 1:
+        raise ValueError(f"The value of split spec {spec!r} is not valid, but must be NAME or NAME:FRACTION with "
+                         "0 < FRACTION < 1 (e.g. train:0.2).")
+    return name, fraction
+
+
+def carve(image_ids: list[str], fraction: float) -> set[str]:
+    """The `fraction` of `image_ids` with the smallest salted sha256: the same on every node and every run,
+    whatever the file order, and stable when images are added (an image's place depends on its id alone)."""
+    k = max(1, round(fraction * len(image_ids)))
+    return set(sorted(image_ids, key=lambda i: hashlib.sha256(f"{CARVE_SALT}:{i}".encode()).hexdigest())[:k])
+
+
+@dataclass
+class Roles:
+    """The images of each role of a run or sweep. They never mix: the selection split chooses (threshold,
+    trial, epoch), the verdict split judges, and training sees neither."""
+
+    train: Split
+    val: Split
+    test: Split | None = None
+
+    def ids(self) -> dict[str, dict[str, list[str]]]:
+        """{role: {"spec": ..., "image_ids": [...]}}, what sweep.json records."""
+        return {role: {"spec": sp.name, "image_ids": [r.image_id for r in sp.records]}
+                for role, sp in (("train", self.train), ("val", self.val), ("test", self.test)) if sp is not None}
+
+
+def load_roles(info: DatasetInfo, train: str | None = None, val: str | None = None, test: str | None = None,
+               annotator: str = "mean", skip_bad: bool = False, with_test: bool = True) -> Roles:
+    """The train / selection / verdict splits from their specs (defaults per layout). The selection and verdict
+    splits must be disjoint (refused, naming both, before any work); training loses every image they carve
+    from its split."""
+    specs = {"train": info.train_split(train), "val": info.val_split(val)}
+    if with_test and info.test_split(test):
+        specs["test"] = info.test_split(test)
+    held = {role: load_split(info, specs[role], annotator, skip_bad) for role in specs if role != "train"}
+    if "test" in held:
+        shared = _shared(held["val"], held["test"])
+        if shared:
+            raise ValueError(f"the selection split {specs['val']!r} (--val-split) and the verdict split {specs['test']!r} "
+                             f"(--test-split) share {len(shared)} image(s) (e.g. {', '.join(sorted(shared)[:3])}): "
+                             "they must be disjoint, or the verdict judges what chose it")
+    tr = load_split(info, specs["train"], annotator, skip_bad)
+    taken = set().union(*(_shared(tr, sp) for sp in held.values()))
+    tr.records = [r for r in tr.records if r.image_id not in taken]
+    if not tr.records:
+        raise ValueError(f"the training split {specs['train']!r} has no image left once the selection and verdict "
+                         f"splits ({', '.join(repr(s) for r, s in specs.items() if r != 'train')}) are taken out")
+    return Roles(tr, held["val"], held.get("test"))
+
+
+def _shared(a: Split, b: Split) -> set[str]:
+    """Image ids two split specs share (only specs of the same dataset split can)."""
+    if parse_split(a.name)[0] != parse_split(b.name)[0]:
+        return set()
+    return {r.image_id for r in a.records} & {r.image_id for r in b.records}
 
 
 def spacing_range(records: list[Record]) -> tuple[float, float]:

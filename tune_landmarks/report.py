@@ -1,21 +1,22 @@
 """`tune-landmarks report`: one HTML page (index.html + PNGs) that says what a sweep found.
 
-It reads only the experiment (wherever it is stored): sweep.json, the tables, the Optuna journal and the
-trials' kept checkpoints. The verdict on masking re-scores the start checkpoint, the best searched trial and
-the control on the validation split, image by image, because only paired intervals can tell a real gain
-from the noise of a small validation set.
+It reads only the experiment (wherever it is stored): sweep.json, the tables, the Optuna journal, the verdict
+and the arm winners' kept checkpoints. The verdict comes first: each arm's winner (chosen on the selection
+split) against the start model and the other arms, on the verdict split that no choice ever saw, with paired
+intervals — the only way to tell a real gain from the winner's curse and the noise of a small split.
 """
 from __future__ import annotations
 
 import argparse
 import html
+import json
 import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .experiment import JOURNAL_FILE, Experiment, Sweep
+from .experiment import JOURNAL_FILE, VERDICT_FILES, Experiment, Sweep
 from .plots import (
     epochs_figure,
     forest_figure,
@@ -25,13 +26,12 @@ from .plots import (
     parallel_figure,
     png_bytes,
 )
-from .results import best_row, kept_checkpoints
-from .verdict import CONFIDENCE, Scored, compute_verdict, group_table, verdict_lines, verdict_sentences
+from .results import best_row
+from .verdict import comparisons_of, format_verdict
 
 log = logging.getLogger(__name__)
 MIN_IMPORTANCE_TRIALS = 2  # below this an importance is not defined
 FEW_IMPORTANCE_TRIALS = 10  # below this it is noise-dominated; the page says so
-Models = dict[str, tuple[Path | None, str]]  # role -> (local checkpoint, or None and why it is missing)
 
 
 @dataclass
@@ -69,15 +69,14 @@ class Page:
 # ---------------------------------------------------------------- the experiment
 
 def load_study(exp: Experiment, name: str) -> tuple[Any, str]:
-    """The sweep's Optuna study from its journal, or (None, why not)."""
+    """One arm's Optuna study (`SWEEP.ARM`) from the sweep's journal, or (None, why not)."""
     import optuna
     from optuna.storages import JournalStorage
     from optuna.storages.journal import JournalFileBackend
 
     if not exp.exists(JOURNAL_FILE):
         return None, f"No Optuna journal ({exp.uri_of(JOURNAL_FILE)} is missing)"
-    journal = exp.local_file(JOURNAL_FILE)
-    storage = JournalStorage(JournalFileBackend(str(journal)))
+    storage = JournalStorage(JournalFileBackend(str(exp.local_file(JOURNAL_FILE))))
     if name not in optuna.get_all_study_names(storage):
         return None, f"{exp.uri_of(JOURNAL_FILE)} holds no study named {name!r}"
     return optuna.load_study(study_name=name, storage=storage), ""
@@ -90,23 +89,17 @@ def _complete(study: Any) -> list[Any]:
             if t.value is not None and math.isfinite(t.value)]
 
 
-def checkpoints(exp: Experiment, resume: str | None, best: dict[str, Any] | None,
-                control: dict[str, Any] | None) -> Models:
-    """role -> (checkpoint, or None and why it is missing) for the start, the best trial (its kept checkpoint
-    with the lowest val MRE) and the control."""
-    start = Path(resume) if resume else None
-    models = {"start": (start, "") if start and start.exists() else
-              (None, f"{start} not found" if start else "sweep.json names no start checkpoint")}
-    for role, row in (("best trial", best), ("control", control)):
-        if row is None:
-            models[role] = (None, f"no {'searched' if role == 'best trial' else 'control'} trial with a result")
-            continue
-        kept = kept_checkpoints(exp, row["trial_id"])
-        if kept:
-            models[role] = (exp.local_file(min(kept.values())[1], "checkpoint.pt"), "")
-        else:
-            models[role] = (None, f"trial {row['trial_id']} has no kept checkpoint in {exp.trial_dir(row['trial_id'])}")
-    return models
+def verdict_of(exp: Experiment, n_boot: int, seed: int, device: str) -> tuple[dict[str, Any] | None, str]:
+    """The verdict the sweep recorded (verdict.json), else one computed now with `n_boot` and `seed` (and
+    written); (None, why) when it cannot be computed, e.g. the start checkpoint is gone."""
+    from .compare import sweep_verdict
+
+    if exp.exists(VERDICT_FILES["json"]):
+        return json.loads(exp.read_text(VERDICT_FILES["json"])), ""
+    try:
+        return sweep_verdict(exp, n_boot, seed, device), ""
+    except (OSError, ValueError) as exc:
+        return None, str(exc)
 
 
 def with_annotators(table: Any, sweep: Sweep, split: str) -> Any:
@@ -119,8 +112,7 @@ def with_annotators(table: Any, sweep: Sweep, split: str) -> Any:
 
     try:
         info = describe(sweep.base["dataset_path"], sweep.base.get("format"))
-        agree = disagreement_table(info, [split]).to_pylist()
-        median = {r["landmark"]: r["median_mm"] for r in agree}
+        median = {r["landmark"]: r["median_mm"] for r in disagreement_table(info, [split]).to_pylist()}
     except (OSError, ValueError) as exc:
         log.warning(f"annotator disagreement not available: {exc}")
         median = {}
@@ -128,58 +120,62 @@ def with_annotators(table: Any, sweep: Sweep, split: str) -> Any:
                                pa.array([median.get(s) for s in table["symbol"].to_pylist()], pa.float64()))
 
 
-def score_models(models: Models, sweep: Sweep, device: str) -> dict[str, Scored]:
-    """Each available model scored on the sweep's own dataset, validation split and annotator."""
-    from .compare import evaluated
+# ---------------------------------------------------------------- sections
 
-    base = sweep.base
-    options = {"fmt": base.get("format"), "annotator": base.get("annotator", "mean"), "device": device,
-               "cache_dir": base.get("cache_dir")}
-    return {role: evaluated(path, base["dataset_path"], base.get("val_split"), **options)
-            for role, (path, _) in models.items() if path}
-
-
-# ---------------------------------------------------------------- the verdict
-
-def verdict_section(page: Page, models: Models, scored: dict[str, Scored], n_boot: int, seed: int) -> None:
-    """The page's verdict on the models that exist."""
-    page.heading("Verdict on masking")
-    for role, (path, why) in models.items():
-        page.text(f"{role}: {path}" if path else f"{role}: not available — {why}", "" if path else "note")
-    if len(scored) < 2:
-        page.note("No comparison possible: fewer than two of the start, best trial and control checkpoints exist.")
+def verdict_section(page: Page, record: dict[str, Any] | None, why: str) -> None:
+    """First on the page: the verdict's sentences, its headline table and one forest plot per comparison."""
+    if record is None:
+        page.heading("Verdict")
+        page.note(f"Verdict not available — {why}")
         return
-    results, hard = compute_verdict(scored, n_boot, seed)
-    n = next(iter(results.values()))[0].n_images
-    page.text(f"Paired differences on the {n} images of the validation split (candidate - reference; negative = "
-              f"lower error), {n_boot} bootstrap resamples of images, {CONFIDENCE:.0%} percentile intervals; "
-              f"* = the interval excludes 0. Difficult set: {', '.join(hard) or 'none'} (the best trial's).")
-    for line in verdict_sentences(results.get(("best trial", "start")), results.get(("best trial", "control"))):
-        page.text(line, "verdict" if line.startswith("Verdict") else "")
-    page.table(group_table([(f"{c} vs {r}", rows) for (c, r), rows in results.items()]))
-    page.note("The best trial was chosen on this same validation split, so its intervals are optimistic; confirm "
-              "on held-out images with `tune-landmarks compare`.")
-    for (cand, ref), rows in results.items():
-        name = f"forest_{cand.replace(' ', '_')}_vs_{ref}.png"
-        page.figure(forest_figure(rows, f"{cand} vs {ref} ({rows[0].n_images} validation images)"), name,
-                    f"Per-landmark paired difference, {cand} vs {ref} (red: difficult landmarks).")
+    page.heading(f"Verdict on {record['split']} (images never used for a choice)")
+    arms = ", ".join(f"best {arm}: trial {a['trial_id']} epoch {a['epoch']} ({a['budget']} trials)"
+                     for arm, a in record.get("arms", {}).items())
+    page.text(f"Each arm's winner was chosen on the selection split ({record.get('selection_split')}); here it is "
+              f"compared, image by image, on {len(record['image_ids'])} images of {record['split']}. {arms}. "
+              f"Difficult set (chosen on the selection split): {', '.join(record['difficult']) or 'none'}. "
+              f"{record['bootstrap']} bootstrap resamples of images, {record['confidence']:.0%} intervals.")
+    for line in record["sentences"]:
+        page.text(line, "verdict" if line.startswith("Verdict") else "note" if line.startswith("  note") else "")
+    page.parts.append(f"<pre>{html.escape(format_verdict(record))}</pre>")
+    for c in comparisons_of(record):
+        name = f"forest_{c.a.replace(' ', '_')}_vs_{c.b.replace(' ', '_')}.png"
+        page.figure(forest_figure(c.rows, f"{c.a} vs {c.b} ({c.rows[0].n_images} images of {record['split']})"), name,
+                    f"Per-landmark paired difference, {c.a} vs {c.b} (red: difficult; per-landmark intervals are "
+                    "exploratory).")
 
 
-def sweep_verdict(experiment: Experiment | str, n_boot: int = 1000, seed: int = 0, device: str = "auto") -> list[str]:
-    """The verdict as text lines for the end-of-sweep summary (empty when fewer than two models exist)."""
-    exp = Experiment.of(experiment)
-    sweep = exp.load_sweep()
-    rows = exp.read_table("trials").to_pylist()
-    models = checkpoints(exp, sweep.base.get("resume"), best_row([r for r in rows if not r["control"]]),
-                         best_row([r for r in rows if r["control"]]))
-    scored = score_models(models, sweep, device)
-    if len(scored) < 2:
-        return []
-    results, hard = compute_verdict(scored, n_boot, seed)
-    n = next(iter(results.values()))[0].n_images
-    split = next(iter(scored.values())).split
-    return [f"verdict on masking ({n} {split} images, paired bootstrap, 95% intervals; difficult: "
-            f"{', '.join(hard) or 'none'}):"] + verdict_lines(results)
+def study_sections(page: Page, exp: Experiment, sweep: Sweep) -> None:
+    """Optimisation history of every arm, then each arm's parameter importances and parallel coordinates, all
+    from the arms' Optuna studies."""
+    import optuna
+
+    studies = {arm: load_study(exp, f"{sweep.settings.name}.{arm}") for arm in sweep.settings.arms}
+    page.heading("Optimisation history")
+    missing = [f"{arm}: {why}" for arm, (study, why) in studies.items() if study is None]
+    for why in missing:
+        page.note(f"{why}: history, importances and parallel coordinates need the study.")
+    complete = {arm: _complete(study) for arm, (study, _) in studies.items() if study is not None}
+    if complete:
+        page.figure(history_figure(complete, sweep.start_mre), "history.png",
+                    "Best val MRE of each arm's trials in Optuna's order, and each arm's running best.")
+    for arm, trials in complete.items():
+        searched = {k for t in trials for k, d in t.distributions.items() if not d.single()}
+        page.heading(f"Arm {arm}: parameter importances and parameters vs val MRE")
+        if len(trials) < MIN_IMPORTANCE_TRIALS:
+            page.note(f"Importances need at least {MIN_IMPORTANCE_TRIALS} complete trials; the {arm} study has "
+                      f"{len(trials)}.")
+        elif not searched:
+            page.note("No searched parameter varies in the complete trials, so there is no importance to rank.")
+        else:
+            page.figure(importance_figure(optuna.importance.get_param_importances(studies[arm][0]), len(trials)),
+                        f"importances_{arm}.png", f"optuna.importance.get_param_importances on the {arm} study.")
+            if len(trials) < FEW_IMPORTANCE_TRIALS:
+                page.note(f"Estimated from only {len(trials)} complete trials: treat the ranking as rough.")
+        if trials and searched:
+            page.figure(parallel_figure(trials), f"parallel_{arm}.png",
+                        f"Parallel coordinates of the {arm} arm's trials; each axis spans its range in the search "
+                        "space (log axes for log-uniform parameters).")
 
 
 # ---------------------------------------------------------------- the page
@@ -190,38 +186,6 @@ h1{font-size:1.5em}h2{border-bottom:1px solid #ccc;padding-bottom:.2em;margin-to
 table.t{border-collapse:collapse;font-size:.85em}table.t td,table.t th{border:1px solid #ddd;padding:2px 6px}
 figure{margin:1em 0}img{max-width:100%}figcaption{font-size:.85em;color:#555}"""
 
-
-
-def study_sections(page: Page, study: Any, no_study: str, start_mre: float, controls: list[float]) -> None:
-    """Optimisation history, parameter importances and parallel coordinates, all from the Optuna study."""
-    page.heading("Optimisation history")
-    if study is None:
-        page.note(f"{no_study}: history, importances and parallel coordinates need the study.")
-        return
-    complete = _complete(study)
-    page.figure(history_figure(complete, start_mre, controls), "history.png",
-                "Best val MRE of each searched trial in Optuna's order, and the running best.")
-    searched = {k for t in complete for k, d in t.distributions.items() if not d.single()}
-    page.heading("Parameter importances")
-    if len(complete) < MIN_IMPORTANCE_TRIALS:
-        page.note(f"Importances need at least {MIN_IMPORTANCE_TRIALS} complete trials; the study has "
-                  f"{len(complete)}.")
-    elif not searched:
-        page.note("No searched parameter varies in the complete trials, so there is no importance to rank.")
-    else:
-        import optuna
-
-        page.figure(importance_figure(optuna.importance.get_param_importances(study), len(complete)),
-                    "importances.png", "optuna.importance.get_param_importances on the sweep's study.")
-        if len(complete) < FEW_IMPORTANCE_TRIALS:
-            page.note(f"Estimated from only {len(complete)} complete trials: treat the ranking as rough.")
-    page.heading("Parameters vs val MRE")
-    if complete and searched:
-        page.figure(parallel_figure(complete), "parallel.png",
-                    "Parallel coordinates of the searched trials (the control is not a sample of the space); "
-                    "each axis spans its range in the search space (log axes for log-uniform parameters).")
-    else:
-        page.note("No complete searched trial with a varying parameter to draw.")
 
 
 def report(experiment: Experiment | str, out: str | Path, *, storage: str | None = None, n_boot: int = 2000,
@@ -243,44 +207,34 @@ def report(experiment: Experiment | str, out: str | Path, *, storage: str | None
                               "choose another --out")
     sweep = exp.load_sweep()
     trials_t, landmarks_t = exp.read_table("trials"), exp.read_table("landmarks")
-    base, s = sweep.base, sweep.settings
+    s, sel = sweep.settings, sweep.roles.get("val", {}).get("spec", "the selection split")
     rows = trials_t.to_pylist()
-    best = best_row([r for r in rows if not r["control"]])
-    control = best_row([r for r in rows if r["control"]])
-    study, no_study = load_study(exp, s.name)
-    models = checkpoints(exp, base.get("resume"), best, control)
-    scored = score_models(models, sweep, device)
-    split = next(iter(scored.values())).split if scored else base.get("val_split") or "validation"
+    best = best_row(rows)
+    record, why = verdict_of(exp, n_boot, seed, device)
 
     with staged_dir(out) as stage:
         page = Page(stage)
         page.parts.append(f"<h1>Sweep {html.escape(s.name)}</h1>")
-        page.text(f"{exp} — {len(rows)} trials ({s.num_samples} searched + {len(sweep.controls)} control), "
-                  f"{s.epochs} epochs each; start checkpoint {base.get('resume')}: {split} MRE {sweep.start_mre:.3f} mm.")
+        budgets = ", ".join(f"{arm} {s.budget(arm)}" for arm in s.arms)
+        page.text(f"{exp} — {len(rows)} trials (per arm: {budgets}), {s.epochs} epochs each; start checkpoint "
+                  f"{sweep.base.get('resume')}: {sel} MRE {sweep.start_mre:.3f} mm.")
         for n in sweep.notes:
             page.note(n)
-        if best is None:
-            page.note("No searched trial reported a result.")
-        else:
-            page.text(f"Best searched trial {best['trial_id']}: val MRE {best['best_val_mre']:.3f} mm at epoch "
-                      f"{best['best_epoch']}, difficult set {best['difficult'] or 'none'}.")
-        if control is not None and (best is None or control["best_val_mre"] < best["best_val_mre"]):
-            page.note(f"The control {control['trial_id']} (all landmarks) has the lowest val MRE of all trials.")
+        if best is None or best["best_val_mre"] >= sweep.start_mre:
+            page.note(f"No fine-tuned trial improved on the start model on {sel}: keep the start model.")
+        verdict_section(page, record, why)
 
-        verdict_section(page, models, scored, n_boot, seed)
-
-        page.heading("Per-landmark error: start vs best trial")
+        page.heading(f"Per-landmark error on {sel}: start vs the best trial")
         lm = landmarks_t.filter(pc.equal(landmarks_t["trial_id"], best["trial_id"])) if best else None
         if lm is None:
-            page.note("No best trial, so no per-landmark comparison.")
+            page.note("No trial reported a result, so no per-landmark comparison.")
         else:
-            page.figure(landmark_figure(lm.to_pylist(), f"best trial {best['trial_id']} vs start "
-                                                        "(red: difficult, in the loss; blue: the others)"),
-                        "landmarks.png", "Validation MRE per landmark at the start and at the best trial's best "
-                                         "epoch; the right panel is the change (blue bars right of 0 = drift).")
+            page.figure(landmark_figure(lm.to_pylist(), f"best {best['arm']} ({best['trial_id']}) vs start "
+                                                        "(red: difficult; blue: the others)"),
+                        "landmarks.png", f"{sel} MRE per landmark at the start and at the best trial's best epoch; the "
+                                         "right panel is the change (blue bars right of 0 = drift).")
 
-        study_sections(page, study, no_study, sweep.start_mre,
-                       [r["best_val_mre"] for r in rows if r["control"] and r["best_val_mre"] is not None])
+        study_sections(page, exp, sweep)
 
         page.heading("Epochs spent per trial")
         fig, summary = epochs_figure(rows, int(s.epochs))
@@ -289,11 +243,11 @@ def report(experiment: Experiment | str, out: str | Path, *, storage: str | None
         page.heading("Trials")
         page.table(trials_t.drop_columns([c for c in ("path",) if c in trials_t.column_names]))
         if lm is not None:
-            page.heading(f"Best trial {best['trial_id']}: landmarks")
+            page.heading(f"Best trial {best['trial_id']} ({best['arm']}): landmarks on {sel}")
             page.text("annotators_median_mm: the senior-junior distance on the same split, per landmark — what the "
                       "annotators themselves disagree by. A landmark whose error is near it has little left to gain.")
             page.table(with_annotators(lm.select(["symbol", "start_mre_mm", "best_mre_mm", "change_mm", "difficult"]),
-                                       sweep, split).sort_by([("change_mm", "ascending")]))
+                                       sweep, sel).sort_by([("change_mm", "ascending")]))
 
         (stage / "index.html").write_text(
             "<!doctype html><html><head><meta charset='utf-8'><title>"
@@ -310,11 +264,12 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def register_cli(sub: Any) -> None:
-    s = sub.add_parser("report", help="HTML report of a sweep: plots, tables and a verdict on masking")
-    s.add_argument("experiment", help="experiment directory, or its name under --storage")
+    s = sub.add_parser("report", help="HTML report of a sweep: the verdict, plots and tables")
+    s.add_argument("experiment", help="experiment path or URI, or its name under --storage")
     s.add_argument("--out", required=True, help="folder for index.html and its PNGs")
     s.add_argument("--storage", help="where the experiment's name is looked up (default ./sweeps)")
-    s.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples of the images for the verdict")
+    s.add_argument("--bootstrap", type=int, default=2000,
+                   help="bootstrap resamples of the images, when the sweep recorded no verdict.json")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--device", default="auto")
     s.set_defaults(func=cmd_report)

@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 
 import pyarrow as pa
 
-from .experiment import CONTROL_KEY, METRIC, TABLES, TERMINAL, Experiment, Sweep
+from .experiment import ARM_KEY, METRIC, TABLES, TERMINAL, Experiment, Sweep
 from .metrics import finite_or_none
 
 T = TypeVar("T")
@@ -34,7 +34,7 @@ def lowest(items: Iterable[T], value: Callable[[T], Any]) -> T | None:
 class TrialRecord:
     trial_id: str
     status: str
-    control: bool
+    arm: str
     params: dict[str, Any]
     path: str
     epochs: list[dict[str, Any]]
@@ -47,13 +47,20 @@ class TrialRecord:
         return lowest(self.epochs, lambda e: e.get(METRIC))
 
 
-def best_trial(trials: list[TrialRecord]) -> TrialRecord | None:
-    return lowest(trials, lambda t: t.best[METRIC] if t.best else None)
+def best_trial(trials: list[TrialRecord], arm: str | None = None) -> TrialRecord | None:
+    """The best trial of the sweep, or of one arm: the same rule on the selection split for every arm."""
+    return lowest([t for t in trials if arm in (None, t.arm)], lambda t: t.best[METRIC] if t.best else None)
 
 
-def best_row(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+def winners(trials: list[TrialRecord], arms: list[str]) -> dict[str, TrialRecord]:
+    """Each arm's best trial (arms without a scored trial are left out), in the sweep's arm order."""
+    found = {arm: best_trial(trials, arm) for arm in arms}
+    return {arm: t for arm, t in found.items() if t is not None}
+
+
+def best_row(rows: list[dict[str, Any]], arm: str | None = None) -> dict[str, Any] | None:
     """best_trial for rows of trials.parquet."""
-    return lowest(rows, lambda r: r.get("best_val_mre"))
+    return lowest([r for r in rows if arm in (None, r["arm"])], lambda r: r.get("best_val_mre"))
 
 
 def _error_line(text: str | None) -> str:
@@ -73,14 +80,16 @@ def collect(experiment: Experiment | str) -> list[TrialRecord]:
     for t in ea.trials:
         df = ea.trial_dataframes.get(t.trial_id)
         rows = df.to_dict("records") if df is not None and len(df) else []
+        # an epoch reported after Ray's last saved state is run again on resume: keep its last report only
+        rows = list({r.get("epoch", i): r for i, r in enumerate(rows)}.values())
         err = ""
         if t.status == "ERROR":
             try:
                 err = _error_line(t.get_error())
             except Exception as exc:  # the error file can be missing after a hard kill
                 err = f"(error file unreadable: {exc})"
-        out.append(TrialRecord(t.trial_id, t.status, bool(t.config.get(CONTROL_KEY)),
-                               {k: v for k, v in t.config.items() if k != CONTROL_KEY}, str(t.path), rows, err))
+        out.append(TrialRecord(t.trial_id, t.status, str(t.config.get(ARM_KEY, "masked")),
+                               {k: v for k, v in t.config.items() if k != ARM_KEY}, str(t.path), rows, err))
     return out  # in the order Ray created the trials (its ids are random hex)
 
 
@@ -103,7 +112,7 @@ def write_tables(experiment: Experiment | str, sweep: Sweep, trials: list[TrialR
     exp = Experiment.of(experiment)
     names = sorted({k for t in trials for k in t.params})
     max_epochs = sweep.settings.epochs
-    trow: dict[str, list] = {k: [] for k in ("trial_id", "status", "control", "difficult", "epochs_done",
+    trow: dict[str, list] = {k: [] for k in ("trial_id", "status", "arm", "difficult", "epochs_done",
                                               "stopped_early", "best_epoch", "error", "path")}
     for k in names:
         trow[f"param_{k}"] = []
@@ -114,7 +123,7 @@ def write_tables(experiment: Experiment | str, sweep: Sweep, trials: list[TrialR
         b = t.best or {}
         trow["trial_id"].append(t.trial_id)
         trow["status"].append(t.status)
-        trow["control"].append(t.control)
+        trow["arm"].append(t.arm)
         trow["difficult"].append(str((t.epochs[-1].get("difficult") if t.epochs else "") or ""))
         trow["epochs_done"].append(len(t.epochs))
         trow["stopped_early"].append(t.status == "TERMINATED" and len(t.epochs) < max_epochs)
@@ -126,13 +135,13 @@ def write_tables(experiment: Experiment | str, sweep: Sweep, trials: list[TrialR
             trow[f"param_{k}"].append(None if v is None else (v if isinstance(v, (int, float, bool)) else str(v)))
         for k in at_best:
             trow[f"best_{k}"].append(finite_or_none(b.get(k)))
-    erow: dict[str, list] = {"trial_id": [], "control": []} | {k: [] for k in _SCALARS}
-    lrow: dict[str, list] = {k: [] for k in ("trial_id", "control", "symbol", "start_mre_mm", "best_mre_mm",
+    erow: dict[str, list] = {"trial_id": [], "arm": []} | {k: [] for k in _SCALARS}
+    lrow: dict[str, list] = {k: [] for k in ("trial_id", "arm", "symbol", "start_mre_mm", "best_mre_mm",
                                              "change_mm", "difficult")}
     for t in trials:
         for e in t.epochs:
             erow["trial_id"].append(t.trial_id)
-            erow["control"].append(t.control)
+            erow["arm"].append(t.arm)
             for k in _SCALARS:
                 erow[k].append(finite_or_none(e.get(k)))
         b = t.best
@@ -143,7 +152,7 @@ def write_tables(experiment: Experiment | str, sweep: Sweep, trials: list[TrialR
             start = sweep.start_errors.get(s)
             best = finite_or_none(b.get(f"mre_{s}"))
             lrow["trial_id"].append(t.trial_id)
-            lrow["control"].append(t.control)
+            lrow["arm"].append(t.arm)
             lrow["symbol"].append(s)
             lrow["start_mre_mm"].append(start)
             lrow["best_mre_mm"].append(best)
@@ -159,34 +168,35 @@ def unfinished(sweep: Sweep, trials: list[TrialRecord]) -> int:
 
 
 def summary_text(sweep: Sweep, trials: list[TrialRecord]) -> str:
-    """End-of-sweep summary: the best trial, the control and the start, with the best trial's landmarks."""
-    lines = []
+    """End-of-sweep summary on the selection split: first whether anything beat the start model, then each
+    arm's winner with its budget, then the best trial's landmarks. (The verdict, on unseen images, follows.)"""
+    sel = sweep.roles.get("val", {}).get("spec") or "the selection split"
     done = sum(t.status in TERMINAL for t in trials)
     err = sum(t.status == "ERROR" for t in trials)
     early = sum(t.status == "TERMINATED" and len(t.epochs) < sweep.settings.epochs for t in trials)
-    lines.append(f"{len(trials)} trials: {done} finished ({err} errored, {early} stopped early by ASHA)")
+    lines = []
     bt = best_trial(trials)
-    start_mre = sweep.start_mre
-    lines.append(f"start checkpoint: val MRE {start_mre:.3f} mm")
-    for c in [t for t in trials if t.control and t.best]:
-        lines.append(f"control {c.trial_id} (all landmarks, same epochs): best val MRE {c.best['val_mre']:.3f} mm "
-                     f"at epoch {int(c.best['epoch'])}")
+    if bt is None or bt.best[METRIC] >= sweep.start_mre:
+        best = "no trial reported a result" if bt is None else f"best {bt.arm} {bt.best[METRIC]:.3f} mm"
+        lines.append(f"No fine-tuned trial improved on the start model on {sel} (start {sweep.start_mre:.3f} mm, "
+                     f"{best}): keep the start model.")
+    lines.append(f"{len(trials)} trials: {done} finished ({err} errored, {early} stopped early by ASHA)")
+    lines.append(f"start: {sel} MRE {sweep.start_mre:.3f} mm")
+    for arm, t in winners(trials, sweep.settings.arms).items():
+        b = t.best
+        lines.append(f"best {arm} ({t.trial_id}, {sweep.settings.budget(arm)} trials): {sel} MRE {b[METRIC]:.3f} mm "
+                     f"at epoch {int(b['epoch'])}; difficult {_mm(b.get('val_mre_difficult'))}, others "
+                     f"{_mm(b.get('val_mre_other'))}, max drift {_mm(b.get('max_drift'), signed=True)}")
+        lines.append("  parameters: " + ", ".join(f"{k}={_fmt(v)}" for k, v in sorted(t.params.items())))
     if bt is None:
-        lines.append("no trial reported a result")
         return "\n".join(lines)
     b = bt.best
-    lines.append(f"best trial {bt.trial_id}{' (the CONTROL: plain fine-tuning on all landmarks)' if bt.control else ''}: "
-                 f"val MRE {b['val_mre']:.3f} mm at epoch {int(b['epoch'])}; difficult {_mm(b.get('val_mre_difficult'))}, "
-                 f"others {_mm(b.get('val_mre_other'))}, max drift {_mm(b.get('max_drift'), signed=True)}")
-    if b["val_mre"] >= start_mre:
-        lines.append("  no trial improved on the start checkpoint's val MRE")
-    lines.append("  parameters: " + ", ".join(f"{k}={_fmt(v)}" for k, v in sorted(bt.params.items())))
     hard = set(str(b.get("difficult") or "").split(","))
-    lines.append(f"  {'landmark':<9}{'start':>8}{'best':>8}{'change':>9}")
+    lines.append(f"  {'landmark':<9}{'start':>8}{'best ' + bt.arm:>14}{'change':>9}   (best trial {bt.trial_id}, {sel})")
     for s in sorted(sweep.symbols, key=lambda s: -(finite_or_none(b.get(f"mre_{s}")) or 0)):
         v = finite_or_none(b.get(f"mre_{s}"))
         st = sweep.start_errors.get(s, float("nan"))
-        lines.append(f"  {s:<9}{st:>8.3f}{(v or float('nan')):>8.3f}{((v or float('nan')) - st):>+9.3f}"
+        lines.append(f"  {s:<9}{st:>8.3f}{(v or float('nan')):>14.3f}{((v or float('nan')) - st):>+9.3f}"
                      + ("  *" if s in hard else ""))
     return "\n".join(lines)
 

@@ -2,7 +2,7 @@
 early-stopping decisions.
 
 Ray restores the trials (each continues from its last checkpoint) and the searcher (the Optuna study
-goes on; orphans of a hard kill are failed, see search.ControlArm). Ray does not restore ASHA's rungs:
+goes on; orphans of a hard kill are failed, see search.ArmSearch). Ray does not restore ASHA's rungs:
 they are rebuilt from the recorded results (search.replay_rungs) before anything runs.
 """
 from __future__ import annotations
@@ -11,7 +11,7 @@ import argparse
 import logging
 from typing import Any
 
-from .experiment import DEFAULT_STORAGE, SWEEP_FILE, TERMINAL, Experiment
+from .experiment import DEFAULT_STORAGE, SWEEP_FILE, TERMINAL, Experiment, Sweep
 
 log = logging.getLogger(__name__)
 
@@ -20,11 +20,13 @@ def resume(experiment: str, storage: str = DEFAULT_STORAGE, restart_errored: boo
            address: str | None = None) -> int:
     from ray import tune
 
+    from .ray_setup import driver_console
     from .results import collect, unfinished
-    from .search import build_tuner, finish, init_ray, replay_rungs
+    from .search import build_tuner, finish, init_ray, journal_path, replay_rungs
 
     exp = Experiment.find(experiment, storage)
     sweep = exp.load_sweep()
+    check_roles(sweep)
     if not tune.Tuner.can_restore(exp.uri):
         raise FileNotFoundError(f"{exp}: has {SWEEP_FILE} but no Ray experiment state to restore "
                                 "(was the sweep killed before its first trial started?)")
@@ -37,13 +39,32 @@ def resume(experiment: str, storage: str = DEFAULT_STORAGE, restart_errored: boo
         return 0
     # the sweep's own settings, except where it now lives
     sweep.settings.storage, sweep.settings.name = exp.storage, exp.name
+    if exp.local is None:  # the study goes on from the journal in the experiment's storage (search.journal_path)
+        exp.pull_journal(journal_path(exp))
     init_ray(address or sweep.settings.address)
     tuner, scheduler = build_tuner(sweep, restore=True, restart_errored=restart_errored)
     n = replay_rungs(scheduler, trials)
     log.info(f"resuming {exp}: {unfinished(sweep, trials)} of {sweep.total_trials} trials unfinished; "
              f"ASHA rungs rebuilt from {n} recorded results")
-    tuner.fit()
-    return finish(exp, sweep)
+    with driver_console(exp):
+        tuner.fit()
+        return finish(exp, sweep)
+
+
+def check_roles(sweep: Sweep) -> None:
+    """The images of every role are the ones sweep.json recorded (carving is deterministic, so they are unless
+    the dataset changed); a resumed sweep must not select or judge on other images than it started with."""
+    from .read import describe, load_roles
+
+    b = sweep.base
+    now = load_roles(describe(b["dataset_path"], b.get("format")), b.get("train_split"), b.get("val_split"),
+                     b.get("test_split"), b.get("annotator", "mean"), b.get("skip_bad", False)).ids()
+    for role, recorded in sweep.roles.items():
+        ids = now.get(role, {}).get("image_ids", [])
+        if sorted(ids) != sorted(recorded["image_ids"]):
+            raise ValueError(f"{b['dataset_path']}: the {role} split {recorded['spec']!r} now holds {len(ids)} images, "
+                             f"not the {len(recorded['image_ids'])} the sweep recorded: the dataset changed; start a "
+                             "new sweep")
 
 
 def _cmd(args: argparse.Namespace) -> int:

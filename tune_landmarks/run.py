@@ -38,7 +38,7 @@ from .landmarks import parse_symbols
 from .loss import AWingParams, check_finite, landmark_weights, per_landmark, weighted_total
 from .metrics import Summary, format_table, summarize
 from .model import LandmarkNet, arch_of, create_model, freeze_stages, load_weights, read_checkpoint, save_atomic, set_train_mode
-from .read import DatasetInfo, describe, load_split
+from .read import DatasetInfo, Roles, describe, load_roles
 
 log = logging.getLogger(__name__)
 
@@ -47,13 +47,21 @@ Callback = Callable[[dict[str, Any], Path], None]
 
 @dataclass
 class Data:
-    """Both splits of a run, read and cached once (a sweep shares one Data between its trials' set-up)."""
+    """The training and selection splits of a run, read and cached once (a sweep shares one Data between its
+    trials' set-up); `roles` holds every role's images, the verdict split's included (never cached here)."""
 
     info: DatasetInfo
     train: CachedSplit
     val: CachedSplit
-    train_split: str
-    val_split: str
+    roles: Roles
+
+    @property
+    def train_split(self) -> str:
+        return self.roles.train.name
+
+    @property
+    def val_split(self) -> str:
+        return self.roles.val.name
 
 
 @dataclass
@@ -70,14 +78,13 @@ class RunResult:
 
 
 def prepare_data(cfg: TrainConfig, progress: bool = True) -> Data:
-    """Read both splits (all problems at once, before any model is built) and cache them."""
+    """Read every role's split (all problems at once, and overlapping roles refused, before any model is
+    built) and cache the two a run trains and selects on."""
     info = describe(cfg.dataset_path, cfg.format)
-    tr_name, va_name = info.train_split(cfg.train_split), info.val_split(cfg.val_split)
-    tr = load_split(info, tr_name, cfg.annotator, cfg.skip_bad)
-    va = load_split(info, va_name, cfg.annotator, cfg.skip_bad)
+    roles = load_roles(info, cfg.train_split, cfg.val_split, cfg.test_split, cfg.annotator, cfg.skip_bad)
     size = tuple(cfg.image_size)
-    return Data(info, build_cache(tr.records, tr_name, size, cfg.annotator, cfg.cache_dir, progress),
-                build_cache(va.records, va_name, size, cfg.annotator, cfg.cache_dir, progress), tr_name, va_name)
+    return Data(info, build_cache(roles.train.records, roles.train.name, size, cfg.annotator, cfg.cache_dir, progress),
+                build_cache(roles.val.records, roles.val.name, size, cfg.annotator, cfg.cache_dir, progress), roles)
 
 
 # ---------------------------------------------------------------- what is trained, and how
@@ -315,15 +322,16 @@ class CheckpointSaver:
     schedule, scaler, RNG states, history). best.pt, when the val MRE improves: the weights and what they were
     chosen on. `keep_files=False` (sweep trials) writes last.pt under .epoch/ only until the callback has taken
     it, and no best.pt: Ray stores the reported checkpoints, and a 50-trial sweep should not hold 100 more copies.
+    `extra` goes into both files as it is (the refinement stage's record of its start model, refine.py).
     """
 
     BEST_KEYS = ("model", "arch", "symbols", "config", "image_size", "epoch", "difficult", "start_per_landmark",
                  "val_mre")
 
     def __init__(self, out: Path, cfg: TrainConfig, symbols: list[str], difficult: list[str],
-                 start: dict[str, float] | None, keep_files: bool = True):
+                 start: dict[str, float] | None, keep_files: bool = True, extra: dict[str, Any] | None = None):
         self.out, self.cfg, self.symbols, self.difficult, self.start = out, cfg, symbols, difficult, start
-        self.keep_files = keep_files
+        self.keep_files, self.extra = keep_files, dict(extra or {})
         self.best_mre, self.best_epoch = math.inf, -1
 
     def restore(self, state: dict[str, Any], optim: Optimisation) -> tuple[int, list[dict[str, Any]]]:
@@ -344,10 +352,10 @@ class CheckpointSaver:
                  "config": self.cfg.to_dict(), "image_size": list(self.cfg.image_size), **optim.state_dict(),
                  "epoch": epoch, "rng": _rng_state(), "best_val_mre": self.best_mre, "best_epoch": self.best_epoch,
                  "difficult": self.difficult, "start_per_landmark": self.start, "val_mre": val_mre,
-                 "history": json.dumps(history)}
+                 "history": json.dumps(history)} | self.extra
         last = save_atomic(state, self.out / ("last.pt" if self.keep_files else ".epoch/last.pt"))
         if improved and self.keep_files:
-            save_atomic({k: state[k] for k in self.BEST_KEYS}, self.out / "best.pt")
+            save_atomic({k: state[k] for k in (*self.BEST_KEYS, *self.extra)}, self.out / "best.pt")
         return last, improved
 
     def release(self, last: Path) -> None:
@@ -439,6 +447,9 @@ def train(cfg: TrainConfig, callback: Callback | None = None, start_per_landmark
     all trials). `keep_files`: see CheckpointSaver. `cfg.progress` shows the per-epoch progress bar; the
     one-line summaries go to this module's logger."""
     cfg.validate()
+    if cfg.mode == "refine":  # refine.py sits above this module (it reuses the steps below), so it cannot be called here
+        raise ValueError("mode 'refine' trains the refinement stage: call tune_landmarks.refine.train_any (or "
+                         "train_refine), which runs it with this module's steps")
     data = data or prepare_data(cfg, cfg.progress)
     symbols = data.info.symbols
     if cfg.difficult:
@@ -468,26 +479,41 @@ def train(cfg: TrainConfig, callback: Callback | None = None, start_per_landmark
     if resume_state is not None:
         first_epoch, history = saver.restore(resume_state, optim)
         log.info("resumed %s at epoch %d", cfg.resume, first_epoch)
+    return fit(model, ds, objective, optim, saver, cfg, steps,
+               lambda m: validate(m, data, cfg, difficult, start_per_landmark, trained),
+               frozen=frozen, first_epoch=first_epoch, history=history, callback=callback)
 
+
+def fit(model: LandmarkNet, ds: Any, objective: Objective, optim: Optimisation, saver: CheckpointSaver,
+        cfg: TrainConfig, steps: int, score: Callable[[LandmarkNet], Summary], *, frozen: list[str] | None = None,
+        first_epoch: int = 0, history: list[dict[str, Any]] | None = None,
+        callback: Callback | None = None) -> RunResult:
+    """The epoch loop of every run (`train`, and the refinement stage in refine.py): `train_one_epoch` over `ds`
+    (a Dataset with an albumentations `transform`, see epoch_loader), `score(model)` (the epoch's validation
+    Summary), the saver's checkpoints, metrics.parquet, the log line and the callback."""
+    device = next(model.parameters()).device
+    history = history if history is not None else []
+    out, symbols, difficult, start = saver.out, saver.symbols, saver.difficult, saver.start
     best = last = None
     for epoch in range(first_epoch, cfg.epochs):
         t0 = time.perf_counter()
-        loss, wait = train_one_epoch(model, epoch_loader(ds, cfg, epoch), objective, optim, cfg, epoch, steps, frozen)
+        loss, wait = train_one_epoch(model, epoch_loader(ds, cfg, epoch), objective, optim, cfg, epoch, steps,
+                                     frozen or [])
         train_seconds = time.perf_counter() - t0
-        last = validate(model, data, cfg, difficult, start_per_landmark, trained)
+        last = score(model)
         rec = _epoch_record(epoch, loss, optim, last, time.perf_counter() - t0, train_seconds, wait, device)
         history.append(rec)
         last_path, improved = saver.save(epoch, last.mre, model, optim, history)
         best = last if improved else best
-        _write_metrics(out, history, difficult, start_per_landmark)
+        _write_metrics(out, history, difficult, start)
         log.info(_epoch_line(rec, last, cfg.epochs, difficult, improved))
         if callback is not None:
             callback(_reported(rec, last, saver.best_mre, difficult), last_path)
         saver.release(last_path)
     last = last or _recorded(history[-1], symbols, difficult)  # None: resumed a run that had already finished
     best = best or _recorded(history[saver.best_epoch], symbols, difficult)
-    log.info("%s", format_table(best, difficult, start_per_landmark))
-    return RunResult(out, saver.best_epoch + 1, best, last, difficult, start_per_landmark, history)
+    log.info("%s", format_table(best, difficult, start))
+    return RunResult(out, saver.best_epoch + 1, best, last, difficult, start, history)
 
 
 def _write_metrics(out: Path, history: list[dict[str, Any]], difficult: list[str],

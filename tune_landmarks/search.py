@@ -1,5 +1,6 @@
 """Sweeps, the Ray driver: Ray Tune runs the trials (each one `run.train`), Optuna (TPE) samples them, ASHA
-stops the weak ones early, and a control arm fine-tunes all landmarks with the same budget.
+stops the weak ones early, and every arm (masked, weighted, all landmarks) is searched alike with its own
+budget, so the verdict compares tuned arms.
 
 What an experiment is and where it lives (sweep.json, file and folder names) is experiment.py's; reading
 its results is results.py's. This module only launches, restores and finishes sweeps.
@@ -25,16 +26,17 @@ from ray.tune.schedulers import ASHAScheduler  # noqa: E402
 from ray.tune.search import Searcher  # noqa: E402
 from ray.tune.search.optuna import OptunaSearch  # noqa: E402
 
-from . import ray_adapter  # noqa: E402
+from . import ray_adapter, ray_setup  # noqa: E402
 from .config import TrainConfig, from_dict  # noqa: E402
 from .experiment import (  # noqa: E402
-    CONTROL_KEY,
+    ARM_KEY,
     JOURNAL_FILE,
     METRIC,
     SWEEP_FILE,
     Experiment,
     Sweep,
     SweepSettings,
+    journal_copy,
     storage_uri,
     trial_dirname,
 )
@@ -80,118 +82,109 @@ def trainable(config: dict[str, Any], sweep: Sweep) -> None:
 
 # ---------------------------------------------------------------- searcher, scheduler, state
 
-class ControlArm(Searcher):
-    """Hands out the control configurations first, then delegates to Optuna. Control trials are never
-    told to Optuna (they are not samples of the space)."""
+class ArmSearch(Searcher):
+    """One Optuna study per arm (the same TPE sampler and seed, each over its arm's space), trials handed out
+    in turn until every arm has spent its budget: the arms are tuned alike, so the verdict compares tuned
+    arms, not one arm's luck with a single learning rate."""
 
-    def __init__(self, inner: OptunaSearch, controls: list[dict[str, Any]]):
+    def __init__(self, inners: dict[str, OptunaSearch], budgets: dict[str, int]):
         super().__init__(metric="best_val_mre", mode="min")
-        self.inner = inner
-        self.controls = list(controls)
-        self.control_ids: set[str] = set()
+        self.inners, self.budgets = inners, budgets
+        self.asked = dict.fromkeys(inners, 0)
+        self.arm_of: dict[str, str] = {}
 
-    def suggest(self, trial_id: str) -> dict[str, Any] | None:
-        if self.controls:
-            self.control_ids.add(trial_id)
-            return self.controls.pop(0)
-        params = self.inner.suggest(trial_id)
-        if isinstance(params, dict):
-            ray_adapter.optuna_trial(self.inner, trial_id).set_user_attr("ray_trial_id", trial_id)
-        return params
+    def suggest(self, trial_id: str) -> dict[str, Any] | str | None:
+        open_arms = [a for a in self.inners if self.asked[a] < self.budgets[a]]
+        if not open_arms:
+            return Searcher.FINISHED
+        arm = min(open_arms, key=lambda a: self.asked[a] / self.budgets[a])  # in turn, whatever the budgets
+        params = self.inners[arm].suggest(trial_id)
+        if not isinstance(params, dict):
+            return params
+        self.asked[arm] += 1
+        self.arm_of[trial_id] = arm
+        ray_adapter.optuna_trial(self.inners[arm], trial_id).set_user_attr("ray_trial_id", trial_id)
+        return {**params, ARM_KEY: arm}
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
-        if trial_id not in self.control_ids:
-            self.inner.on_trial_result(trial_id, result)
+        if trial_id in self.arm_of:
+            self.inners[self.arm_of[trial_id]].on_trial_result(trial_id, result)
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
-        if trial_id not in self.control_ids:
-            self.inner.on_trial_complete(trial_id, result, error)
+        if trial_id in self.arm_of:
+            self.inners[self.arm_of[trial_id]].on_trial_complete(trial_id, result, error)
 
     def save(self, checkpoint_path: str) -> None:
+        inner = {}
         with tempfile.TemporaryDirectory() as d:
-            self.inner.save(os.path.join(d, "inner.pkl"))
-            inner = Path(d, "inner.pkl").read_bytes()
+            for arm, searcher in self.inners.items():
+                searcher.save(os.path.join(d, arm))
+                inner[arm] = Path(d, arm).read_bytes()
         with open(checkpoint_path, "wb") as f:
-            pickle.dump({"controls": self.controls, "control_ids": self.control_ids, "inner": inner}, f)
+            pickle.dump({"asked": self.asked, "arm_of": self.arm_of, "inner": inner}, f)
 
     def restore(self, checkpoint_path: str) -> None:
         with open(checkpoint_path, "rb") as f:
             state = pickle.load(f)
-        self.controls, self.control_ids = state["controls"], state["control_ids"]
+        self.asked, self.arm_of = state["asked"], state["arm_of"]
         with tempfile.TemporaryDirectory() as d:
-            Path(d, "inner.pkl").write_bytes(state["inner"])
-            self.inner.restore(os.path.join(d, "inner.pkl"))
+            for arm, blob in state["inner"].items():
+                Path(d, arm).write_bytes(blob)
+                self.inners[arm].restore(os.path.join(d, arm))
         self.fail_orphans()
 
     def fail_orphans(self) -> int:
         """Trials Optuna handed out after the last saved searcher state (a hard kill) are RUNNING in the
-        journal forever, while Ray asks for them again. Fail them (user attr `orphan`) so the study holds
+        journal forever, while Ray asks for them again. Fail them (user attr `orphan`) so each study holds
         each Ray trial once and TPE does not wait on them."""
-        known = ray_adapter.optuna_numbers(self.inner)
-        study = ray_adapter.optuna_study(self.inner)
-        orphans = [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
-                   if t.number not in known]
-        for t in orphans:
-            ray_adapter.set_trial_user_attr(study, t, "orphan", True)
-            study.tell(t.number, state=optuna.trial.TrialState.FAIL)
-        return len(orphans)
-
-
-class ControlFreeASHA(ASHAScheduler):
-    """ASHA that lets the control arm run its full budget and keeps it out of the rungs."""
-
-    def on_trial_result(self, tune_controller, trial, result):
-        if trial.config.get(CONTROL_KEY):
-            return self.CONTINUE
-        return super().on_trial_result(tune_controller, trial, result)
-
-    def on_trial_complete(self, tune_controller, trial, result):
-        if trial.config.get(CONTROL_KEY):
-            ray_adapter.asha_forget(self, trial.trial_id)
-            return None
-        return super().on_trial_complete(tune_controller, trial, result)
+        n = 0
+        for searcher in self.inners.values():
+            known = ray_adapter.optuna_numbers(searcher)
+            study = ray_adapter.optuna_study(searcher)
+            for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+                if t.number not in known:
+                    ray_adapter.set_trial_user_attr(study, t, "orphan", True)
+                    study.tell(t.number, state=optuna.trial.TrialState.FAIL)
+                    n += 1
+        return n
 
 
 def replay_rungs(scheduler: ASHAScheduler, trials: list[TrialRecord]) -> int:
     """Ray does not save ASHA's rungs with the experiment: a restored sweep starts with empty rungs and
-    would let weak trials run to the end. Feed every searched trial's recorded per-epoch results back,
-    in the order they happened, so the rungs are as they were before the interruption."""
+    would let weak trials run to the end. Feed every trial's recorded per-epoch results back, in the order
+    they happened, so the rungs are as they were before the interruption."""
     events = [(e.get("timestamp", 0), e.get("training_iteration", e.get("epoch")), t.trial_id, e[METRIC])
-              for t in trials if not t.control for e in t.epochs if e.get(METRIC) is not None]
+              for t in trials for e in t.epochs if e.get(METRIC) is not None]
     for _, it, tid, value in sorted(events, key=lambda ev: (ev[0], ev[1])):
         ray_adapter.asha_record(scheduler, tid, it, value)
     return len(events)
 
 
-def make_searcher(space: SearchSpace, settings: SweepSettings, journal: Path,
-                  controls: list[dict[str, Any]]) -> ControlArm:
-    """OptunaSearch (TPE, seeded) over the space's define-by-run function, its study in a journal file."""
+def arm_spaces(space: SearchSpace, arms: list[str]) -> dict[str, SearchSpace]:
+    return {arm: space.for_arm(arm) for arm in arms}
+
+
+def make_searcher(space: SearchSpace, settings: SweepSettings, journal: Path) -> ArmSearch:
+    """One OptunaSearch (TPE, seeded) per arm over the arm's define-by-run space, the studies (`NAME.ARM`) in
+    one journal file."""
     storage = JournalStorage(JournalFileBackend(str(journal)))
-    inner = OptunaSearch(space.define_by_run(), metric="best_val_mre", mode="min",
-                         sampler=optuna.samplers.TPESampler(seed=settings.seed), study_name=settings.name,
-                         storage=storage)
-    return ControlArm(inner, controls)
+    inners = {arm: OptunaSearch(sub.define_by_run(), metric="best_val_mre", mode="min",
+                                sampler=optuna.samplers.TPESampler(seed=settings.seed),
+                                study_name=f"{settings.name}.{arm}", storage=storage)
+              for arm, sub in arm_spaces(space, settings.arms).items()}
+    return ArmSearch(inners, {arm: settings.budget(arm) for arm in settings.arms})
 
 
-def make_scheduler(space: SearchSpace, settings: SweepSettings) -> ControlFreeASHA:
-    """ASHA on the epoch; the first rung is never before the largest warmup in the space ends."""
+def make_scheduler(space: SearchSpace, settings: SweepSettings) -> ASHAScheduler:
+    """ASHA on the epoch, every arm's trials in the same rungs; the first rung is never before the largest
+    warmup in the space ends."""
     grace = settings.grace_period or max(1, math.ceil(space.max_warmup()))
     epochs = int(settings.epochs)
-    return ControlFreeASHA(time_attr="training_iteration", metric=METRIC, mode="min", max_t=epochs,
-                           grace_period=min(grace, epochs), reduction_factor=settings.reduction_factor)
+    return ASHAScheduler(time_attr="training_iteration", metric=METRIC, mode="min", max_t=epochs,
+                         grace_period=min(grace, epochs), reduction_factor=settings.reduction_factor)
 
 
 # ---------------------------------------------------------------- driver
-
-def control_configs(space: SearchSpace, k: int) -> list[dict[str, Any]]:
-    """Control arm: all landmarks in the loss, the space's central lr/warmup, everything else as sampled
-    centrally; seeds differ between control repeats."""
-    defaults = space.defaults()
-    drop = {"difficult_threshold", "difficult", "difficult_weight", "distill_weight"}
-    base = {k2: v for k2, v in defaults.items() if k2 not in drop}
-    base["mode"] = "all"
-    return [{**base, CONTROL_KEY: True, **({"seed": i} if k > 1 else {})} for i in range(k)]
-
 
 def prepare_sweep(space_file: str, base: TrainConfig, settings: SweepSettings) -> tuple[Sweep, Any]:
     """Everything that can fail before Ray starts: the settings and the space (every endpoint against its
@@ -209,24 +202,32 @@ def prepare_sweep(space_file: str, base: TrainConfig, settings: SweepSettings) -
     if settings.epochs:
         base.epochs = settings.epochs
     settings.epochs = base.epochs
-    space.check_against(base)
+    spaces = arm_spaces(space, settings.arms)
+    for sub in spaces.values():  # a trial's own values are checked with each sample; the arms' corners here
+        sub.check_against(base)
+        from_dict(sub.defaults(), base).validate()
     read_checkpoint(base.resume)
     base.resume = str(Path(base.resume).resolve())
     base.dataset_path = str(Path(base.dataset_path).resolve())
     base.threads = max(1, int(settings.cpus_per_trial))
-    # a trial's own values are validated with each sample; the base with the space's central values here
-    from_dict(space.defaults(), base).validate()
     data = prepare_data(base, progress=True)
+    base.train_split, base.val_split = data.roles.train.name, data.roles.val.name  # every trial and resume: these
+    base.test_split = data.roles.test.name if data.roles.test else None
+    if data.roles.test is None:
+        raise ValueError(f"{data.info.root}: no verdict split (the dataset has none of its own): give --test-split, "
+                         "images the selection never sees")
     summ = start_errors(base, data)
     log.info(f"start checkpoint {base.resume}: {data.val_split} MRE {summ.mre:.3f} mm "
              "(computed once, shared by all trials)")
+    log.info("roles: " + ", ".join(f"{role} {v['spec']} ({len(v['image_ids'])} images)"
+                                    for role, v in data.roles.ids().items()))
     notes = []
     space, note = space.with_threshold_below(max(summ.per_landmark.values()))
     if note:
         log.info(f"note: {note}")
         notes.append(note)
     sweep = Sweep(settings, base.to_dict(), str(space.path), space.to_dict(), summ.per_landmark, data.info.symbols,
-                  control_configs(space, settings.control_trials), notes)
+                  data.roles.ids(), notes)
     return sweep, data
 
 
@@ -236,12 +237,13 @@ def init_ray(address: str | None) -> None:
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
+    console = ray_setup.ray_init_options(ray_setup.verbosity())  # what reaches the console (ray_setup.py)
     if address:
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, **console)
     else:
         # local sweeps listen on 127.0.0.1 only; nothing is exposed
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-        ray.init(include_dashboard=False, log_to_driver=True)
+        ray.init(include_dashboard=False, **console)
 
 
 def build_tuner(sweep: Sweep, restore: bool = False, restart_errored: bool = False):
@@ -252,7 +254,8 @@ def build_tuner(sweep: Sweep, restore: bool = False, restart_errored: bool = Fal
     s = sweep.settings
     exp = Experiment.at(s.storage, s.name)
     space = sweep.search_space()
-    searcher = make_searcher(space, s, journal_path(exp), sweep.controls)
+    journal = journal_path(exp)
+    searcher = make_searcher(space, s, journal)
     scheduler = make_scheduler(space, s)
     resources = {"cpu": s.cpus_per_trial, "gpu": s.gpus_per_trial}
     fn = tune.with_resources(tune.with_parameters(trainable, sweep=sweep), resources)
@@ -260,7 +263,7 @@ def build_tuner(sweep: Sweep, restore: bool = False, restart_errored: bool = Fal
         tuner = tune.Tuner.restore(exp.uri, trainable=fn, resume_unfinished=True, resume_errored=not restart_errored,
                                    restart_errored=restart_errored)
         return tuner, ray_adapter.restored_scheduler(tuner)
-    reporter = CLIReporter(parameter_columns=space.searched + [CONTROL_KEY],
+    reporter = CLIReporter(parameter_columns=[ARM_KEY] + space.searched,
                            metric_columns={"epoch": "ep", "val_mre": "val_mre", "val_mre_difficult": "difficult",
                                            "max_drift": "max_drift", "best_val_mre": "best"},
                            max_report_frequency=30, sort_by_metric=False)
@@ -275,38 +278,45 @@ def build_tuner(sweep: Sweep, restore: bool = False, restart_errored: bool = Fal
             checkpoint_config=tune.CheckpointConfig(num_to_keep=s.keep_checkpoints, checkpoint_score_attribute=METRIC,
                                                     checkpoint_score_order="min"),
             failure_config=tune.FailureConfig(max_failures=s.max_failures),
-            progress_reporter=reporter, verbose=1),
+            progress_reporter=reporter, **ray_setup.run_config_options(exp, journal, s.epochs, ray_setup.verbosity())),
     )
     return tuner, scheduler
 
 
 def journal_path(exp: Experiment) -> Path:
-    """The Optuna journal: in the experiment folder when it is local; beside the command otherwise (a journal
-    needs a file system with appends, which object storage is not)."""
-    p = exp.local if exp.local is not None else Path.cwd() / f"{exp.name}.optuna"
-    p.mkdir(parents=True, exist_ok=True)
-    return p / JOURNAL_FILE
+    """The Optuna journal Optuna writes: in the experiment folder when it is local; for object storage (no
+    appends) a local copy that ray_setup.StorageSync uploads to the experiment at every snapshot of Ray's state
+    and at the end, and that `resume` pulls from it first (experiment.journal_copy: the same path on every
+    machine, because Ray saves it with the searcher)."""
+    p = exp.local / JOURNAL_FILE if exp.local is not None else journal_copy(exp.uri)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    return p
 
 
 def run_search(space_file: str, base: TrainConfig, settings: SweepSettings) -> int:
     """Launch a sweep; returns the exit code (130 when interrupted with unfinished trials)."""
     exp = Experiment.at(settings.storage, settings.name)
+    exp.check_storage()  # object storage: credentials, endpoint, bucket; before anything runs or is written
     if exp.exists(SWEEP_FILE):
         raise FileExistsError(f"{exp}: an experiment of that name exists; resume it with "
                               f"`tune-landmarks resume {exp}` or choose another --name")
     sweep, _ = prepare_sweep(space_file, base, settings)
     exp.save_sweep(sweep)
+    if exp.local is None:  # a new experiment: no local journal copy left from an earlier one at this URI
+        journal_path(exp).unlink(missing_ok=True)
     init_ray(settings.address)
     tuner, _ = build_tuner(sweep)
-    tuner.fit()
-    return finish(exp, sweep)
+    with ray_setup.driver_console(exp):
+        tuner.fit()
+        return finish(exp, sweep)
 
 
 def finish(exp: Experiment, sweep: Sweep) -> int:
-    """After fit(): tables, summary, and exit 130 with the resume command if trials are unfinished; else the
-    verdict on the start, the best trial and the control."""
-    from .report import sweep_verdict
+    """After fit(): tables, the summary on the selection split, and exit 130 with the resume command if trials
+    are unfinished; else the verdict on the verdict split (verdict.json, verdict.parquet)."""
+    from .compare import sweep_verdict, verdict_text
 
+    exp.push_journal(journal_path(exp))  # a remote experiment's journal, in its storage (a local one is there)
     trials = collect(exp)
     paths = write_tables(exp, sweep, trials)
     log.info("tables: " + ", ".join(paths.values()))
@@ -316,5 +326,5 @@ def finish(exp: Experiment, sweep: Sweep) -> int:
         log.warning(f"interrupted: {left} of {sweep.total_trials} trials unfinished — resume with: "
                     f"tune-landmarks resume {exp}")
         return 130
-    log.info("\n".join(sweep_verdict(exp)))
+    log.info(verdict_text(sweep_verdict(exp, n_boot=1000)))
     return 0

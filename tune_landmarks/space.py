@@ -26,12 +26,17 @@ from typing import Any
 
 from .config import OPTIONS, RELATIONS, Relation, TrainConfig, check_field, coerce, load_yaml, rule_message
 
+# what each arm of a sweep cannot use: `all` trains every landmark (no difficult set, nothing left to distil);
+# `weighted` trains every landmark too (nothing to distil); `masked` has no weights to set
+ARM_UNUSABLE = {"masked": frozenset({"difficult_weight"}),
+                "weighted": frozenset({"distill_weight"}),
+                "all": frozenset({"difficult_threshold", "difficult", "difficult_weight", "distill_weight"})}
 TYPES = ("loguniform", "uniform", "int", "categorical", "fixed")
 _KEYS = {"loguniform": {"low", "high"}, "uniform": {"low", "high"}, "int": {"low", "high", "log"},
          "categorical": {"choices"}, "fixed": {"value"}}
 # options that belong to the sweep, not to a trial: a space may not change them
 DRIVER_OWNED = ("dataset_path", "format", "out", "resume", "cache_dir", "device", "progress", "train_split",
-                "val_split", "image_size", "model", "annotator", "threads", "epochs")
+                "val_split", "test_split", "image_size", "model", "annotator", "threads", "epochs")
 
 
 class SpaceError(ValueError):
@@ -203,6 +208,17 @@ class SearchSpace:
             p, (label, v) = next(((p, c) for p, c in zip(entries, combo) if p.name == name), (entries[0], combo[0]))
             then = "" if p.name == name else f"; then the value of `{name}` is {getattr(cfg, name)!r}"
             raise SpaceError(f"{self.path}: `{p.name}`: {label} {v!r}{then}, but must be {must}")
+
+    def for_arm(self, arm: str) -> SearchSpace:
+        """The space an arm searches: this one minus what the arm cannot use (ARM_UNUSABLE), with `mode` fixed
+        to the arm. Every arm gets the same ranges for what they share, so their budgets buy the same search."""
+        if arm not in ARM_UNUSABLE:
+            raise SpaceError(f"{self.path}: arm {arm!r} is not one of {', '.join(ARM_UNUSABLE)}")
+        mode = self.get("mode")
+        if mode is not None and mode.type != "fixed":
+            raise SpaceError(f"{self.path}: `mode` is searched, but --arms chooses it (e.g. --arms masked,weighted)")
+        keep = tuple(p for p in self.params if p.name not in ARM_UNUSABLE[arm] and p.name != "mode")
+        return SearchSpace(self.path, keep + (Param("mode", "fixed", value=arm),))
 
     def with_threshold_below(self, max_start_error: float) -> tuple[SearchSpace, str | None]:
         """A threshold above every landmark's start error selects nothing; clip the range to just below it."""

@@ -137,85 +137,103 @@ def _interval(value: float, low: float, high: float, unit: str, digits: int) -> 
     return f"{value:+.{digits}f} {unit} [{low:+.{digits}f}, {high:+.{digits}f}]"
 
 
-def _judge(r: PairedDiff, better: str, worse: str) -> str:
-    """One phrase for one interval: lower MRE is better."""
-    where = _interval(r.diff_mm, r.diff_low_mm, r.diff_high_mm, "mm", 3)
-    if not r.significant:
-        return f"no clear difference ({where})"
-    return f"{better if r.diff_mm < 0 else worse} ({where})"
+def _judge_words(r: PairedDiff) -> str:
+    return "no clear difference" if not r.significant else "better" if r.diff_mm < 0 else "worse"
 
 
-def verdict_sentences(vs_start: list[PairedDiff] | None, vs_control: list[PairedDiff] | None) -> list[str]:
-    """Plain-language reading of the group intervals: did masking help the difficult landmarks, did the
-    rest drift, and did it beat plain fine-tuning?"""
+@dataclass
+class Comparison:
+    """`a` against `b` on the verdict split ("best masked" vs "start"): rows are a - b."""
+
+    a: str
+    b: str
+    rows: list[PairedDiff]
+
+    def group(self, name: str) -> PairedDiff | None:
+        return next((r for r in self.rows if r.is_group and r.landmark == name), None)
+
+
+def compare_models(scored: dict[str, Scored], difficult: Sequence[str], n_boot: int, seed: int) -> list[Comparison]:
+    """Each arm's winner against the start, then the winners against each other (in the order given), all
+    on the same images. `scored` maps "start", "best masked", "best all", ... to errors on the verdict split."""
+    names = [n for n in scored if n != "start"]
+    pairs = [(n, "start") for n in names if "start" in scored]
+    pairs += [(a, b) for i, a in enumerate(names) for b in names[i + 1:]]
     out = []
-    if vs_start:
-        g = {r.landmark: r for r in vs_start if r.is_group}
-        if "difficult" in g:
-            out.append("Difficult landmarks, best trial vs start: " + _judge(g["difficult"], "improved", "worse") + ".")
-            out.append("Landmarks outside the loss, best trial vs start: "
-                       + _judge(g["other"], "improved too", "drifted (worse)") + ".")
-        out.append("All landmarks, best trial vs start: " + _judge(g["all"], "improved", "worse") + ".")
-    if vs_control:
-        g = {r.landmark: r for r in vs_control if r.is_group}
-        for name in ("difficult", "all"):
-            if name in g:
-                out.append(f"{name.capitalize()} landmarks, best trial vs control: "
-                           + _judge(g[name], "masking better", "control better") + ".")
-        a, d = g["all"], g.get("difficult")
-        if a.significant:
-            out.append("Verdict: " + ("masking beat plain fine-tuning on all landmarks." if a.diff_mm < 0 else
-                                      "plain fine-tuning (the control) beat masking on all landmarks."))
-        elif d is not None and d.significant and d.diff_mm < 0:
-            out.append("Verdict: masking did better than the control on the difficult landmarks, with no clear "
-                       "difference over all landmarks.")
-        else:
-            out.append("Verdict: no clear difference between masking and plain fine-tuning at this budget "
-                       "and number of validation images.")
+    for a, b in pairs:
+        ref = scored[b]
+        out.append(Comparison(a, b, paired_bootstrap(ref.errors, aligned(ref, scored[a]), ref.symbols,
+                                                     [s for s in difficult if s in ref.symbols], n_boot=n_boot,
+                                                     seed=seed)))
     return out
 
 
-def group_table(comparisons: list[tuple[str, list[PairedDiff]]]) -> Any:
-    """The verdict's intervals for the landmark sets, one row per comparison x set."""
-    import pyarrow as pa
-
-    cols: dict[str, list] = {k: [] for k in ("comparison", "landmarks", "reference mm", "candidate mm",
-                                             f"difference mm ({CONFIDENCE:.0%} CI)",
-                                             f"SDR@{SDR_MM:g}mm difference pp ({CONFIDENCE:.0%} CI)")}
-    for name, rows in comparisons:
-        for r in (r for r in rows if r.is_group):
-            cols["comparison"].append(name)
-            cols["landmarks"].append(r.landmark)
-            cols["reference mm"].append(r.ref_mre_mm)
-            cols["candidate mm"].append(r.cand_mre_mm)
-            cols[f"difference mm ({CONFIDENCE:.0%} CI)"].append(
-                _interval(r.diff_mm, r.diff_low_mm, r.diff_high_mm, "", 3) + (" *" if r.significant else ""))
-            cols[f"SDR@{SDR_MM:g}mm difference pp ({CONFIDENCE:.0%} CI)"].append(
-                _interval(r.sdr_diff_pp, r.sdr_low_pp, r.sdr_high_pp, "", 1) + (" *" if r.sdr_significant else ""))
-    return pa.table(cols)
-
-
-Verdict = dict[tuple[str, str], list[PairedDiff]]
-
-
-def compute_verdict(scored: dict[str, Scored], n_boot: int, seed: int) -> tuple[Verdict, list[str]]:
-    """Compare the start, the best trial and the control (roles of `scored`, each scored on the same images)
-    pairwise; returns {(candidate, reference): rows} and the difficult set (the best trial's)."""
-    best = scored.get("best trial")
-    hard = best.difficult if best else []
-    results: Verdict = {}
-    for cand, ref in (("best trial", "start"), ("control", "start"), ("best trial", "control")):
-        if cand in scored and ref in scored:
-            results[(cand, ref)] = paired_bootstrap(scored[ref].errors, aligned(scored[ref], scored[cand]),
-                                                    scored[ref].symbols, hard, n_boot=n_boot, seed=seed)
-    return results, hard
-
-
-def verdict_lines(results: Verdict) -> list[str]:
-    """The sentences, then each comparison's group intervals, as plain text (the end-of-sweep summary)."""
-    lines = verdict_sentences(results.get(("best trial", "start")), results.get(("best trial", "control")))
-    for (cand, ref), rows in results.items():
-        for r in (r for r in rows if r.is_group):
-            lines.append(f"  {cand} vs {ref}, {r.landmark}: {_interval(r.diff_mm, r.diff_low_mm, r.diff_high_mm, 'mm', 3)}"
-                         + (" *" if r.significant else ""))
+def verdict_sentences(comparisons: Sequence[Comparison], split: str, selection: dict[str, float],
+                      selection_split: str) -> list[str]:
+    """The verdict in words, following the intervals. First whether anything beat the start model on the
+    verdict split; then each headline comparison (the difficult set, chosen on the selection split, and all
+    landmarks); where the selection split said otherwise, that is said too. `selection` maps the same names
+    to their selection-split MRE."""
+    vs_start = [c for c in comparisons if c.b == "start"]
+    better = [c.a for c in vs_start if (g := c.group("all")) is not None and g.significant and g.diff_mm < 0]
+    if vs_start and not better:
+        lines = [f"Verdict: nothing beat the start model on {split} (all landmarks): keep the start model."]
+    elif vs_start:
+        lines = [f"Verdict: {' and '.join(better)} beat the start model on {split} (all landmarks)."]
+    else:
+        lines = []
+    for c in comparisons:
+        for name in ("difficult", "all"):
+            g = c.group(name)
+            if g is None:
+                continue
+            lines.append(f"{c.a} vs {c.b}, {name} landmarks: {_judge_words(g)} "
+                         f"({_interval(g.diff_mm, g.diff_low_mm, g.diff_high_mm, 'mm', 3)}).")
+        g = c.group("all")
+        if g is not None and c.a in selection and c.b in selection:
+            said = selection[c.a] - selection[c.b]
+            if (said < 0) != (g.diff_mm < 0) or (g.significant and not said):
+                lines.append(f"  note: on the selection split ({selection_split}) {c.a} was "
+                             f"{'lower' if said < 0 else 'not lower'} than {c.b} ({said:+.3f} mm); on {split} it is "
+                             f"{g.diff_mm:+.3f} mm: the selection split and the verdict split disagree.")
+    lines.append("Per-landmark intervals are exploratory (many comparisons); the headline is the difficult set "
+                 "and all landmarks.")
     return lines
+
+
+def verdict_record(comparisons: Sequence[Comparison], split: str, image_ids: Sequence[str],
+                   difficult: Sequence[str], n_boot: int, seed: int, **extra: Any) -> dict[str, Any]:
+    """What verdict.json holds: the split and its images, the difficult set, and per comparison and group the
+    mean difference with its interval (mm) and the SDR@2mm difference with its interval (pp)."""
+    rows = [{"a": c.a, "b": c.b, "group": r.landmark, "is_group": r.is_group, "difficult": r.difficult,
+             "a_mre_mm": r.cand_mre_mm, "b_mre_mm": r.ref_mre_mm, "a_sdr_2mm": r.cand_sdr_2mm,
+             "b_sdr_2mm": r.ref_sdr_2mm, "mean_difference_mm": r.diff_mm,
+             "ci_low_mm": r.diff_low_mm, "ci_high_mm": r.diff_high_mm, "sdr_difference_pp": r.sdr_diff_pp,
+             "sdr_ci_low_pp": r.sdr_low_pp, "sdr_ci_high_pp": r.sdr_high_pp, "n_images": r.n_images}
+            for c in comparisons for r in c.rows]
+    return {"split": split, "image_ids": list(image_ids), "difficult": list(difficult), "confidence": CONFIDENCE,
+            "bootstrap": n_boot, "seed": seed, **extra, "comparisons": rows}
+
+
+def comparisons_of(record: dict[str, Any]) -> list[Comparison]:
+    """verdict.json's rows back as Comparisons (for the report's figures), in their order."""
+    out: dict[tuple[str, str], Comparison] = {}
+    for r in record["comparisons"]:
+        c = out.setdefault((r["a"], r["b"]), Comparison(r["a"], r["b"], []))
+        c.rows.append(PairedDiff(r["group"], r["is_group"], r["difficult"], r["n_images"], r["b_mre_mm"], r["a_mre_mm"],
+                                 r["mean_difference_mm"], r["ci_low_mm"], r["ci_high_mm"], r["b_sdr_2mm"],
+                                 r["a_sdr_2mm"], r["sdr_difference_pp"], r["sdr_ci_low_pp"], r["sdr_ci_high_pp"]))
+    return list(out.values())
+
+
+def format_verdict(record: dict[str, Any]) -> str:
+    """The headline rows of a verdict as a short table."""
+    head = f"{'comparison':<28}{'group':<11}{'a mm':>8}{'b mm':>8}{'a - b mm':>10}  {CONFIDENCE:.0%} interval   SDR@2mm pp"
+    lines = [head]
+    for r in record["comparisons"]:
+        if not r["is_group"]:
+            continue
+        lines.append(f"{r['a'] + ' vs ' + r['b']:<28}{r['group']:<11}{r['a_mre_mm']:>8.3f}{r['b_mre_mm']:>8.3f}"
+                     f"{r['mean_difference_mm']:>+10.3f}  [{r['ci_low_mm']:+.3f}, {r['ci_high_mm']:+.3f}]"
+                     f"{r['sdr_difference_pp']:>+9.1f}")
+    return "\n".join(lines)

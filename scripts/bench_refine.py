@@ -1,0 +1,125 @@
+"""The refinement stage's training step vs a masked fine-tuning step of the full model, at the same images per step.
+
+Why: the workflow trains only the difficult landmarks expecting a faster step and less memory; masked fine-tuning of
+the shared model gives neither (bench_loss_modes.py). The refinement stage (`--mode refine`) trains a small crop
+network instead and never back-propagates through the start model. Both steps are `run.train_step` with what a run
+builds (AdamW over its parameter groups, schedule, clip): the masked step on B whole images at the global input size
+(the workflow's 12 of 29 landmarks in the loss), the refine step on the same B images' crops, one per refined
+landmark (B x L crops of P px, `refine.CropObjective`). Variants interleaved within each repeat; random pixels
+(a step's cost does not depend on them). The goal is refine / masked <= 0.5 in time.
+
+    python scripts/bench_refine.py                       # record to BENCHMARKS.md
+    python scripts/bench_refine.py --smoke-test          # seconds; records nothing
+"""
+from __future__ import annotations
+
+import _bench
+import torch
+
+from tune_landmarks.config import crop_pixels
+from tune_landmarks.landmarks import AARIZ, WORKFLOW_DIFFICULT, symbols
+from tune_landmarks.loss import landmark_weights
+from tune_landmarks.model import create_model
+from tune_landmarks.refine import CropObjective
+from tune_landmarks.run import Optimisation, train_step
+
+
+def crop_batch(images: int, landmarks: int, size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """B x L crops and their keypoints as refine.CropDataset makes them: each crop's own landmark near its centre,
+    NaN on the other channels."""
+    x, kps = _bench.random_batch(images * landmarks, size, landmarks, device)
+    own = torch.arange(images * landmarks, device=device) % landmarks
+    keep = torch.nn.functional.one_hot(own, landmarks).bool()[..., None]
+    return x, torch.where(keep, kps * 0.2 + 0.4 * size, torch.full_like(kps, float("nan")))
+
+
+def refine_step(name: str, landmarks: int, x: torch.Tensor, kps: torch.Tensor, device: torch.device):
+    """One call = one `run.train_step` of the refinement network on the crops (x, kps)."""
+    torch.manual_seed(0)
+    model = create_model(name, landmarks).to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    model.train()
+    cfg = _bench.step_config()
+    opt, sched = _bench.shared_optimiser(model)
+    optim = Optimisation.create(opt, sched, device, None, cfg.grad_clip)
+    objective = CropObjective.from_config(cfg, torch.ones(landmarks))
+    return lambda: train_step(model, x, kps, objective, optim)
+
+
+def main() -> None:
+    p = _bench.parser(__doc__.splitlines()[0])
+    p.add_argument("--models", nargs="+", default=["hrnet_w18_small_v2"], help="start (full) models")
+    p.add_argument("--sizes", nargs="+", type=int, default=[256, 768], help="square global input sizes")
+    p.add_argument("--batch-size", type=int, default=2, help="images per step")
+    p.add_argument("--refine-models", nargs="+", default=["hrnet_w18_small", "hrnet_w18_small_v2", "resnet18"],
+                   help="refinement backbones (refine_model)")
+    p.add_argument("--landmarks", type=int, default=5, help="refined landmarks L (crops per image)")
+    p.add_argument("--crop-mm", type=float, default=38.4)
+    p.add_argument("--mm-per-px", type=float, default=0.3)
+    p.add_argument("--max-seconds-per-step", type=float, default=60.0,
+                   help="skip a global size (and the larger ones) whose probe step takes longer")
+    args = _bench.parse(p, {"sizes": [64, 96], "batch_size": 1, "refine_models": ["resnet18"], "landmarks": 2,
+                            "crop_mm": 9.6})
+    device = _bench.setup(args)
+    crop = crop_pixels(args.crop_mm, args.mm_per_px)
+    syms = symbols(AARIZ)
+    masked = landmark_weights(syms, list(WORKFLOW_DIFFICULT), "masked", 2.5)
+    mem = _bench.PeakMemory(device)
+    rec = _bench.Record("bench_refine: refinement-stage step vs masked fine-tuning step", args, device)
+    rec.value("settings", f"{args.batch_size} image(s) per step; masked: the full model on whole images, "
+                          f"{len(syms)} landmarks, loss on the workflow's {len(WORKFLOW_DIFFICULT)}; refine: "
+                          f"{args.batch_size} x {args.landmarks} crops of {crop} px ({args.crop_mm:g} mm at "
+                          f"{args.mm_per_px:g} mm/px), {args.landmarks} channels; step = targets + forward + adaptive "
+                          f"wing + backward + clip + AdamW (run.train_step); fp32")
+    xc, kc = crop_batch(args.batch_size, args.landmarks, crop, device)
+    rows, ratios, skipped = [], [], []
+    for name in args.models:
+        torch.manual_seed(0)
+        model = create_model(name, len(syms)).to(device)
+        if device.type == "cuda":
+            model = model.to(memory_format=torch.channels_last)
+        opt = _bench.shared_optimiser(model)
+        refines = {f"refine {r}": refine_step(r, args.landmarks, xc, kc, device) for r in args.refine_models}
+        for size in sorted(args.sizes):
+            x, kps = _bench.random_batch(args.batch_size, size, len(syms), device)
+            steps = {"masked": _bench.make_step(model, x, kps, masked, opt)} | refines
+            try:
+                steps["masked"]()
+                probe = _bench.timed(steps["masked"], device)
+            except torch.cuda.OutOfMemoryError:
+                skipped.append(f"{name} at {size}: out of GPU memory")
+                break
+            if probe > args.max_seconds_per_step:
+                skipped.append(f"{name} at {size} and above: probe step {probe:.1f} s > --max-seconds-per-step "
+                               f"{args.max_seconds_per_step:g}")
+                break
+            times = _bench.interleaved(steps, args.repeats, device)
+            peaks = {}
+            for v, fn in steps.items():
+                mem.reset()
+                fn()
+                peaks[v] = mem.read_mb()
+            for v in steps:
+                crops = "" if v == "masked" else args.batch_size * args.landmarks
+                rows.append([name, size, v, args.batch_size, crops, _bench.median(times[v]), peaks[v],
+                             _bench.paired_ratio(times, v, "masked")])
+            ratios.append((name, size, times))
+            print(f"{name} {size}px: " + ", ".join(f"{v} {_bench.median(times[v]):.3f}s" for v in steps))
+        del model, opt
+    rec.table(["start model", "global size", "step", "images/step", "crops/step", "s/step (median)",
+               f"peak MB ({mem.kind})", "time / masked (paired median)"], rows)
+    for name, size, times in ratios:
+        for v in times:
+            if v != "masked":
+                rec.ratio(f"{v}/masked {name} {size}px", _bench.paired_ratio(times, v, "masked"),
+                          "step time at the same images per step, median of per-repeat ratios; goal <= 0.5")
+    rec.note("the refine step's cost depends on the crops (count, size, backbone), not on the global input size; "
+             "peak memory on CPU is the process's RSS and includes ~1 GB of libraries")
+    for s in skipped:
+        rec.note(f"skipped {s}")
+    _bench.emit(rec)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,233 @@
+"""The refinement stage (`--mode refine`): crop geometry, training on the synthetic set, the cascade on real ISBI
+images, and the checks that refuse bad settings or a mismatched checkpoint before any work."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from conftest import TINY, cli
+from test_predict import _subset
+
+from tune_landmarks.cache import to_target
+from tune_landmarks.config import TrainConfig
+from tune_landmarks.crops import CropGeometry, build_physical_cache, from_crop, physical_size, take, to_crop
+from tune_landmarks.infer import evaluate_checkpoint, load_cascade
+from tune_landmarks.landmarks import ISBI2015, WORKFLOW_DIFFICULT, symbols
+from tune_landmarks.model import CheckpointError, read_checkpoint
+from tune_landmarks.predict import predict
+from tune_landmarks.read import Record
+from tune_landmarks.refine import CropObjective, train_refine
+
+ISBI_SYMBOLS = symbols(ISBI2015)
+REFINED = ["Go", "Ar"]
+CROP = {"refine_model": "resnet18", "refine_mm_per_px": 0.5, "refine_crop_mm": 32.0}  # 64-px crops
+
+
+# ---------------------------------------------------------------- geometry
+
+@pytest.mark.parametrize(("size", "spacing", "mm_per_px", "crop_mm"), [
+    ((1935, 2400), 0.1, 0.3, 38.4), ((97, 131), 0.144, 0.144, 9.0), ((640, 480), 0.089, 0.5, 100.0),
+    ((1968, 1937), 0.139, 0.2, 20.0), ((33, 2000), 0.1, 0.35, 3.0)])
+def test_point_to_crop_and_back_is_the_identity(size, spacing, mm_per_px, crop_mm):
+    w, h = size
+    geo = CropGeometry.from_mm(crop_mm, mm_per_px)
+    wp, hp = physical_size(w, h, spacing, mm_per_px)
+    scale = np.array([wp / w, hp / h])
+    rng = np.random.default_rng(0)
+    edges = [[0, 0], [w - 1, h - 1], [0.3, h - 1.2], [w - 0.5, 0.49], [-40.5, 10], [w + 25.25, h + 3], [-1e3, -7.7]]
+    pts = np.concatenate([rng.uniform(0, 1, (200, 2)) * [w - 1, h - 1], edges])
+    for centres in (pts, pts + rng.normal(0, 50, pts.shape), np.zeros_like(pts)):  # on, near and far from the crop
+        origin = geo.origins(to_target(centres, scale))
+        assert np.abs(from_crop(to_crop(pts, scale, origin), scale, origin) - pts).max() < 0.01
+    on = to_crop(pts, scale, geo.origins(to_target(pts, scale)))
+    assert np.abs(on - (geo.size - 1) / 2).max() <= 0.5 + 1e-9  # a crop is centred on its point within half a pixel
+
+
+@pytest.mark.parametrize(("spacing", "mm_per_px"), [(0.1, 0.3), (0.144, 0.3), (0.089, 0.089)])
+def test_crops_of_the_cached_image_put_a_drawn_point_where_the_mapping_says(tmp_path, spacing, mm_per_px):
+    """Pixels, not only arithmetic: a blob drawn at a sub-pixel original position is found, through the physical
+    cache, the crop and the inverse mapping, where it was drawn; a crop beyond the border is zero-padded."""
+    w, h, truth, sigma = 401, 357, np.array([[203.3, 151.7], [2.2, 350.4]]), 6.0
+    yy, xx = np.mgrid[0:h, 0:w]
+    img = sum(250 * np.exp(-((xx - x) ** 2 + (yy - y) ** 2) / (2 * sigma ** 2)) for x, y in truth)
+    path = tmp_path / "blob.png"
+    cv2.imwrite(str(path), np.clip(img, 0, 255).astype(np.uint8))
+    rec = Record("blob", path, truth, spacing)
+    phys = build_physical_cache([rec], "t", mm_per_px, "mean", tmp_path / "cache", progress=False)
+    assert tuple(phys.shape[0]) == physical_size(w, h, spacing, mm_per_px)
+    geo = CropGeometry(64, mm_per_px)
+    origin = geo.origins(to_target(truth[0] + [7.4, -5.1], phys.scale[0]))  # the point off the crop's centre
+    crop = take(phys.image(0), origin, geo.size).astype(np.float64)
+    peak = np.array(np.unravel_index(np.argmax(crop), crop.shape))[::-1]
+    r = int(np.ceil(3.5 * sigma * spacing / mm_per_px))
+    gy, gx = np.mgrid[-r:r + 1, -r:r + 1]
+    win = crop[peak[1] - r:peak[1] + r + 1, peak[0] - r:peak[0] + r + 1]
+    found = peak + [(win * gx).sum() / win.sum(), (win * gy).sum() / win.sum()]
+    assert np.abs(from_crop(found, phys.scale[0], origin) - truth[0]).max() < 0.1
+    corner = geo.origins(to_target(truth[1], phys.scale[0]))  # near the bottom-left corner: half the crop is outside
+    c = take(phys.image(0), corner, geo.size)
+    assert corner[0] < 0 and (c[:, :-corner[0]] == 0).all() and c.any()
+
+
+def test_crop_objective_trains_only_each_crops_own_channel():
+    """Channels other than a crop's own landmark get exactly no gradient from it, whatever they predict."""
+    pred = torch.rand(3, 2, 8, 8, requires_grad=True)
+    target = torch.rand(3, 2, 8, 8)
+    target[0, 1] = target[1, 0] = target[2, 1] = float("nan")
+    loss = CropObjective.from_config(TrainConfig(), torch.ones(2))(pred, target)
+    loss.backward()
+    assert torch.isfinite(loss)
+    for b, k in ((0, 1), (1, 0), (2, 1)):
+        assert (pred.grad[b, k] == 0).all()
+    assert pred.grad[0, 0].abs().sum() > 0 and pred.grad[1, 1].abs().sum() > 0
+
+
+# ---------------------------------------------------------------- training on the synthetic set
+
+def _refine_cfg(dataset: Path, start: Path, out: Path, **kw) -> TrainConfig:
+    base = {"dataset_path": str(dataset), "resume": str(start), "mode": "refine", "out": str(out), "progress": False,
+            "model": TINY["model"], "image_size": TINY["image_size"]}
+    return TrainConfig(**(base | kw))
+
+
+def test_bad_refine_settings_fail_before_any_training(synth_root, start_ckpt, tmp_path):
+    hard = {"difficult": ["Go", "Ar"]}
+    with pytest.raises(ValueError, match=r"`mode` is 'refine', but must be not 'refine' without a start model"):
+        train_refine(TrainConfig(dataset_path=str(synth_root), mode="refine", **hard))
+    # the synthetic machines' pixels are 0.089-0.144 mm: a 0.1 mm/px crop would interpolate the coarser ones
+    with pytest.raises(ValueError, match=r"`refine_mm_per_px` is 0.1, but must be >= 0.144 mm/px, the coarsest pixel "
+                                         r"spacing of the images \(ck"):
+        train_refine(_refine_cfg(synth_root, start_ckpt, tmp_path / "a", refine_mm_per_px=0.1, **hard))
+    # ~150-px images at 0.089 mm/px are ~11-13 mm across: a 38.4-mm crop is larger than the image
+    with pytest.raises(ValueError, match=r"`refine_crop_mm` is 38\.4, but must be <= [0-9.]+ mm, the shorter side of "
+                                         r"the smallest image \(ck\w+: \d+ x \d+ px at 0\.089 mm/px\)"):
+        train_refine(_refine_cfg(synth_root, start_ckpt, tmp_path / "b", refine_mm_per_px=0.15, **hard))
+    with pytest.raises(ValueError, match=r"`refine_crop_mm` is 300.0, but must be <= 512 crop pixels"):
+        _refine_cfg(synth_root, start_ckpt, tmp_path / "c", refine_crop_mm=300.0, **hard).validate()
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+SYNTH_HARD = [s for s in ("Go", "Ar", "Po", "Or") if s in WORKFLOW_DIFFICULT]  # four of those synth.py draws hard
+SYNTH_REFINE = {"refine_mm_per_px": 0.15, "refine_crop_mm": 9.6, "refine_model": "hrnet_w18_small", "epochs": 16,
+                "batch_size": 8, "lr": 3e-3, "sigma": 1.5, "refine_offset_scale": 1.5}
+
+
+@pytest.fixture(scope="module")
+def synth_refine(synth_root, start_ckpt, tmp_path_factory):
+    out = tmp_path_factory.mktemp("synth_refine")
+    return train_refine(_refine_cfg(synth_root, start_ckpt, out, difficult=SYNTH_HARD, **SYNTH_REFINE))
+
+
+def test_a_short_refine_run_beats_the_start_model_on_the_difficult_landmarks(synth_refine):
+    """The synthetic difficult landmarks sit a few pixels off their drawn structure, pinned by a faint marker that
+    the 64-px start model cannot resolve; the refinement stage sees it at the images' own resolution."""
+    res = synth_refine
+    start = np.mean([res.start_per_landmark[s] for s in res.difficult])
+    assert res.best.mre_difficult < 0.8 * start, (res.best.mre_difficult, start)
+    assert res.best.drift and set(res.best.drift.values()) == {0.0}  # the others are the start model's own points
+    assert set(res.best.drift) == set(res.best.per_landmark) - set(SYNTH_HARD)
+
+
+def test_evaluate_reproduces_the_run_and_a_last_pt_continues_it(synth_refine, synth_root, start_ckpt):
+    res = synth_refine
+    ev = evaluate_checkpoint(res.out / "best.pt", synth_root, "valid", start=start_ckpt)
+    assert ev.summary.mre == pytest.approx(res.best.mre, abs=1e-9)
+    assert ev.difficult == res.difficult and set(ev.summary.drift.values()) == {0.0}
+    ckpt = read_checkpoint(res.out / "best.pt")
+    assert ckpt["refine"]["refined"] == res.difficult and ckpt["arch"]["num_landmarks"] == len(res.difficult)
+    more = train_refine(_refine_cfg(synth_root, res.out / "last.pt", res.out, difficult=SYNTH_HARD, **(SYNTH_REFINE | {
+        "epochs": SYNTH_REFINE["epochs"] + 1})))
+    assert [h["epoch"] for h in more.history] == list(range(1, SYNTH_REFINE["epochs"] + 2))
+    assert more.difficult == res.difficult
+
+
+# ---------------------------------------------------------------- the cascade on real ISBI images
+
+@pytest.fixture(scope="module")
+def isbi_small(isbi_root, tmp_path_factory) -> Path:
+    return _subset(isbi_root, tmp_path_factory.mktemp("isbi_refine") / "isbi2015", {"train": 8, "test1": 4})
+
+
+@pytest.fixture(scope="module")
+def isbi_start(isbi_small, tmp_path_factory) -> Path:
+    from tune_landmarks.run import train
+
+    out = tmp_path_factory.mktemp("isbi_start")
+    train(TrainConfig(dataset_path=str(isbi_small), epochs=1, max_steps_per_epoch=2, lr=1e-3, out=str(out),
+                      progress=False, **TINY))
+    return out / "best.pt"
+
+
+@pytest.fixture(scope="module")
+def isbi_refine(isbi_small, isbi_start, tmp_path_factory) -> Path:
+    """`tune-landmarks finetune --mode refine`, as a user runs it."""
+    out = tmp_path_factory.mktemp("isbi_refine_run")
+    cli("finetune", "--dataset_path", isbi_small, "--resume", isbi_start, "--mode", "refine", "--difficult",
+        ",".join(REFINED), "--refine-model", CROP["refine_model"], "--refine-mm-per-px", CROP["refine_mm_per_px"],
+        "--refine-crop-mm", CROP["refine_crop_mm"], "--epochs", 1, "--max-steps-per-epoch", 2, "--batch_size", 4,
+        "--no-progress", "--out", out, check=True)
+    return out / "best.pt"
+
+
+def test_cascade_predicts_all_19_and_leaves_every_other_landmark_bit_identical(isbi_small, isbi_start, isbi_refine,
+                                                                                tmp_path):
+    refined = [ISBI_SYMBOLS.index(s) for s in REFINED]
+    others = [i for i in range(19) if i not in refined]
+    ev_s = evaluate_checkpoint(isbi_start, isbi_small, "test1")
+    ev_c = evaluate_checkpoint(isbi_refine, isbi_small, "test1")
+    assert ev_c.image_ids == ev_s.image_ids and ev_c.difficult == REFINED
+    assert np.array_equal(ev_s.pred[:, others], ev_c.pred[:, others])
+    assert np.array_equal(ev_s.errors[:, others], ev_c.errors[:, others])
+    assert not np.array_equal(ev_s.pred[:, refined], ev_c.pred[:, refined])
+
+    files = [isbi_small / "images" / f"{i}.jpg" for i in ev_c.image_ids[:3]]
+    start = predict(isbi_start, files, tmp_path / "start")
+    casc = predict(isbi_refine, files, tmp_path / "cascade")
+    assert not casc.failed and [c.path for c in casc.predicted] == files
+    for s, c in zip(start.predicted, casc.predicted, strict=True):
+        ann = json.loads((tmp_path / "cascade" / f"{c.path.stem}.json").read_text())
+        assert [lm["symbol"] for lm in ann["landmarks"]] == ISBI_SYMBOLS
+        assert np.array_equal(s.points[others], c.points[others])
+        assert np.isfinite(c.points).all()
+    # predict (any image, decoded and cropped on its own) gives the points evaluate scores
+    np.testing.assert_allclose(np.stack([c.points for c in casc.predicted]), ev_c.pred[:3], atol=1e-3)
+
+
+def test_a_mismatched_refine_checkpoint_is_refused_before_any_work(isbi_small, isbi_start, isbi_refine, synth_root,
+                                                                     tmp_path):
+    changed = tmp_path / "start.pt"
+    shutil.copy(isbi_start, changed)
+    with open(changed, "ab") as f:
+        f.write(b"\0")  # another file: the stage was not trained on it
+    with pytest.raises(CheckpointError, match=r"refines the start model with sha256 [0-9a-f]{16}\.\.\. .* but "
+                                              rf"{changed} has sha256 [0-9a-f]{{16}}\.\.\.: a refinement stage fits only"):
+        load_cascade(isbi_refine, torch.device("cpu"), start=changed)
+    with pytest.raises(CheckpointError, match=r"landmark symbols \['S', 'N', .*\] differ from the dataset's \['A', 'ANS'"):
+        evaluate_checkpoint(isbi_refine, synth_root, "valid", cache_dir=str(tmp_path / "cache"))
+    assert not (tmp_path / "cache").exists()  # refused before anything was decoded
+    proc = cli("predict", "--model", isbi_refine, "--out", tmp_path / "p", isbi_small / "images" / "151.jpg",
+               "--pixel-size", "0.6")
+    assert proc.returncode == 1 and "`refine_mm_per_px` is 0.5, but must be >= 0.6 mm/px" in proc.stderr
+
+
+# ---------------------------------------------------------------- the benchmarks run end to end
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("script", "ratio"), [("bench_refine.py", "refine resnet18/masked hrnet_w18_small_v2 64px"),
+                                               ("bench_refine_heads.py", "difficult MRE shared/per-landmark")])
+def test_refine_benchmarks_smoke_run_writes_their_records(script, ratio, tmp_path):
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    record = tmp_path / "rec.md"
+    proc = subprocess.run([sys.executable, str(root / "scripts" / script), "--smoke-test", "--record", str(record)],
+                          capture_output=True, text=True, timeout=600, cwd=root)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    lines = record.read_text().splitlines()
+    assert any(ln.startswith(f"- ratio {ratio}: ") for ln in lines), lines

@@ -1,0 +1,185 @@
+"""The refinement stage's view of an image: resampled once to a fixed physical resolution, then square crops.
+
+Why a second cache: the start model sees the whole image at its input size (256 px on ISBI: 0.76 x 0.94 mm per
+input pixel), the refinement stage sees a few millimetres around a landmark at several times that resolution.
+Resampling each image to `mm_per_px` from its own pixel spacing makes images of different machines (Aariz has
+seven) look alike to the crop network. Like cache.build_cache, each split is decoded once per (dataset content,
+split, resolution, annotator), written atomically under a file lock, and memory-mapped by every trial.
+
+Frames, each with pixel centres at integer coordinates (the cache's convention):
+
+    original px  --cache.to_target(scale)-->  physical px  --minus origin-->  crop px
+
+`scale = (W_p / W, H_p / H)` with `W_p = round(W * spacing / mm_per_px)` (cache.resize), and `origin` the crop's
+top-left physical pixel: a crop is an affine warp whose linear part is the identity and whose shift is a whole
+number of pixels, so taking it resamples nothing (the one resampling is the cached one) and its inverse is exact.
+Rotation and scale, for training only, are albumentations' (augment.train_transform) on the crop itself.
+Pixels outside the image are 0 (border padding).
+"""
+from __future__ import annotations
+
+import fcntl
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.ipc as ipc
+
+from .atomic import staged_dir
+from .cache import _key, decode_pass, default_cache_root, resize, to_original, to_target
+from .config import crop_pixels, rule_message
+from .read import DatasetError, Record
+
+
+@dataclass(frozen=True)
+class CropGeometry:
+    """A square crop of `size` pixels at `mm_per_px`."""
+
+    size: int
+    mm_per_px: float
+
+    @classmethod
+    def from_mm(cls, crop_mm: float, mm_per_px: float) -> CropGeometry:
+        return cls(crop_pixels(crop_mm, mm_per_px), float(mm_per_px))
+
+    @property
+    def field_mm(self) -> float:
+        return self.size * self.mm_per_px
+
+    def origins(self, centres: np.ndarray) -> np.ndarray:
+        """Top-left physical pixel (int) of the crop around each centre (..., 2), physical px: the centre lands
+        within half a pixel of the crop's middle, (size - 1) / 2."""
+        return np.round(np.asarray(centres, np.float64) - (self.size - 1) / 2).astype(np.int64)
+
+
+def physical_size(width: int, height: int, spacing_mm: float, mm_per_px: float) -> tuple[int, int]:
+    """(W_p, H_p): the image's size at `mm_per_px`."""
+    f = spacing_mm / mm_per_px
+    return max(1, round(width * f)), max(1, round(height * f))
+
+
+def to_crop(points: np.ndarray, scale: np.ndarray, origin: np.ndarray) -> np.ndarray:
+    """Original px -> crop px; points (..., 2), scale and origin broadcast against them."""
+    return to_target(np.asarray(points, np.float64), scale) - origin
+
+
+def from_crop(points: np.ndarray, scale: np.ndarray, origin: np.ndarray) -> np.ndarray:
+    """Crop px -> original px: the exact inverse of `to_crop`."""
+    return to_original(np.asarray(points, np.float64) + origin, scale)
+
+
+def take(image: np.ndarray, origin: Sequence[int], size: int) -> np.ndarray:
+    """The (size, size) uint8 crop whose top-left pixel is `origin` (x, y); 0 where it leaves the image."""
+    h, w = image.shape[:2]
+    x0, y0 = int(origin[0]), int(origin[1])
+    out = np.zeros((size, size), np.uint8)
+    xa, ya, xb, yb = max(x0, 0), max(y0, 0), min(x0 + size, w), min(y0 + size, h)
+    if xb > xa and yb > ya:
+        out[ya - y0:yb - y0, xa - x0:xb - x0] = image[ya:yb, xa:xb]
+    return out
+
+
+def check_geometry(geometry: CropGeometry, spacing_mm: np.ndarray, sizes: np.ndarray, image_ids: Sequence[str]) -> None:
+    """Refuse crop settings the images cannot serve, before any training: a resolution finer than an image's own
+    pixel spacing (the crop would only interpolate), or a crop wider than an image's shorter side."""
+    spacing_mm = np.asarray(spacing_mm, np.float64)
+    coarse = int(np.argmax(spacing_mm))
+    if geometry.mm_per_px < spacing_mm[coarse] - 1e-9:
+        raise ValueError(rule_message("refine_mm_per_px", geometry.mm_per_px,
+                                      f">= {spacing_mm[coarse]:g} mm/px, the coarsest pixel spacing of the images "
+                                      f"({image_ids[coarse]}): a crop finer than its image only interpolates"))
+    extent = np.asarray(sizes, np.float64).min(axis=1) * spacing_mm
+    small = int(np.argmin(extent))
+    if geometry.field_mm > extent[small] + 1e-9:
+        w, h = np.asarray(sizes)[small]
+        raise ValueError(rule_message("refine_crop_mm", round(geometry.field_mm, 6),
+                                      f"<= {extent[small]:g} mm, the shorter side of the smallest image "
+                                      f"({image_ids[small]}: {w} x {h} px at {spacing_mm[small]:g} mm/px) "
+                                      f"(the crop is {geometry.size} px at {geometry.mm_per_px:g} mm/px)"))
+
+
+@dataclass
+class PhysicalSplit:
+    """A split's images at `mm_per_px` (one flat memory-mapped uint8 array, shared between processes) and their
+    geometry; images are in the records' order, as in cache.CachedSplit."""
+
+    path: Path
+    mm_per_px: float
+    image_ids: list[str]
+    pixels: np.ndarray  # (sum of W_p * H_p,) uint8, memory-mapped read-only (raw bytes: written as decoded)
+    offset: np.ndarray  # (N,) start of each image in `pixels`
+    shape: np.ndarray  # (N, 2) W_p, H_p
+    scale: np.ndarray  # (N, 2) original px -> physical px, as cache.to_target takes it
+    orig_size: np.ndarray  # (N, 2) W, H
+    spacing_mm: np.ndarray  # (N,)
+    keypoints_orig: np.ndarray  # (N, K, 2) original px
+
+    def __len__(self) -> int:
+        return len(self.image_ids)
+
+    def image(self, i: int) -> np.ndarray:
+        w, h = self.shape[i]
+        return self.pixels[self.offset[i]:self.offset[i] + w * h].reshape(h, w)
+
+    def images(self) -> list[np.ndarray]:
+        return [self.image(i) for i in range(len(self))]
+
+
+def _load(path: Path, mm_per_px: float) -> PhysicalSplit:
+    with pa.memory_map(str(path / "meta.arrow")) as src:
+        t = ipc.open_file(src).read_all()
+    n = t.num_rows
+    col = t.column
+    return PhysicalSplit(
+        path=path, mm_per_px=mm_per_px, image_ids=col("image_id").to_pylist(),
+        pixels=np.memmap(path / "pixels.u8", dtype=np.uint8, mode="r"), offset=col("offset").to_numpy().astype(np.int64),
+        shape=np.stack([col("width_p").to_numpy(), col("height_p").to_numpy()], 1).astype(np.int64),
+        scale=np.stack([col("scale_x").to_numpy(), col("scale_y").to_numpy()], 1),
+        orig_size=np.stack([col("width").to_numpy(), col("height").to_numpy()], 1),
+        spacing_mm=col("spacing_mm").to_numpy().astype(np.float64),
+        keypoints_orig=np.asarray(col("keypoints_orig").to_pylist(), dtype=np.float64).reshape(n, -1, 2))
+
+
+def build_physical_cache(records: list[Record], split: str, mm_per_px: float, annotator: str,
+                         cache_root: str | Path | None = None, progress: bool = True) -> PhysicalSplit:
+    """The split at `mm_per_px`, built (atomically, under a file lock) if absent or stale; keyed like
+    cache.build_cache by every image's path, size, mtime and annotation."""
+    if not records:
+        raise ValueError(f"split {split!r}: nothing to cache (no records)")
+    root = Path(cache_root).resolve() if cache_root else default_cache_root()
+    root.mkdir(parents=True, exist_ok=True)
+    key = _key(records, f"physical:{split}", (0, 0), f"{annotator}@{mm_per_px!r}mm/px")
+    final = root / f"{split}-{mm_per_px:g}mmpx-{annotator}-{key}"
+    if (final / "meta.arrow").is_file():
+        return _load(final, mm_per_px)
+    with open(root / f".{final.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # a second builder on this node waits, then reuses
+        if (final / "meta.arrow").is_file():
+            return _load(final, mm_per_px)
+        with staged_dir(final) as tmp, open(tmp / "pixels.u8", "wb") as out:
+            cols: dict[str, list] = {k: [] for k in ("image_id", "offset", "width_p", "height_p", "scale_x", "scale_y",
+                                                     "width", "height", "spacing_mm", "keypoints_orig")}
+            problems: list[str] = []
+            offset = 0
+            decoded = decode_pass([r.image_path for r in records], f"caching {split} at {mm_per_px:g} mm/px", progress)
+            for r, (img, problem) in zip(records, decoded):
+                if problem or problems:  # after a bad file, decode on only to name every bad one
+                    problems += [problem] if problem else []
+                    continue
+                small, scale = resize(img, physical_size(img.shape[1], img.shape[0], r.spacing_mm, mm_per_px))
+                out.write(np.ascontiguousarray(small).tobytes())
+                for k, v in (("image_id", r.image_id), ("offset", offset), ("width_p", small.shape[1]),
+                             ("height_p", small.shape[0]), ("scale_x", float(scale[0])), ("scale_y", float(scale[1])),
+                             ("width", img.shape[1]), ("height", img.shape[0]), ("spacing_mm", float(r.spacing_mm)),
+                             ("keypoints_orig", r.keypoints.ravel().tolist())):
+                    cols[k].append(v)
+                offset += small.size
+            if problems:
+                raise DatasetError(Path(os.path.commonpath([r.image_path.parent for r in records])), problems)
+            out.close()
+            with ipc.new_file(str(tmp / "meta.arrow"), (t := pa.table(cols)).schema) as w:
+                w.write_table(t)
+    return _load(final, mm_per_px)

@@ -1,0 +1,212 @@
+"""The refinement stage (`--mode refine`): train only the difficult landmarks, without touching the start model.
+
+Masked fine-tuning of the shared model keeps none of the workflow's promises (a step costs the same, the
+landmarks outside the loss drift; see BENCHMARKS.md). Here the start model stays frozen and predicts every
+landmark as before; a small heatmap network (model.LandmarkNet on a `refine_model` backbone, one channel per
+refined landmark) looks at a high-resolution crop of the image (crops.py) around the start model's point and
+finds the landmark in it. So the other landmarks are the start model's own, bit for bit; a step sees a few small
+crops and never back-propagates through the start model; and the crop shows the anatomy at several times the
+resolution of the global input.
+
+One network for all refined landmarks: every crop trains only its own landmark's channel (CropObjective), so
+a channel only ever learns its landmark, while the backbone is shared by all crops (one checkpoint, one forward
+per batch of mixed crops). Training crops are centred on the ground truth plus an offset drawn to match the start
+model's own errors for that landmark on the training images (Offsets), so training sees what inference will.
+
+`train_refine` reuses run.py's pieces: the epoch loop `fit`, `train_step` (through `train_one_epoch`), the
+optimiser, schedule, CheckpointSaver and the run files; validation is `infer.Cascade`, the code `evaluate`,
+`predict` and export score and predict with. `train_any` is what callers of run.train call when the mode may be
+refine (run.py sits below this module, so it cannot dispatch here itself).
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from . import run
+from .augment import AugmentConfig, train_transform
+from .config import TrainConfig
+from .crops import CropGeometry, PhysicalSplit, build_physical_cache, check_geometry, take, to_crop
+from .infer import Cascade, amp_dtype, is_refine, load_cascade, load_model, place, predict_as_run, resolve_device
+from .landmarks import parse_symbols
+from .loss import per_landmark, weighted_total
+from .metrics import Summary, radial_errors_mm, summarize
+from .model import CheckpointError, create_model, read_checkpoint, sha256_file
+from .run import Callback, Data, Objective, RunResult
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Offsets:
+    """Where a training crop is centred relative to the ground truth, per refined landmark: a Gaussian with the
+    mean and covariance (mm) of the start model's own errors on the training images, times `scale`
+    (refine_offset_scale: > 1 widens it, since a model errs less on the images it was trained on)."""
+
+    mean: np.ndarray  # (L, 2) mm
+    chol: np.ndarray  # (L, 2, 2) mm, Cholesky factor of the covariance
+
+    @classmethod
+    def fit(cls, errors_mm: np.ndarray, scale: float) -> Offsets:
+        """From the start model's error vectors (N, L, 2), prediction minus truth in mm."""
+        mean = errors_mm.mean(0)
+        cov = np.stack([np.cov(e.T) if len(e) > 1 else np.zeros((2, 2)) for e in errors_mm.transpose(1, 0, 2)])
+        chol = np.linalg.cholesky(cov + 1e-6 * np.eye(2))
+        return cls(scale * mean, scale * chol)
+
+    def draw(self, j: int, rng: np.random.Generator) -> np.ndarray:
+        return self.mean[j] + self.chol[j] @ rng.standard_normal(2)
+
+    def describe(self, symbols: list[str]) -> dict[str, dict[str, Any]]:
+        """Per landmark: mean (mm) and the RMS radius of the offset distribution (mm), for the logs and checkpoint."""
+        return {s: {"mean_mm": self.mean[j].round(4).tolist(), "rms_mm": float(np.sqrt((self.chol[j] ** 2).sum()))}
+                for j, s in enumerate(symbols)}
+
+
+class CropDataset(Dataset):
+    """Training crops, one item per (training image, refined landmark): centred on the ground truth plus an offset
+    drawn from `offsets`, then `transform` (augment.train_transform: rotation, scale, intensity). Items as
+    augment.LandmarkDataset's: crop (1, P, P) float in [0, 1], keypoints (L, 2) in crop px, index. The keypoints of
+    the channels that are not this crop's landmark are NaN, so their targets are too and CropObjective leaves them
+    out. Offsets come from the transform's own generator, which run.epoch_loader reseeds each epoch."""
+
+    def __init__(self, phys: PhysicalSplit, channels: list[int], geometry: CropGeometry, offsets: Offsets,
+                 transform: Any):
+        self.phys, self.channels, self.geometry, self.offsets, self.transform = phys, channels, geometry, offsets, transform
+
+    def __len__(self) -> int:
+        return len(self.phys) * len(self.channels)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        n, j = divmod(i, len(self.channels))
+        truth = self.phys.keypoints_orig[n, self.channels[j]]
+        centre = to_crop(truth, self.phys.scale[n], 0) + self.offsets.draw(j, self.transform.random_generator) / \
+            self.geometry.mm_per_px
+        origin = self.geometry.origins(centre)
+        point = to_crop(truth, self.phys.scale[n], origin).astype(np.float32)[None]
+        out = self.transform(image=take(self.phys.image(n), origin, self.geometry.size), keypoints=point)
+        kps = np.full((len(self.channels), 2), np.nan, np.float32)
+        kps[j] = np.asarray(out["keypoints"], np.float32).reshape(-1, 2)[0]
+        image = torch.from_numpy(np.ascontiguousarray(out["image"])).unsqueeze(0).float().div_(255.0)
+        return image, torch.from_numpy(kps), i
+
+
+class CropObjective(Objective):
+    """run.Objective for crops: a crop trains only its own landmark's channel. The other channels' targets are NaN
+    (CropDataset); those (crop, channel) pairs get prediction = target = 0, so no loss and no gradient, and each
+    channel's loss is its mean over the crops of its own landmark, normalised over the channels in the batch."""
+
+    def __call__(self, pred: torch.Tensor, target: torch.Tensor, teach: torch.Tensor | None = None) -> torch.Tensor:
+        own = ~torch.isnan(target[:, :, 0, 0])
+        mask = own[:, :, None, None]
+        per = per_landmark(torch.where(mask, pred.float(), 0.0), torch.where(mask, target, 0.0), self.loss, self.awing)
+        count = own.sum(0)
+        return weighted_total(per * own.shape[0] / count.clamp_min(1), (count > 0).to(per.dtype))
+
+
+def crop_transform(cfg: TrainConfig) -> Any:
+    """The run's augmentation on a crop, less the translation (the offsets are the translation)."""
+    return train_transform(AugmentConfig(cfg.aug_scale, cfg.aug_rotate, 0.0, cfg.aug_brightness_contrast, cfg.aug_clahe_p))
+
+
+def _start(cfg: TrainConfig, device: torch.device) -> tuple[Cascade | None, Path, dict[str, Any] | None]:
+    """(the cascade being continued, the start checkpoint, the refine last.pt's state) for `cfg.resume`: a start
+    checkpoint begins a refinement run, a refinement run's last.pt continues it (its start model checked by sha256)."""
+    ckpt = read_checkpoint(cfg.resume)
+    if not is_refine(ckpt):
+        return None, Path(cfg.resume), None
+    if "optimizer" not in ckpt:
+        raise CheckpointError(f"{cfg.resume}: a refinement stage's best.pt; continue a refine run from its last.pt, "
+                              "or begin one with --resume START_CHECKPOINT")
+    return load_cascade(cfg.resume, device, ckpt=ckpt), Path(ckpt["refine"]["start"]["path"]), ckpt
+
+
+def _check_data(geometry: CropGeometry, data: Data) -> None:
+    for split in (data.train, data.val):
+        check_geometry(geometry, split.spacing_mm, split.orig_size, split.image_ids)
+
+
+def train_refine(cfg: TrainConfig, callback: Callback | None = None, start_per_landmark: dict[str, float] | None = None,
+                 data: Data | None = None, keep_files: bool = True) -> RunResult:
+    """Train (or continue) the refinement stage on top of the frozen start model `cfg.resume`; called as run.train
+    is, returning its RunResult. The difficult set is chosen as run.train chooses it (`start_per_landmark` when
+    the caller measured it, e.g. once per sweep; else the start model's validation errors measured here). The
+    summaries use the start errors measured here, on the predictions the cascade keeps, so the drift of every
+    landmark outside the set is exactly 0."""
+    cfg.validate()
+    if cfg.mode != "refine":
+        raise ValueError(f"train_refine trains mode 'refine', not {cfg.mode!r} (run.train does)")
+    device = resolve_device(cfg.device)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    run._seed_all(cfg.seed)
+    continued, start_path, resume_state = _start(cfg, device)
+    if continued is not None:
+        start, start_cfg, start_symbols, model = continued.start, continued.start_cfg, continued.symbols, continued.refine
+    else:
+        (start, start_cfg, start_symbols), model = load_model(start_path, device), None
+    for p in start.parameters():
+        p.requires_grad_(False)
+    cfg = dataclasses.replace(cfg, model=start_cfg.model, image_size=tuple(start_cfg.image_size))  # what the start reads
+    geometry = CropGeometry.from_mm(cfg.refine_crop_mm, cfg.refine_mm_per_px)
+    data = data or run.prepare_data(cfg, cfg.progress)
+    symbols = data.info.symbols
+    if start_symbols != symbols:
+        raise CheckpointError(f"{start_path}: landmark symbols {start_symbols} differ from the dataset's {symbols}")
+    if cfg.difficult:
+        parse_symbols(cfg.difficult, symbols)
+    _check_data(geometry, data)
+
+    coarse_val, coarse_train = predict_as_run(start, start_cfg, data.val), predict_as_run(start, start_cfg, data.train)
+    start_pl = summarize(radial_errors_mm(coarse_val, data.val.keypoints_orig, data.val.spacing_mm), symbols).per_landmark
+    difficult = run.choose_difficult(cfg, resume_state, start_per_landmark or start_pl)
+    channels = [symbols.index(s) for s in difficult]
+    phys = {role: build_physical_cache(sp.records, sp.name, geometry.mm_per_px, cfg.annotator, cfg.cache_dir, cfg.progress)
+            for role, sp in (("train", data.roles.train), ("val", data.roles.val))}
+    errors = (coarse_train - data.train.keypoints_orig)[:, channels] * data.train.spacing_mm[:, None, None]
+    offsets = Offsets.fit(errors, cfg.refine_offset_scale)
+    log.info("refine: %s on %d x %d px crops at %g mm/px (%.1f mm); training offsets (RMS mm): %s", cfg.refine_model,
+             geometry.size, geometry.size, geometry.mm_per_px, geometry.field_mm,
+             ", ".join(f"{s} {d['rms_mm']:.2f}" for s, d in offsets.describe(difficult).items()))
+    if model is None:
+        model = place(create_model(cfg.refine_model, len(difficult)), device)
+    cascade = Cascade(start, start_cfg, model, cfg, symbols, difficult)
+    out = Path(cfg.out).resolve()
+    run._write_run_files(out, cfg, difficult, difficult, start_pl)
+
+    record = {"start": {"path": str(start_path.resolve()), "sha256": sha256_file(start_path)}, "refined": difficult,
+              "crop_px": geometry.size, "mm_per_px": geometry.mm_per_px, "offsets": offsets.describe(difficult),
+              "train_spacing_mm": [float(phys["train"].spacing_mm.min()), float(phys["train"].spacing_mm.max())]}
+    objective = CropObjective.from_config(cfg, torch.ones(len(difficult)))
+    opt = run.build_optimizer(model, cfg)
+    ds = CropDataset(phys["train"], channels, geometry, offsets, crop_transform(cfg))
+    steps = run.steps_per_epoch(len(ds), cfg.batch_size, cfg.max_steps_per_epoch)
+    optim = run.Optimisation.create(opt, run.build_scheduler(opt, cfg, steps), device,
+                                    amp_dtype(device, cfg.mixed_precision), cfg.grad_clip)
+    saver = run.CheckpointSaver(out, cfg, symbols, difficult, start_pl, keep_files, extra={"refine": record})
+    first_epoch, history = 0, []
+    if resume_state is not None:
+        first_epoch, history = saver.restore(resume_state, optim)
+        log.info("resumed %s at epoch %d", cfg.resume, first_epoch)
+    val_images = phys["val"].images()
+
+    def score(_: torch.nn.Module) -> Summary:
+        pred = cascade.refine_coarse(coarse_val, val_images, phys["val"].scale)
+        err = radial_errors_mm(pred, data.val.keypoints_orig, data.val.spacing_mm)
+        return summarize(err, symbols, difficult, start_pl, difficult)
+
+    return run.fit(model, ds, objective, optim, saver, cfg, steps, score, first_epoch=first_epoch, history=history,
+                   callback=callback)
+
+
+def train_any(cfg: TrainConfig, callback: Callback | None = None, start_per_landmark: dict[str, float] | None = None,
+              data: Data | None = None, keep_files: bool = True) -> RunResult:
+    """run.train, or for mode 'refine' train_refine: one entry point for the CLI, sweep trials and re-runs."""
+    return (train_refine if cfg.mode == "refine" else run.train)(cfg, callback, start_per_landmark, data, keep_files)
