@@ -13,6 +13,9 @@ landmark (B x L crops of P px, `refine.CropObjective`). Variants interleaved wit
 """
 from __future__ import annotations
 
+import multiprocessing
+from pathlib import Path
+
 import _bench
 import torch
 
@@ -47,6 +50,40 @@ def refine_step(name: str, landmarks: int, x: torch.Tensor, kps: torch.Tensor, d
     return lambda: train_step(model, x, kps, objective, optim)
 
 
+def resident_mb(device: torch.device) -> float:
+    """Memory held before a step (every model, optimiser and batch of this process): what the step's peak is over."""
+    if device.type == "cuda":
+        _bench.sync(device)
+        return torch.cuda.memory_allocated(device) / 2**20
+    for ln in Path("/proc/self/status").read_text().splitlines():
+        if ln.startswith("VmRSS:"):
+            return int(ln.split()[1]) / 1024
+    return float("nan")
+
+
+def step_memory(kind: str, name: str, size: int, images: int, landmarks: int, device: str, threads: int) -> tuple[float, float]:
+    """(memory resident before a step: model, optimiser state, batch, libraries; the step's own peak above it), MB,
+    measured in a fresh process after one warm-up step: a process's allocator keeps what earlier steps freed, so
+    only a fresh process shows one step's own need. `kind` is "masked" (the full model `name` on `images` whole
+    images of `size` px) or "refine" (the refinement network `name` on images x landmarks crops of `size` px)."""
+    torch.set_num_threads(threads)
+    dev = torch.device(device)
+    if kind == "masked":
+        syms = symbols(AARIZ)
+        model = create_model(name, len(syms)).to(dev)
+        x, kps = _bench.random_batch(images, size, len(syms), dev)
+        step = _bench.make_step(model, x, kps, landmark_weights(syms, list(WORKFLOW_DIFFICULT), "masked", 2.5))
+    else:
+        x, kps = crop_batch(images, landmarks, size, dev)
+        step = refine_step(name, landmarks, x, kps, dev)
+    step()
+    mem = _bench.PeakMemory(dev)
+    before = resident_mb(dev)
+    mem.reset()
+    step()
+    return before, mem.read_mb() - before
+
+
 def main() -> None:
     p = _bench.parser(__doc__.splitlines()[0])
     p.add_argument("--models", nargs="+", default=["hrnet_w18_small_v2"], help="start (full) models")
@@ -65,7 +102,7 @@ def main() -> None:
     crop = crop_pixels(args.crop_mm, args.mm_per_px)
     syms = symbols(AARIZ)
     masked = landmark_weights(syms, list(WORKFLOW_DIFFICULT), "masked", 2.5)
-    mem = _bench.PeakMemory(device)
+    kind = "RSS" if device.type == "cpu" else "CUDA allocated"
     rec = _bench.Record("bench_refine: refinement-stage step vs masked fine-tuning step", args, device)
     rec.value("settings", f"{args.batch_size} image(s) per step; masked: the full model on whole images, "
                           f"{len(syms)} landmarks, loss on the workflow's {len(WORKFLOW_DIFFICULT)}; refine: "
@@ -95,27 +132,29 @@ def main() -> None:
                                f"{args.max_seconds_per_step:g}")
                 break
             times = _bench.interleaved(steps, args.repeats, device)
-            peaks = {}
-            for v, fn in steps.items():
-                mem.reset()
-                fn()
-                peaks[v] = mem.read_mb()
+            jobs = {v: ("masked", name, size) if v == "masked" else ("refine", v.removeprefix("refine "), crop)
+                    for v in steps}
+            with multiprocessing.get_context("spawn").Pool(1, maxtasksperchild=1) as pool:
+                memory = {v: pool.apply(step_memory, (*job, args.batch_size, args.landmarks, str(device), args.threads))
+                          for v, job in jobs.items()}
             for v in steps:
                 crops = "" if v == "masked" else args.batch_size * args.landmarks
-                rows.append([name, size, v, args.batch_size, crops, _bench.median(times[v]), peaks[v],
-                             _bench.paired_ratio(times, v, "masked")])
+                rows.append([name, size, v, args.batch_size, crops, _bench.median(times[v]), *memory[v],
+                             memory[v][1] / memory["masked"][1], _bench.paired_ratio(times, v, "masked")])
             ratios.append((name, size, times))
             print(f"{name} {size}px: " + ", ".join(f"{v} {_bench.median(times[v]):.3f}s" for v in steps))
         del model, opt
     rec.table(["start model", "global size", "step", "images/step", "crops/step", "s/step (median)",
-               f"peak MB ({mem.kind})", "time / masked (paired median)"], rows)
+               f"resident MB before the step ({kind})", "the step's own peak MB above it", "own peak / masked",
+               "time / masked (paired median)"], rows)
     for name, size, times in ratios:
         for v in times:
             if v != "masked":
                 rec.ratio(f"{v}/masked {name} {size}px", _bench.paired_ratio(times, v, "masked"),
                           "step time at the same images per step, median of per-repeat ratios; goal <= 0.5")
     rec.note("the refine step's cost depends on the crops (count, size, backbone), not on the global input size; "
-             "peak memory on CPU is the process's RSS and includes ~1 GB of libraries")
+             "memory is measured per step kind in a fresh process (step_memory): resident = model + optimiser state + "
+             "batch (+ ~1 GB of libraries on CPU), own peak = what one step needs above that")
     for s in skipped:
         rec.note(f"skipped {s}")
     _bench.emit(rec)

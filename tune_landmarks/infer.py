@@ -136,6 +136,9 @@ def load_model(path: str | Path, device: torch.device) -> tuple[LandmarkNet, Tra
     """The model (in eval mode on `device`), its run config (image size, decoder, sigma) and its landmark
     symbols: what `predict` needs when there is no dataset to take the symbols from."""
     ckpt = read_checkpoint(path)
+    if is_refine(ckpt):
+        raise CheckpointError(f"{path}: a refinement stage, which predicts with its start model: load it with "
+                              "load_cascade (evaluate, compare and predict do)")
     symbols = list(ckpt.get("symbols") or [])
     if not symbols or not ckpt.get("arch"):
         raise CheckpointError(f"{path}: names no architecture or landmark symbols; use an exported model "
