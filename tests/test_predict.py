@@ -8,43 +8,12 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-from conftest import TINY, cli
+from conftest import cli
 
 from tune_landmarks.landmarks import ISBI2015, symbols, title_of
 from tune_landmarks.predict import OVERLAY_SUFFIX, find_images, predict
 
 ISBI_SYMBOLS = symbols(ISBI2015)
-
-
-def _subset(isbi_root: Path, dst: Path, rows: dict[str, int]) -> Path:
-    """The real ISBI layout with only the first rows of each split (the images are the real files)."""
-    dst.mkdir()
-    (dst / "images").symlink_to(isbi_root / "images")
-    for split, n in rows.items():
-        names = None  # the senior file's first n images, taken from both annotators' files
-        for who in ("senior", "junior"):
-            lines = (isbi_root / f"{split}_{who}.csv").read_text().splitlines()
-            names = names or {ln.split(",")[0] for ln in lines[1:n + 1]}
-            rows_kept = [ln for ln in lines[1:] if ln.split(",")[0] in names]
-            (dst / f"{split}_{who}.csv").write_text("\n".join([lines[0], *rows_kept]) + "\n")
-    return dst
-
-
-@pytest.fixture(scope="module")
-def isbi_small(isbi_root, tmp_path_factory) -> Path:
-    return _subset(isbi_root, tmp_path_factory.mktemp("isbi") / "isbi2015", {"train": 8, "test1": 4})
-
-
-@pytest.fixture(scope="module")
-def isbi_model(isbi_small, tmp_path_factory) -> Path:
-    """A 19-landmark model, trained just enough to exist (predict is about plumbing, not accuracy)."""
-    from tune_landmarks.config import TrainConfig
-    from tune_landmarks.run import train
-
-    out = tmp_path_factory.mktemp("isbi_model")
-    train(TrainConfig(dataset_path=str(isbi_small), epochs=1, max_steps_per_epoch=2, lr=1e-3, out=str(out),
-                      progress=False, **TINY))
-    return out / "best.pt"
 
 
 @pytest.fixture(scope="module")

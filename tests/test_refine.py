@@ -11,14 +11,13 @@ import numpy as np
 import pytest
 import torch
 from conftest import TINY, cli
-from test_predict import _subset
 
 from tune_landmarks.cache import to_target
 from tune_landmarks.config import TrainConfig
 from tune_landmarks.crops import CropGeometry, build_physical_cache, from_crop, physical_size, take, to_crop
 from tune_landmarks.infer import evaluate_checkpoint, load_cascade
 from tune_landmarks.landmarks import ISBI2015, WORKFLOW_DIFFICULT, symbols
-from tune_landmarks.model import CheckpointError, read_checkpoint
+from tune_landmarks.model import CheckpointError, read_checkpoint, sha256_file
 from tune_landmarks.predict import predict
 from tune_landmarks.read import Record
 from tune_landmarks.refine import CropObjective, train_refine
@@ -146,39 +145,96 @@ def test_evaluate_reproduces_the_run_and_a_last_pt_continues_it(synth_refine, sy
     assert more.difficult == res.difficult
 
 
+# ---------------------------------------------------------------- the refine arm of a sweep
+
+REFINE_ARM_SPACE = """\
+lr: {type: loguniform, low: 1.0e-4, high: 3.0e-3}
+difficult_threshold: {type: uniform, low: 1.0, high: 5.0}
+arms:
+  refine:
+    lr: {type: loguniform, low: 2.0e-3, high: 4.0e-3}
+    sigma: {type: fixed, value: 1.5}
+    refine_mm_per_px: {type: fixed, value: 0.15}
+    refine_crop_mm: {type: categorical, choices: [9.6]}
+    refine_model: {type: fixed, value: hrnet_w18_small}
+"""
+
+
+@pytest.fixture(scope="module")
+def refine_sweep(synth_root, start_ckpt, tmp_path_factory) -> Path:
+    """A real sweep of the arms masked and refine, 2 trials each, 3 epochs: the refine arm with its own section."""
+    import ray
+
+    from tune_landmarks.experiment import SweepSettings
+    from tune_landmarks.search import run_search
+
+    tmp = tmp_path_factory.mktemp("refine_sweep")
+    (tmp / "space.yaml").write_text(REFINE_ARM_SPACE)
+    base = TrainConfig(dataset_path=str(synth_root), resume=str(start_ckpt), epochs=3, progress=False, **TINY)
+    settings = SweepSettings(name="arms", storage=str(tmp / "sweeps"), num_samples=2, max_concurrent=2,
+                             cpus_per_trial=1, arms=["masked", "refine"], seed=3)
+    try:
+        assert run_search(str(tmp / "space.yaml"), base, settings) == 0
+    finally:
+        ray.shutdown()
+    return tmp / "sweeps" / "arms"
+
+
+@pytest.mark.slow
+def test_the_refine_arm_is_searched_in_its_own_ranges_and_judged_with_the_others(refine_sweep):
+    import pyarrow.parquet as pq
+
+    trials = pq.read_table(refine_sweep / "trials.parquet").to_pandas()
+    refine, masked = trials[trials.arm == "refine"], trials[trials.arm == "masked"]
+    assert len(refine) == len(masked) == 2 and (refine.param_mode == "refine").all()
+    assert refine.param_lr.between(2e-3, 4e-3).all() and refine.param_lr.nunique() == 2  # its own section's range
+    assert (refine.param_refine_crop_mm == 9.6).all() and masked.param_refine_crop_mm.isna().all()
+    assert (refine.best_max_drift == 0).all()  # the landmarks it does not refine are the start model's own
+    verdict = json.loads((refine_sweep / "verdict.json").read_text())
+    pairs = {(r["a"], r["b"]) for r in verdict["comparisons"]}
+    assert pairs == {("best masked", "start"), ("best refine", "start"), ("best masked", "best refine")}
+    assert verdict["arms"]["refine"]["budget"] == 2
+
+
+@pytest.mark.slow
+def test_the_refine_arms_winner_exports_as_a_cascade_that_reproduces_its_metrics(refine_sweep, synth_root, start_ckpt,
+                                                                                 tmp_path):
+    proc = cli("export", refine_sweep, "--arm", "refine", "--force", "--out", tmp_path / "model", "--split", "test")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "verified: the exported files' val MRE" in proc.stdout and "start/ (the cascade's start model)" in proc.stdout
+    meta = json.loads((tmp_path / "model" / "model.json").read_text())
+    assert meta["arm"] == "refine" and meta["refine"]["start"]["sha256"] == sha256_file(tmp_path / "model" / "start")
+    assert meta["start_checkpoint"]["sha256"] == meta["refine"]["start"]["source_sha256"] == sha256_file(start_ckpt)
+    assert json.loads((tmp_path / "model" / "verification.json").read_text())["passed"]
+    ev_start = evaluate_checkpoint(start_ckpt, synth_root, "test")
+    ev = evaluate_checkpoint(tmp_path / "model", synth_root, "test")
+    others = [i for i, s in enumerate(ev.symbols) if s not in meta["refine"]["refined"]]
+    assert np.array_equal(ev.pred[:, others], ev_start.pred[:, others])
+    test = json.loads((tmp_path / "model" / "test_metrics.json").read_text())
+    assert test["mre"] == pytest.approx(ev.summary.mre, abs=1e-9)
+    bad = cli("export", refine_sweep, "--arm", "weighted", "--out", tmp_path / "w")
+    assert bad.returncode != 0 and "`arm` is 'weighted', but must be one of this sweep's arms (masked, refine)" in bad.stderr
+    assert not (tmp_path / "w").exists()
+
+
 # ---------------------------------------------------------------- the cascade on real ISBI images
 
 @pytest.fixture(scope="module")
-def isbi_small(isbi_root, tmp_path_factory) -> Path:
-    return _subset(isbi_root, tmp_path_factory.mktemp("isbi_refine") / "isbi2015", {"train": 8, "test1": 4})
-
-
-@pytest.fixture(scope="module")
-def isbi_start(isbi_small, tmp_path_factory) -> Path:
-    from tune_landmarks.run import train
-
-    out = tmp_path_factory.mktemp("isbi_start")
-    train(TrainConfig(dataset_path=str(isbi_small), epochs=1, max_steps_per_epoch=2, lr=1e-3, out=str(out),
-                      progress=False, **TINY))
-    return out / "best.pt"
-
-
-@pytest.fixture(scope="module")
-def isbi_refine(isbi_small, isbi_start, tmp_path_factory) -> Path:
+def isbi_refine(isbi_small, isbi_model, tmp_path_factory) -> Path:
     """`tune-landmarks finetune --mode refine`, as a user runs it."""
     out = tmp_path_factory.mktemp("isbi_refine_run")
-    cli("finetune", "--dataset_path", isbi_small, "--resume", isbi_start, "--mode", "refine", "--difficult",
+    cli("finetune", "--dataset_path", isbi_small, "--resume", isbi_model, "--mode", "refine", "--difficult",
         ",".join(REFINED), "--refine-model", CROP["refine_model"], "--refine-mm-per-px", CROP["refine_mm_per_px"],
         "--refine-crop-mm", CROP["refine_crop_mm"], "--epochs", 1, "--max-steps-per-epoch", 2, "--batch_size", 4,
         "--no-progress", "--out", out, check=True)
     return out / "best.pt"
 
 
-def test_cascade_predicts_all_19_and_leaves_every_other_landmark_bit_identical(isbi_small, isbi_start, isbi_refine,
+def test_cascade_predicts_all_19_and_leaves_every_other_landmark_bit_identical(isbi_small, isbi_model, isbi_refine,
                                                                                 tmp_path):
     refined = [ISBI_SYMBOLS.index(s) for s in REFINED]
     others = [i for i in range(19) if i not in refined]
-    ev_s = evaluate_checkpoint(isbi_start, isbi_small, "test1")
+    ev_s = evaluate_checkpoint(isbi_model, isbi_small, "test1")
     ev_c = evaluate_checkpoint(isbi_refine, isbi_small, "test1")
     assert ev_c.image_ids == ev_s.image_ids and ev_c.difficult == REFINED
     assert np.array_equal(ev_s.pred[:, others], ev_c.pred[:, others])
@@ -186,7 +242,7 @@ def test_cascade_predicts_all_19_and_leaves_every_other_landmark_bit_identical(i
     assert not np.array_equal(ev_s.pred[:, refined], ev_c.pred[:, refined])
 
     files = [isbi_small / "images" / f"{i}.jpg" for i in ev_c.image_ids[:3]]
-    start = predict(isbi_start, files, tmp_path / "start")
+    start = predict(isbi_model, files, tmp_path / "start")
     casc = predict(isbi_refine, files, tmp_path / "cascade")
     assert not casc.failed and [c.path for c in casc.predicted] == files
     for s, c in zip(start.predicted, casc.predicted, strict=True):
@@ -197,11 +253,25 @@ def test_cascade_predicts_all_19_and_leaves_every_other_landmark_bit_identical(i
     # predict (any image, decoded and cropped on its own) gives the points evaluate scores
     np.testing.assert_allclose(np.stack([c.points for c in casc.predicted]), ev_c.pred[:3], atol=1e-3)
 
+    # exported, the cascade is one self-contained folder (moved elsewhere, its own start model inside) that predicts
+    # the same points; its model.json names the exported start model's sha256 and the checkpoint it came from
+    cli("export", "--checkpoint", isbi_refine, "--out", tmp_path / "export", check=True)
+    moved = Path(shutil.move(tmp_path / "export", tmp_path / "elsewhere"))
+    stage = json.loads((moved / "model.json").read_text())["refine"]["start"]
+    assert (stage["path"], stage["sha256"]) == ("start", sha256_file(moved / "start"))
+    assert stage["source_sha256"] == sha256_file(isbi_model)
+    meta = json.loads((moved / "model.json").read_text())
+    assert meta["refine"]["refined"] == REFINED and meta["symbols"] == ISBI_SYMBOLS
+    exported = predict(moved, files, tmp_path / "exported")
+    assert not exported.failed
+    for c, e in zip(casc.predicted, exported.predicted, strict=True):
+        assert np.array_equal(c.points, e.points)
 
-def test_a_mismatched_refine_checkpoint_is_refused_before_any_work(isbi_small, isbi_start, isbi_refine, synth_root,
+
+def test_a_mismatched_refine_checkpoint_is_refused_before_any_work(isbi_small, isbi_model, isbi_refine, synth_root,
                                                                      tmp_path):
     changed = tmp_path / "start.pt"
-    shutil.copy(isbi_start, changed)
+    shutil.copy(isbi_model, changed)
     with open(changed, "ab") as f:
         f.write(b"\0")  # another file: the stage was not trained on it
     with pytest.raises(CheckpointError, match=r"refines the start model with sha256 [0-9a-f]{16}\.\.\. .* but "

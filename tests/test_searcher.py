@@ -61,7 +61,7 @@ def test_an_arm_that_cannot_be_searched_is_refused(space):
     searched_mode = space_from_dict(SPACE | {"mode": {"type": "categorical", "choices": ["masked", "weighted"]}}, "s.yaml")
     with pytest.raises(SpaceError, match=r"s.yaml: `mode` is searched, but --arms chooses it"):
         searched_mode.for_arm("masked")
-    with pytest.raises(SpaceError, match=r"arm 'half' is not one of masked, weighted, all"):
+    with pytest.raises(SpaceError, match=r"arm 'half' is not one of masked, weighted, all, refine"):
         space.for_arm("half")
     with pytest.raises(ValueError, match=r"The value of `arms` is \['masked', 'half'\], but must be distinct names"):
         _settings(arms=["masked", "half"]).validate()
@@ -125,3 +125,18 @@ def test_adapter_refuses_another_ray_version(monkeypatch):
     with pytest.raises(RuntimeError, match=r"private attributes of ray 2\.60\.0, but this environment has ray 9\.9\.9"):
         ray_adapter.check_versions()
     ray_adapter.check_versions.cache_clear()
+
+
+def test_the_refine_arm_searches_its_own_section_and_only_it_the_crop_options(tmp_path):
+    from tune_landmarks.search import ARM_KEY, make_searcher
+
+    space = space_from_dict(SPACE | {"refine_offset_scale": {"type": "uniform", "low": 1.0, "high": 2.0},
+                                     "arms": {"refine": {"lr": {"type": "loguniform", "low": 1e-3, "high": 5e-3}}}},
+                            "space.yaml")
+    searcher = make_searcher(space, _settings(arms=["masked", "refine"], num_samples=2), tmp_path / "j.log")
+    given = [searcher.suggest(f"t{i}") for i in range(4)]
+    refine = [p for p in given if p[ARM_KEY] == "refine"]
+    masked = [p for p in given if p[ARM_KEY] == "masked"]
+    assert len(refine) == len(masked) == 2
+    assert all(1e-3 <= p["lr"] <= 5e-3 and 1.0 <= p["refine_offset_scale"] <= 2.0 for p in refine)
+    assert all(1e-5 <= p["lr"] <= 1e-3 and "refine_offset_scale" not in p for p in masked)

@@ -235,3 +235,55 @@ def test_with_threshold_below_refuses_a_range_above_every_error(space: SearchSpa
     with pytest.raises(SpaceError, match=r"`difficult_threshold` range 1.5..3.0 mm lies above every start error"):
         space.with_threshold_below(1.2)
 
+
+
+ARM_SECTIONS = SPACE.replace("mode: {type: categorical, choices: [masked, weighted]}\n", "") + """\
+refine_offset_scale: {type: uniform, low: 1.0, high: 2.0}
+arms:
+  refine:
+    lr: {type: loguniform, low: 5.0e-4, high: 5.0e-3}
+    warmup_epochs: {type: int, low: 0, high: 5}
+    refine_model: {type: categorical, choices: [hrnet_w18_small, resnet18]}
+    difficult_threshold: {type: uniform, low: 2.0, high: 4.0}
+"""
+
+
+def test_an_arm_section_replaces_and_adds_entries_for_that_arm_only(tmp_path: Path) -> None:
+    space = load_space(write(tmp_path, ARM_SECTIONS))
+    refine, masked = space.for_arm("refine"), space.for_arm("masked")
+    assert (refine.get("lr").low, refine.get("lr").high) == (5e-4, 5e-3)  # its own range
+    assert (masked.get("lr").low, masked.get("lr").high) == (1e-6, 1e-3)  # the shared one
+    assert refine.get("refine_model").choices == ("hrnet_w18_small", "resnet18") and masked.get("refine_model") is None
+    assert refine.get("refine_offset_scale") is not None and masked.get("refine_offset_scale") is None  # refine only
+    assert refine.get("difficult_weight") is None and refine.get("awing_theta") is not None  # unusable / shared
+    assert refine.get("mode").value == "refine" and [p.name for p in refine.params].count("lr") == 1
+    assert space.max_warmup() == 5.0 and "refine_model" in space.searched
+    assert space_from_dict(json.loads(json.dumps(space.to_dict())), space.path) == space  # what sweep.json holds
+    clipped, note = space.with_threshold_below(3.0)  # both the shared range and the arm's own are clipped
+    assert clipped.get("difficult_threshold").high == clipped.for_arm("refine").get("difficult_threshold").high == 2.997
+    assert "arms.refine.difficult_threshold: high 4.0 mm clipped" in note
+
+
+@pytest.mark.parametrize(("section", "message"), [
+    ("  half:\n    lr: {type: uniform, low: 0.1, high: 0.2}\n", "`arms.half`: not an arm (masked, weighted, all, refine)"),
+    ("  refine:\n    difficult_weight: {type: uniform, low: 1, high: 2}\n",
+     "`arms.refine`: difficult_weight cannot be searched by this arm"),
+    ("  masked:\n    mode: {type: fixed, value: all}\n", "`arms.masked`: mode cannot be searched by this arm"),
+    ("  all:\n    refine_crop_mm: {type: uniform, low: 10, high: 20}\n",
+     "`arms.all`: refine_crop_mm cannot be searched by this arm"),
+    ("  refine: {}\n", "`arms.refine`: must be a non-empty mapping of option: spec"),
+    ("  refine:\n    lr: {type: uniform, low: 0, high: 1}\n", "arms.refine: `lr`: `low` is 0, but must be > 0"),
+    ("  refine:\n    warmup_epochs: {type: int, low: 3, high: 1}\n", "arms.refine: `warmup_epochs`: low (3) must be < high"),
+])
+def test_a_bad_arm_section_is_refused_naming_file_arm_and_key(tmp_path: Path, section: str, message: str) -> None:
+    f = write(tmp_path, "lr: {type: loguniform, low: 1.0e-6, high: 1.0e-3}\narms:\n" + section)
+    with pytest.raises(SpaceError, match=re.escape(message)) as err:
+        load_space(f)
+    assert str(err.value).startswith(str(f))
+
+
+def test_an_arm_sections_relation_is_checked_on_that_arm(tmp_path: Path) -> None:
+    text = ("lr: {type: loguniform, low: 1.0e-6, high: 1.0e-3}\narms:\n  refine:\n"
+            "    refine_mm_per_px: {type: fixed, value: 0.1}\n    refine_crop_mm: {type: uniform, low: 10, high: 60}\n")
+    with pytest.raises(SpaceError, match=r"arms.refine: `refine_crop_mm`: `high` is 60, but must be <= 512 crop pixels"):
+        load_space(write(tmp_path, text))

@@ -13,9 +13,10 @@ import fcntl
 import hashlib
 import json
 import os
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import TypeVar
 
 import cv2
 import numpy as np
@@ -27,6 +28,7 @@ from .atomic import staged_dir
 from .read import DatasetError, Record, completeness_problem
 
 CACHE_VERSION = 1
+T = TypeVar("T")
 
 
 def default_cache_root() -> Path:
@@ -97,7 +99,7 @@ class CachedSplit:
         return len(self.image_ids)
 
 
-def _key(records: list[Record], split: str, size: tuple[int, int], annotator: str) -> str:
+def cache_key(records: list[Record], split: str, size: tuple[int, int], annotator: str) -> str:
     h = hashlib.sha256()
     h.update(json.dumps([CACHE_VERSION, split, list(size), annotator]).encode())
     for r in records:
@@ -125,49 +127,59 @@ def _load(path: Path) -> CachedSplit:
     )
 
 
+def built_once(cache_root: str | Path | None, name: str, build: Callable[[Path], None],
+               load: Callable[[Path], T]) -> T:
+    """The cache entry `name`: loaded when complete (its meta.arrow is written last), else built by `build` into a
+    staged folder renamed into place, under a file lock, so a second builder on this node waits, then reuses it.
+    The one home of that protocol for both caches (this one and crops.build_physical_cache)."""
+    root = Path(cache_root).resolve() if cache_root else default_cache_root()
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / name
+    if not (final / "meta.arrow").is_file():
+        with open(root / f".{name}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not (final / "meta.arrow").is_file():
+                with staged_dir(final) as tmp:
+                    build(tmp)
+    return load(final)
+
+
 def build_cache(records: list[Record], split: str, size: tuple[int, int], annotator: str,
                 cache_root: str | Path | None = None, progress: bool = True) -> CachedSplit:
     """Return the cached split, building it (atomically, under a file lock) if absent or stale."""
     if not records:
         raise ValueError(f"split {split!r}: nothing to cache (no records)")
-    root = Path(cache_root).resolve() if cache_root else default_cache_root()
-    root.mkdir(parents=True, exist_ok=True)
-    key = _key(records, split, size, annotator)
-    final = root / f"{split}-{size[0]}x{size[1]}-{annotator}-{key}"
-    if (final / "meta.arrow").is_file():
-        return _load(final)
-    with open(root / f".{final.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # a second builder on this node waits, then reuses
-        if (final / "meta.arrow").is_file():
-            return _load(final)
-        with staged_dir(final) as tmp:
-            tw, th = size
-            imgs = np.lib.format.open_memmap(tmp / "images.npy", mode="w+", dtype=np.uint8, shape=(len(records), th, tw))
-            cols: dict[str, list] = {k: [] for k in ("image_id", "path", "width", "height", "scale_x", "scale_y",
-                                                     "spacing_mm", "keypoints", "keypoints_orig")}
-            problems: list[str] = []
-            decoded = decode_pass([r.image_path for r in records], f"caching {split} at {tw}x{th}", progress)
-            for i, (r, (img, problem)) in enumerate(zip(records, decoded)):
-                if problem:
-                    problems.append(problem)
-                if problems:  # after a bad file, decode on only to name every bad one
-                    continue
-                imgs[i], scale = resize(img, size)
-                cols["image_id"].append(r.image_id)
-                cols["path"].append(str(r.image_path))
-                cols["width"].append(img.shape[1])
-                cols["height"].append(img.shape[0])
-                cols["scale_x"].append(float(scale[0]))
-                cols["scale_y"].append(float(scale[1]))
-                cols["spacing_mm"].append(float(r.spacing_mm))
-                cols["keypoints"].append(to_target(r.keypoints, scale).ravel().tolist())
-                cols["keypoints_orig"].append(r.keypoints.ravel().tolist())
-            if problems:
-                root_dir = Path(os.path.commonpath([r.image_path.parent for r in records]))
-                raise DatasetError(root_dir, problems + [f"nothing cached for split {split!r}: fix or remove the image(s) "
-                                                         "named above"])
-            imgs.flush()
-            del imgs
-            with ipc.new_file(str(tmp / "meta.arrow"), (t := pa.table(cols)).schema) as w:
-                w.write_table(t)
-    return _load(final)
+
+    def build(tmp: Path) -> None:
+        tw, th = size
+        imgs = np.lib.format.open_memmap(tmp / "images.npy", mode="w+", dtype=np.uint8, shape=(len(records), th, tw))
+        cols: dict[str, list] = {k: [] for k in ("image_id", "path", "width", "height", "scale_x", "scale_y",
+                                                 "spacing_mm", "keypoints", "keypoints_orig")}
+        problems: list[str] = []
+        decoded = decode_pass([r.image_path for r in records], f"caching {split} at {tw}x{th}", progress)
+        for i, (r, (img, problem)) in enumerate(zip(records, decoded)):
+            if problem:
+                problems.append(problem)
+            if problems:  # after a bad file, decode on only to name every bad one
+                continue
+            imgs[i], scale = resize(img, size)
+            cols["image_id"].append(r.image_id)
+            cols["path"].append(str(r.image_path))
+            cols["width"].append(img.shape[1])
+            cols["height"].append(img.shape[0])
+            cols["scale_x"].append(float(scale[0]))
+            cols["scale_y"].append(float(scale[1]))
+            cols["spacing_mm"].append(float(r.spacing_mm))
+            cols["keypoints"].append(to_target(r.keypoints, scale).ravel().tolist())
+            cols["keypoints_orig"].append(r.keypoints.ravel().tolist())
+        if problems:
+            root_dir = Path(os.path.commonpath([r.image_path.parent for r in records]))
+            raise DatasetError(root_dir, problems + [f"nothing cached for split {split!r}: fix or remove the image(s) "
+                                                     "named above"])
+        imgs.flush()
+        del imgs
+        with ipc.new_file(str(tmp / "meta.arrow"), (t := pa.table(cols)).schema) as w:
+            w.write_table(t)
+
+    key = cache_key(records, split, size, annotator)
+    return built_once(cache_root, f"{split}-{size[0]}x{size[1]}-{annotator}-{key}", build, _load)

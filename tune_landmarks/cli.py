@@ -190,7 +190,8 @@ def _sweep_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--name", required=True, help="experiment name (a folder under --storage)")
     p.add_argument("--storage", default="./sweeps", help="local/shared path or pyarrow URI (s3://, gs://)")
     p.add_argument("--arms", default="masked,all", type=_names,
-                   help="arms searched alike and compared by the verdict: masked, weighted, all (default masked,all)")
+                   help="arms searched alike and compared by the verdict: masked, weighted, all, refine (the refinement "
+                        "stage; give its own ranges in the space's `arms: refine:` section) (default masked,all)")
     p.add_argument("--num-samples", "--num_samples", type=int, default=20, dest="num_samples",
                    help="trials per arm (the same for every arm: the fair comparison)")
     p.add_argument("--arm-samples", "--arm_samples", type=_budgets, default={}, dest="arm_samples", metavar="ARM=N,...",

@@ -18,7 +18,6 @@ Pixels outside the image are 0 (border padding).
 """
 from __future__ import annotations
 
-import fcntl
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -28,8 +27,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.ipc as ipc
 
-from .atomic import staged_dir
-from .cache import _key, decode_pass, default_cache_root, resize, to_original, to_target
+from .cache import built_once, cache_key, decode_pass, resize, to_original, to_target
 from .config import crop_pixels, rule_message
 from .read import DatasetError, Record
 
@@ -149,17 +147,9 @@ def build_physical_cache(records: list[Record], split: str, mm_per_px: float, an
     cache.build_cache by every image's path, size, mtime and annotation."""
     if not records:
         raise ValueError(f"split {split!r}: nothing to cache (no records)")
-    root = Path(cache_root).resolve() if cache_root else default_cache_root()
-    root.mkdir(parents=True, exist_ok=True)
-    key = _key(records, f"physical:{split}", (0, 0), f"{annotator}@{mm_per_px!r}mm/px")
-    final = root / f"{split}-{mm_per_px:g}mmpx-{annotator}-{key}"
-    if (final / "meta.arrow").is_file():
-        return _load(final, mm_per_px)
-    with open(root / f".{final.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # a second builder on this node waits, then reuses
-        if (final / "meta.arrow").is_file():
-            return _load(final, mm_per_px)
-        with staged_dir(final) as tmp, open(tmp / "pixels.u8", "wb") as out:
+
+    def build(tmp: Path) -> None:
+        with open(tmp / "pixels.u8", "wb") as out:
             cols: dict[str, list] = {k: [] for k in ("image_id", "offset", "width_p", "height_p", "scale_x", "scale_y",
                                                      "width", "height", "spacing_mm", "keypoints_orig")}
             problems: list[str] = []
@@ -179,7 +169,8 @@ def build_physical_cache(records: list[Record], split: str, mm_per_px: float, an
                 offset += small.size
             if problems:
                 raise DatasetError(Path(os.path.commonpath([r.image_path.parent for r in records])), problems)
-            out.close()
-            with ipc.new_file(str(tmp / "meta.arrow"), (t := pa.table(cols)).schema) as w:
-                w.write_table(t)
-    return _load(final, mm_per_px)
+        with ipc.new_file(str(tmp / "meta.arrow"), (t := pa.table(cols)).schema) as w:
+            w.write_table(t)
+
+    key = cache_key(records, f"physical:{split}", (0, 0), f"{annotator}@{mm_per_px!r}mm/px")
+    return built_once(cache_root, f"{split}-{mm_per_px:g}mmpx-{annotator}-{key}", build, lambda p: _load(p, mm_per_px))

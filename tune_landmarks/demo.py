@@ -1,5 +1,6 @@
-"""`make demo`: synthetic Aariz-format data -> a small start model -> a sweep -> the best trial -> export
-and report. Minutes on 2 CPU cores; `--smoke-test` makes every step tiny."""
+"""`make demo`: synthetic Aariz-format data -> a small start model -> a sweep of three arms (masked and all-landmark
+fine-tuning, the refinement stage) -> the verdict -> the best trial exported -> the report.
+Minutes on 2 CPU cores; `--smoke-test` makes every step tiny."""
 from __future__ import annotations
 
 import logging
@@ -12,6 +13,7 @@ from .experiment import SweepSettings
 log = logging.getLogger(__name__)
 
 SPACE = Path(__file__).resolve().parent.parent / "search_spaces" / "demo.yaml"
+ARMS = ("masked", "all", "refine")
 
 
 def run_demo(workdir: str | Path, smoke: bool = False) -> int:
@@ -38,12 +40,12 @@ def run_demo(workdir: str | Path, smoke: bool = False) -> int:
     else:
         log.info(f"[2/4] reusing the start model {start_dir / 'best.pt'}")
     name = time.strftime("demo-%Y%m%d-%H%M%S")
-    log.info(f"[3/4] sweep {name}: arms masked and all, {samples} trials each, ASHA, {epochs} epochs each; "
+    log.info(f"[3/4] sweep {name}: arms {', '.join(ARMS)}, {samples} trials each, ASHA, {epochs} epochs each; "
              "selection on the valid split, verdict on the test split")
     base = TrainConfig(dataset_path=str(data), model="hrnet_w18_small_v2", image_size=(img, img), batch_size=8,
                        resume=str(start_dir / "best.pt"), cache_dir=cache, mode="masked", epochs=epochs)
     settings = SweepSettings(name=name, storage=str(work / "sweeps"), num_samples=samples, max_concurrent=2,
-                             cpus_per_trial=1, epochs=epochs, seed=0, arms=["masked", "all"])
+                             cpus_per_trial=1, epochs=epochs, seed=0, arms=list(ARMS))
     code = run_search(str(SPACE), base, settings)
     exp = work / "sweeps" / name
     if code == 0:

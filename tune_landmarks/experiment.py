@@ -32,8 +32,8 @@ if TYPE_CHECKING:
 SWEEP_FILE = "sweep.json"
 JOURNAL_FILE = "optuna_journal.log"
 TABLES = {"trials": "trials.parquet", "epochs": "epochs.parquet", "landmarks": "landmarks.parquet"}
-ARM_KEY = "arm"  # the key of a trial's config that names its arm (masked, weighted, all)
-ARMS = ("masked", "weighted", "all")
+ARM_KEY = "arm"  # the key of a trial's config that names its arm (masked, weighted, all, refine)
+ARMS = ("masked", "weighted", "all", "refine")
 DEFAULT_ARMS = ("masked", "all")
 VERDICT_FILES = {"json": "verdict.json", "table": "verdict.parquet"}
 METRIC = "val_mre"  # what ASHA compares at each rung and what "best epoch" means

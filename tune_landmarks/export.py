@@ -25,6 +25,7 @@ from .metrics import finite_or_none
 from .results import TrialRecord, best_trial, collect, kept_checkpoints
 
 if TYPE_CHECKING:
+    from .config import TrainConfig
     from .metrics import Summary
 
 log = logging.getLogger(__name__)
@@ -33,6 +34,7 @@ TOLERANCE_MM = 1e-3
 ALL_WON = "plain fine-tuning on all landmarks beat every other arm on the selection split"
 MODEL_JSON = "model.json"
 WEIGHTS = "model.safetensors"
+START_DIR = "start"  # a cascade's start model, inside its export folder
 
 
 class VerificationError(ValueError):
@@ -139,33 +141,64 @@ def _epoch_metrics(epoch: dict[str, Any], symbols: list[str]) -> dict[str, Any]:
     return scalars | {"per_landmark": {s: finite_or_none(epoch.get(f"mre_{s}")) for s in symbols}}
 
 
+def write_stage(dest: Path, ckpt: dict[str, Any], cfg: TrainConfig, extra: dict[str, Any]) -> dict[str, Any]:
+    """One model as `dest/model.safetensors` (weights only) and `dest/model.json` (what reading it back needs:
+    architecture, image size, symbols, heatmap decoding, run config), plus `extra`; returns the JSON written."""
+    from safetensors.torch import save_file
+
+    dest.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in ckpt["model"].items()}, str(dest / WEIGHTS), metadata={"format": "pt"})
+    os.chmod(dest / WEIGHTS, 0o644)
+    meta = {"arch": ckpt["arch"], "image_size": list(cfg.image_size), "symbols": list(ckpt["symbols"]),
+            "heatmap": {"sigma": cfg.sigma, "decoder": cfg.decoder, "stride": 4},  # LandmarkNet's output stride
+            "config": cfg.to_dict()} | extra
+    (dest / MODEL_JSON).write_text(json.dumps(meta, indent=2))
+    return meta
+
+
+def write_model(dest: Path, ckpt: dict[str, Any], cfg: TrainConfig, extra: dict[str, Any]) -> dict[str, Any]:
+    """`write_stage` for a plain checkpoint. A refinement stage is exported as its whole cascade: its start model
+    as the complete model folder `dest/start` (itself usable by `predict`), and the refinement stage in `dest`,
+    whose model.json's `refine` record names that folder and its sha256 (load_cascade checks it), keeping the
+    start checkpoint it was trained on as `source_path`/`source_sha256`. `predict` needs nothing else."""
+    from .infer import config_of, is_refine
+    from .model import CheckpointError, read_checkpoint, sha256_file
+
+    if not is_refine(ckpt):
+        return write_stage(dest, ckpt, cfg, extra)
+    rec = ckpt["refine"]
+    source = Path(rec["start"]["path"])
+    if not source.is_file() or sha256_file(source) != rec["start"]["sha256"]:
+        raise CheckpointError(f"{source}: not the start model the refinement stage was trained on (missing, or its "
+                              f"sha256 is not {rec['start']['sha256'][:16]}...)")
+    start = read_checkpoint(source)
+    write_stage(dest / START_DIR, start, config_of(start), {"source": {"path": str(source), "sha256": rec["start"]["sha256"]}})
+    stage = {"path": START_DIR, "sha256": sha256_file(dest / START_DIR), "source_path": str(source),
+             "source_sha256": rec["start"]["sha256"]}
+    return write_stage(dest, ckpt, cfg, extra | {"refine": rec | {"start": stage}})
+
+
 def _write_model(dest: Path, sel: Selection, sweep: Sweep, exp: Experiment, source: dict[str, Any]) -> None:
-    """model.safetensors, model.json, best_hyperparameters.yaml and the landmark table into `dest`."""
+    """The model (write_model: a cascade for a refine trial), best_hyperparameters.yaml and the landmark table
+    into `dest`."""
     import pyarrow as pa
     import pyarrow.parquet as pq
     import yaml
-    from safetensors.torch import save_file
 
     from .model import read_checkpoint, sha256_file
 
     ckpt = read_checkpoint(exp.local_file(sel.checkpoint, "checkpoint.pt"))
-    weights = {k: v.contiguous() for k, v in ckpt["model"].items()}
-    save_file(weights, str(dest / WEIGHTS), metadata={"format": "pt"})
-    os.chmod(dest / WEIGHTS, 0o644)
     cfg = sweep.trial_config(sel.trial.params, exp.trial_dir(sel.trial.trial_id))
     epoch = int(sel.epoch["epoch"])
     difficult = list(ckpt.get("difficult") or [])
     start = Path(sweep.base["resume"])
-    meta = {
-        "arch": ckpt["arch"], "image_size": list(cfg.image_size), "symbols": list(ckpt["symbols"]),
-        "heatmap": {"sigma": cfg.sigma, "decoder": cfg.decoder, "stride": 4},  # LandmarkNet's output stride
-        "config": cfg.to_dict(), "hyperparameters": sel.trial.params, "difficult": difficult,
+    write_model(dest, ckpt, cfg, {
+        "hyperparameters": sel.trial.params, "difficult": difficult,
         "metrics": _epoch_metrics(sel.epoch, sweep.symbols), "validation": source,
         "trial_id": sel.trial.trial_id, "epoch": epoch, "arm": sel.trial.arm,
         "start_checkpoint": {"path": str(start), "sha256": sha256_file(start)},
         "source": {"experiment": exp.uri, "checkpoint": exp.uri_of(sel.checkpoint)},
-    }
-    (dest / MODEL_JSON).write_text(json.dumps(meta, indent=2))
+    })
     (dest / "best_hyperparameters.yaml").write_text(
         f"# trial {sel.trial.trial_id} (arm {sel.trial.arm}), epoch {epoch}: "
         f"val MRE {sel.epoch['val_mre']:.4f} mm\n"
@@ -248,8 +281,9 @@ def confirm_seeds(sweep: Sweep, trials: list[TrialRecord], winner: TrialRecord, 
     """Re-run the winner's configuration, and every other arm's winner, from the same start with `n` new seeds
     (all on the same seeds), to show how much of the winner's margin is luck."""
     from .config import from_dict
+    from .refine import train_any
     from .results import winners
-    from .run import prepare_data, train
+    from .run import prepare_data
 
     base_seed = int(sweep.base.get("seed", 0))
     first = 1 + max([base_seed] + [int(t.params.get("seed", base_seed)) for t in trials])
@@ -264,7 +298,7 @@ def confirm_seeds(sweep: Sweep, trials: list[TrialRecord], winner: TrialRecord, 
             run_dir = dest / "confirm" / f"{name.replace(' ', '_')}-seed{seed}"
             cfg = sweep.trial_config(trial.params, run_dir)
             cfg.out, cfg.seed, cfg.device = str(run_dir), seed, device
-            res = train(cfg, start_per_landmark=sweep.start_errors, data=data, keep_files=False)
+            res = train_any(cfg, start_per_landmark=sweep.start_errors, data=data, keep_files=False)
             runs.append({"seed": seed, "best_val_mre": res.best.mre, "best_epoch": res.best_epoch,
                          "out": str(run_dir.relative_to(dest))})
             log.info(f"  {name} seed {seed}: best val MRE {res.best.mre:.3f} mm at epoch {res.best_epoch}")
@@ -289,14 +323,18 @@ def format_confirm(result: dict[str, Any]) -> str:
 
 
 def export(experiment: Experiment | str | Path, out: str | Path, split: str | None = None, confirm: int = 0,
-           device: str = "auto", force: bool = False) -> Path:
-    """Export the best trial's best epoch to `out` (see the module docstring); returns `out`. When no trial
-    improved on the start model on the selection split, nothing is exported unless `force`."""
+           device: str = "auto", force: bool = False, arm: str | None = None) -> Path:
+    """Export the best trial's best epoch to `out` (see the module docstring); returns `out`. `arm` limits the
+    choice to that arm's trials (e.g. the refine arm's winner, exported as its cascade). When the chosen trial did
+    not improve on the start model on the selection split, nothing is exported unless `force`."""
     if confirm < 0:
         raise ValueError(f"The value of `confirm_seeds` is {confirm}, but must be >= 0.")
     exp = Experiment.of(experiment)
     out = Path(out).resolve()
     sweep = exp.load_sweep()
+    if arm is not None and arm not in sweep.settings.arms:
+        raise ValueError(f"The value of `arm` is {arm!r}, but must be one of this sweep's arms "
+                         f"({', '.join(sweep.settings.arms)}).")
     _check_out(out)
     source = _validation_source(sweep)
     if split is not None:
@@ -306,7 +344,7 @@ def export(experiment: Experiment | str | Path, out: str | Path, split: str | No
         raise FileNotFoundError(f"{start}: the sweep's start checkpoint is missing "
                                 "(its sha256 goes into the export)")
     trials = collect(exp)
-    sel = select(trials, exp)
+    sel = select([t for t in trials if arm is None or t.arm == arm], exp)
     b = sel.epoch
     if b["val_mre"] >= sweep.start_mre and not force:
         raise ValueError(f"no fine-tuned trial improved on the start model on {source['split']} (start "
@@ -328,13 +366,41 @@ def export(experiment: Experiment | str | Path, out: str | Path, split: str | No
         if confirm:
             log.info(f"confirming with {confirm} further seed(s) from the same start:")
             log.info(format_confirm(confirm_seeds(sweep, trials, sel.trial, confirm, tmp, device)))
-    log.info(f"exported {out}: {WEIGHTS}, {MODEL_JSON}, best_hyperparameters.yaml, landmarks.parquet/.md, "
+    cascade = f", {START_DIR}/ (the cascade's start model)" if (out / START_DIR).is_dir() else ""
+    log.info(f"exported {out}: {WEIGHTS}, {MODEL_JSON}{cascade}, best_hyperparameters.yaml, landmarks.parquet/.md, "
              "verification.json" + (", test_metrics.json" if split else "")
              + (", confirm_seeds.json" if confirm else ""))
     return out
 
 
+def export_checkpoint(checkpoint: str | Path, out: str | Path) -> Path:
+    """A training run's checkpoint (e.g. `finetune --mode refine`'s best.pt) as a model folder without a sweep: the
+    same files `export` writes (a refinement stage as its whole cascade), written atomically. There is no recorded
+    selection to verify against: `evaluate` the folder on the images you choose."""
+    from .infer import config_of
+    from .model import read_checkpoint, sha256_file
+
+    checkpoint, out = Path(checkpoint), Path(out).resolve()
+    _check_out(out)
+    ckpt = read_checkpoint(checkpoint)
+    if "arch" not in ckpt or "symbols" not in ckpt:
+        raise ValueError(f"{checkpoint}: names no architecture or landmark symbols (a best.pt/last.pt written by "
+                         "tune-landmarks is needed)")
+    with staged_dir(out) as tmp:
+        write_model(tmp, ckpt, config_of(ckpt), {
+            "difficult": list(ckpt.get("difficult") or []), "epoch": ckpt.get("epoch"),
+            "source": {"checkpoint": str(checkpoint.resolve()), "sha256": sha256_file(checkpoint)}})
+    log.info(f"exported {checkpoint} -> {out}" + (f" (a cascade: its start model in {out / START_DIR})"
+                                                  if (out / START_DIR).is_dir() else ""))
+    return out
+
+
 def cmd_export(args: argparse.Namespace) -> int:
+    if args.checkpoint:
+        if args.experiment or args.verify or not args.out:
+            raise ValueError("export: give --checkpoint FILE --out DIR (without an EXPERIMENT or --verify)")
+        export_checkpoint(args.checkpoint, args.out)
+        return 0
     if args.verify:
         if args.experiment or args.out:
             raise ValueError("export: give either EXPERIMENT --out DIR, or --verify DIR alone")
@@ -343,7 +409,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     if not args.experiment or not args.out:
         raise ValueError("export needs EXPERIMENT and --out DIR (or --verify DIR to re-check an export)")
     export(Experiment.find(args.experiment, args.storage), args.out, args.split, args.confirm_seeds, args.device,
-           args.force)
+           args.force, args.arm)
     return 0
 
 
@@ -359,6 +425,9 @@ def register_cli(sub: Any) -> None:
                    help="re-run the winner (and each other arm's winner) with N further seeds from the same start")
     p.add_argument("--verify", metavar="DIR",
                    help="only re-check an existing export against its recorded metrics")
+    p.add_argument("--checkpoint", metavar="FILE",
+                   help="export one training run's checkpoint (e.g. finetune --mode refine's best.pt) to --out instead")
+    p.add_argument("--arm", help="export the best trial of this arm (default: the best of all arms)")
     p.add_argument("--force", action="store_true",
                    help="export the best trial even when no trial improved on the start model")
     p.add_argument("--device", default="auto")

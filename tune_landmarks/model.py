@@ -121,8 +121,12 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
         if not meta_path.is_file():
             raise CheckpointError(f"{path}: a model directory must hold model.json and model.safetensors")
         meta = json.loads(meta_path.read_text())
-        return {"model": state_dict_of(_load_file(path / "model.safetensors"), path / "model.safetensors"),
+        ckpt = {"model": state_dict_of(_load_file(path / "model.safetensors"), path / "model.safetensors"),
                 "arch": meta["arch"], "symbols": meta["symbols"], "config": meta.get("config", {}), "export": meta}
+        if isinstance(meta.get("refine"), dict):  # an exported cascade: its start model is a folder inside it
+            rec = meta["refine"]
+            ckpt["refine"] = rec | {"start": rec["start"] | {"path": str(path / rec["start"]["path"])}}
+        return ckpt
     obj = _load_file(path)
     if isinstance(obj, dict) and isinstance(obj.get("model"), dict) and "arch" in obj:
         return obj

@@ -1,5 +1,5 @@
-"""Sweeps, the Ray driver: Ray Tune runs the trials (each one `run.train`), Optuna (TPE) samples them, ASHA
-stops the weak ones early, and every arm (masked, weighted, all landmarks) is searched alike with its own
+"""Sweeps, the Ray driver: Ray Tune runs the trials (each one `refine.train_any`), Optuna (TPE) samples them, ASHA
+stops the weak ones early, and every arm (masked, weighted, all landmarks, refine) is searched alike with its own
 budget, so the verdict compares tuned arms.
 
 What an experiment is and where it lives (sweep.json, file and folder names) is experiment.py's; reading
@@ -7,6 +7,7 @@ its results is results.py's. This module only launches, restores and finishes sw
 """
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
@@ -50,11 +51,12 @@ REPORT_KEYS = ("val_mre", "best_val_mre", "val_mre_difficult", "val_mre_other", 
 # ---------------------------------------------------------------- the trial
 
 def trainable(config: dict[str, Any], sweep: Sweep) -> None:
-    """One Ray trial: `run.train` with a callback that reports each epoch and its checkpoint to Tune."""
+    """One Ray trial: `refine.train_any` (run.train, or the refinement stage for the refine arm) with a callback
+    that reports each epoch and its checkpoint to Tune."""
     import torch
     from ray import tune
 
-    from .run import train
+    from .refine import train_any
 
     cfg = sweep.trial_config(config, tune.get_context().get_trial_dir())
     cfg.threads = cfg.threads or max(1, int(round(float(sweep.base.get("threads") or 1))))
@@ -77,7 +79,7 @@ def trainable(config: dict[str, Any], sweep: Sweep) -> None:
         shutil.rmtree(d, ignore_errors=True)
 
     logging.getLogger("tune_landmarks").setLevel(logging.WARNING)  # the console is Ray's table
-    train(cfg, callback=report, start_per_landmark=sweep.start_errors or None, keep_files=False)
+    train_any(cfg, callback=report, start_per_landmark=sweep.start_errors or None, keep_files=False)
 
 
 # ---------------------------------------------------------------- searcher, scheduler, state
@@ -216,6 +218,8 @@ def prepare_sweep(space_file: str, base: TrainConfig, settings: SweepSettings) -
     if data.roles.test is None:
         raise ValueError(f"{data.info.root}: no verdict split (the dataset has none of its own): give --test-split, "
                          "images the selection never sees")
+    if "refine" in spaces:
+        prepare_crops(spaces["refine"], base, data)
     summ = start_errors(base, data)
     log.info(f"start checkpoint {base.resume}: {data.val_split} MRE {summ.mre:.3f} mm "
              "(computed once, shared by all trials)")
@@ -229,6 +233,27 @@ def prepare_sweep(space_file: str, base: TrainConfig, settings: SweepSettings) -
     sweep = Sweep(settings, base.to_dict(), str(space.path), space.to_dict(), summ.per_landmark, data.info.symbols,
                   data.roles.ids(), notes)
     return sweep, data
+
+
+def prepare_crops(space: SearchSpace, base: TrainConfig, data: Any) -> None:
+    """For the refine arm, before Ray starts: every crop setting the arm can sample checked against the training
+    and selection images (too fine a resolution, a crop larger than an image), and the physical cache of every
+    resolution it can sample (a fixed value or choices) built once, for all trials to share; a resolution drawn
+    from a range is cached by the first trial that draws it."""
+    from .crops import CropGeometry, build_physical_cache, check_geometry
+
+    def values(name: str) -> list[Any]:
+        p = space.get(name)
+        return [v for _, v in p.corners()] if p is not None else [getattr(base, name)]
+
+    for crop_mm, mm_per_px in itertools.product(values("refine_crop_mm"), values("refine_mm_per_px")):
+        geometry = CropGeometry.from_mm(crop_mm, mm_per_px)
+        for split in (data.train, data.val):
+            check_geometry(geometry, split.spacing_mm, split.orig_size, split.image_ids)
+    p = space.get("refine_mm_per_px")
+    for mm_per_px in values("refine_mm_per_px") if p is None or not p.searched or p.type == "categorical" else []:
+        for sp in (data.roles.train, data.roles.val):
+            build_physical_cache(sp.records, sp.name, mm_per_px, base.annotator, base.cache_dir, progress=True)
 
 
 def init_ray(address: str | None) -> None:

@@ -27,10 +27,14 @@ from typing import Any
 from .config import OPTIONS, RELATIONS, Relation, TrainConfig, check_field, coerce, load_yaml, rule_message
 
 # what each arm of a sweep cannot use: `all` trains every landmark (no difficult set, nothing left to distil);
-# `weighted` trains every landmark too (nothing to distil); `masked` has no weights to set
-ARM_UNUSABLE = {"masked": frozenset({"difficult_weight"}),
-                "weighted": frozenset({"distill_weight"}),
-                "all": frozenset({"difficult_threshold", "difficult", "difficult_weight", "distill_weight"})}
+# `weighted` trains every landmark too (nothing to distil); `masked` has no weights to set; only `refine` has
+# crops, and it never trains the start model (no weights, distillation, frozen stages or whole-image shifts)
+REFINE_ONLY = frozenset({"refine_crop_mm", "refine_mm_per_px", "refine_offset_scale", "refine_model"})
+ARM_UNUSABLE = {"masked": frozenset({"difficult_weight"}) | REFINE_ONLY,
+                "weighted": frozenset({"distill_weight"}) | REFINE_ONLY,
+                "all": frozenset({"difficult_threshold", "difficult", "difficult_weight", "distill_weight"}) | REFINE_ONLY,
+                "refine": frozenset({"difficult_weight", "distill_weight", "bn_eval", "freeze_stages", "aug_translate"})}
+ARMS_KEY = "arms"  # a space's per-arm section: `arms: {refine: {lr: {...}}}` replaces or adds entries for that arm
 TYPES = ("loguniform", "uniform", "int", "categorical", "fixed")
 _KEYS = {"loguniform": {"low", "high"}, "uniform": {"low", "high"}, "int": {"low", "high", "log"},
          "categorical": {"choices"}, "fixed": {"value"}}
@@ -160,12 +164,22 @@ def _range(where: str, name: str, kind: str, spec: dict[str, Any]) -> Param:
 
 @dataclass(frozen=True)
 class SearchSpace:
+    """The entries every arm shares (`params`) and, per arm, the entries its own section of the file replaces
+    or adds (`per_arm`): a refinement network trained from scratch needs another learning-rate range than a
+    fine-tune of the start model, and saying so in the file keeps "every arm tuned alike" honest."""
+
     path: Path
     params: tuple[Param, ...]
+    per_arm: tuple[tuple[str, tuple[Param, ...]], ...] = ()
 
     @property
     def searched(self) -> list[str]:
-        return [p.name for p in self.params if p.searched]
+        """The names searched by some arm, in file order (shared entries first)."""
+        return list(dict.fromkeys(p.name for p in self.every_entry() if p.searched))
+
+    def every_entry(self) -> tuple[Param, ...]:
+        """The shared entries, then every arm section's."""
+        return self.params + tuple(p for _, ps in self.per_arm for p in ps)
 
     def get(self, name: str) -> Param | None:
         return next((p for p in self.params if p.name == name), None)
@@ -178,12 +192,13 @@ class SearchSpace:
 
     def max_warmup(self) -> float:
         """The longest warmup a trial can get (ASHA's first rung must not come before it ends)."""
-        p = self.get("warmup_epochs")
-        return float(max(v for _, v in p.corners())) if p is not None else 0.0
+        return max([float(v) for p in self.every_entry() if p.name == "warmup_epochs" for _, v in p.corners()],
+                   default=0.0)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         """The space as its file holds it (JSON-serialisable): `space_from_dict(s.to_dict(), s.path) == s`."""
-        return {p.name: p.to_dict() for p in self.params}
+        arms = {ARMS_KEY: {arm: {p.name: p.to_dict() for p in ps} for arm, ps in self.per_arm}} if self.per_arm else {}
+        return {p.name: p.to_dict() for p in self.params} | arms
 
     def define_by_run(self) -> DefineByRun:
         return DefineByRun(self.params)
@@ -210,29 +225,42 @@ class SearchSpace:
             raise SpaceError(f"{self.path}: `{p.name}`: {label} {v!r}{then}, but must be {must}")
 
     def for_arm(self, arm: str) -> SearchSpace:
-        """The space an arm searches: this one minus what the arm cannot use (ARM_UNUSABLE), with `mode` fixed
-        to the arm. Every arm gets the same ranges for what they share, so their budgets buy the same search."""
+        """The space an arm searches: the shared entries minus what the arm cannot use (ARM_UNUSABLE), with the
+        arm's own section on top and `mode` fixed to the arm. Every arm gets the same ranges for what they share
+        unless the file says otherwise for that arm, so their budgets buy the same search."""
         if arm not in ARM_UNUSABLE:
             raise SpaceError(f"{self.path}: arm {arm!r} is not one of {', '.join(ARM_UNUSABLE)}")
         mode = self.get("mode")
         if mode is not None and mode.type != "fixed":
             raise SpaceError(f"{self.path}: `mode` is searched, but --arms chooses it (e.g. --arms masked,weighted)")
-        keep = tuple(p for p in self.params if p.name not in ARM_UNUSABLE[arm] and p.name != "mode")
-        return SearchSpace(self.path, keep + (Param("mode", "fixed", value=arm),))
+        own = dict(self.per_arm).get(arm, ())
+        replaced = {p.name for p in own}
+        keep = tuple(p for p in self.params if p.name not in ARM_UNUSABLE[arm] | replaced and p.name != "mode")
+        return SearchSpace(self.path, keep + own + (Param("mode", "fixed", value=arm),))
 
     def with_threshold_below(self, max_start_error: float) -> tuple[SearchSpace, str | None]:
-        """A threshold above every landmark's start error selects nothing; clip the range to just below it."""
-        p = self.get("difficult_threshold")
-        if p is None or p.type not in ("uniform", "loguniform") or p.high < max_start_error:
-            return self, None
+        """A threshold above every landmark's start error selects nothing; clip each range (the shared one and
+        any arm's own) to just below it."""
+        notes: list[str] = []
+
+        def clip(params: tuple[Param, ...], where: str) -> tuple[Param, ...]:
+            return tuple(self._clipped(p, max_start_error, where, notes) if p.name == "difficult_threshold" else p
+                         for p in params)
+
+        space = SearchSpace(self.path, clip(self.params, ""),
+                            tuple((arm, clip(ps, f"{ARMS_KEY}.{arm}.")) for arm, ps in self.per_arm))
+        return (space, "; ".join(notes)) if notes else (self, None)
+
+    def _clipped(self, p: Param, max_start_error: float, where: str, notes: list[str]) -> Param:
+        if p.type not in ("uniform", "loguniform") or p.high < max_start_error:
+            return p
         new_high = round(max_start_error * 0.999, 6)
         if new_high <= p.low:
-            raise SpaceError(f"{self.path}: `difficult_threshold` range {p.low}..{p.high} mm lies above every start "
-                             f"error (largest {max_start_error:.3f} mm): no threshold would select a landmark")
-        clipped = dataclasses.replace(p, high=new_high)
-        return (SearchSpace(self.path, tuple(clipped if q is p else q for q in self.params)),
-                f"difficult_threshold: high {p.high} mm clipped to {new_high} mm (the largest start error is "
-                f"{max_start_error:.3f} mm; a higher threshold would select no landmark)")
+            raise SpaceError(f"{self.path}: `{where}difficult_threshold` range {p.low}..{p.high} mm lies above every "
+                             f"start error (largest {max_start_error:.3f} mm): no threshold would select a landmark")
+        notes.append(f"{where}difficult_threshold: high {p.high} mm clipped to {new_high} mm (the largest start error "
+                     f"is {max_start_error:.3f} mm; a higher threshold would select no landmark)")
+        return dataclasses.replace(p, high=new_high)
 
 
 @dataclass(frozen=True)
@@ -259,16 +287,38 @@ def space_from_dict(data: Any, source: str | Path) -> SearchSpace:
     path = Path(source)
     if not isinstance(data, dict):
         raise SpaceError(f"{path}: must be a mapping of option: spec")
-    if not data:
+    data = dict(data)
+    sections = data.pop(ARMS_KEY, None) or {}
+    if not data and not sections:
         raise SpaceError(f"{path}: empty search space")
     params = tuple(_param(path, str(k), v) for k, v in data.items())
-    if not any(p.searched for p in params):
+    space = SearchSpace(path, params, _arm_sections(path, sections))
+    if not any(p.searched for p in space.every_entry()):
         raise SpaceError(f"{path}: nothing to search (every entry is fixed)")
-    space = SearchSpace(path, params)
-    for relation in RELATIONS:  # a relation whose options are all in the space is decided by the space alone
-        if set(relation.options) <= {p.name for p in params}:
-            space._check_relation(relation, TrainConfig())
+    arm_spaces = [dataclasses.replace(space.for_arm(arm), path=Path(f"{path}: {ARMS_KEY}.{arm}")) for arm, _ in space.per_arm]
+    for sub in [space, *arm_spaces]:
+        for relation in RELATIONS:  # a relation whose options are all in the space is decided by the space alone
+            if set(relation.options) <= {p.name for p in sub.params}:
+                sub._check_relation(relation, TrainConfig())
     return space
+
+
+def _arm_sections(path: Path, sections: Any) -> tuple[tuple[str, tuple[Param, ...]], ...]:
+    """The `arms:` section: per arm, entries as at the top level, none of them one the arm cannot use."""
+    if not isinstance(sections, dict):
+        raise SpaceError(f"{path}: `{ARMS_KEY}` must map arm names ({', '.join(ARM_UNUSABLE)}) to entries")
+    out = []
+    for arm, entries in sections.items():
+        where = f"{path}: `{ARMS_KEY}.{arm}`"
+        if arm not in ARM_UNUSABLE:
+            raise SpaceError(f"{where}: not an arm ({', '.join(ARM_UNUSABLE)})")
+        if not isinstance(entries, dict) or not entries:
+            raise SpaceError(f"{where}: must be a non-empty mapping of option: spec")
+        bad = sorted((set(entries) & ARM_UNUSABLE[arm]) | ({"mode"} & set(entries)))
+        if bad:
+            raise SpaceError(f"{where}: {', '.join(bad)} cannot be searched by this arm")
+        out.append((str(arm), tuple(_param(Path(f"{path}: {ARMS_KEY}.{arm}"), str(k), v) for k, v in entries.items())))
+    return tuple(out)
 
 
 def load_space(path: str | Path) -> SearchSpace:
