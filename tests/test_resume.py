@@ -136,12 +136,13 @@ def test_asha_replay_rebuilds_the_rungs(tiny_sweep):
     sweep = load_sweep(finished)
     trials = collect(finished)
     fresh = make_scheduler(sweep.search_space(), sweep.settings)
-    assert all(not r for _, r in fresh._brackets[0]._rungs)  # what Ray gives a restored sweep: empty rungs
+    assert all(not r for s in fresh.by_arm.values() for _, r in s._brackets[0]._rungs)  # what Ray gives: empty rungs
     n = replay_rungs(fresh, trials)
-    searched = trials  # every arm's trials enter the same rungs
-    assert {t.arm for t in searched} == {"masked", "all"}
-    assert n == sum(len(t.epochs) for t in searched) > 0
-    rungs = dict(fresh._brackets[0]._rungs)
+    searched = [t for t in trials if t.arm == "masked"]  # each arm's trials enter its own rungs
+    assert {t.arm for t in trials} == {"masked", "all"}
+    assert n == sum(len(t.epochs) for t in trials) > 0
+    rungs = dict(fresh.by_arm["masked"]._brackets[0]._rungs)
+    assert not {t.trial_id for t in trials if t.arm == "all"} & {tid for r in rungs.values() for tid in r}
     for t in searched:
         for e in t.epochs:
             if e["epoch"] in rungs:
@@ -153,9 +154,9 @@ def test_asha_replay_rebuilds_the_rungs(tiny_sweep):
     first = min(rungs)
     worst = max(-v for v in rungs[first].values())
     best = min(-v for v in rungs[first].values())
-    bracket = fresh._brackets[0]
+    bracket = fresh.by_arm["masked"]._brackets[0]
     # a resumed trial below the rung's cut-off is stopped, one above it continues
     assert bracket.on_result(SimpleNamespace(trial_id="late-bad"), first, -(worst + 1.0)) == TrialScheduler.STOP
     assert bracket.on_result(SimpleNamespace(trial_id="late-good"), first, -(best - 1.0)) == TrialScheduler.CONTINUE
-    empty = make_scheduler(sweep.search_space(), sweep.settings)._brackets[0]
+    empty = make_scheduler(sweep.search_space(), sweep.settings).by_arm["masked"]._brackets[0]
     assert empty.on_result(SimpleNamespace(trial_id="late-bad"), first, -(worst + 1.0)) == TrialScheduler.CONTINUE

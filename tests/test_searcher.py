@@ -102,17 +102,40 @@ def test_rung_replay_from_recorded_events(space):
     trials = [_record("a", [2.0, 1.5, 1.4, 1.3], 0), _record("b", [2.5, 2.4], 1), _record("c", [1.8, 1.7], 2),
               _record("d", [2.2, 2.0], 3, arm="all")]
     fresh = make_scheduler(space, _settings())
-    bracket = fresh._brackets[0]
+    bracket, other = fresh.by_arm["masked"]._brackets[0], fresh.by_arm["all"]._brackets[0]
     assert all(not r for _, r in bracket._rungs)  # what Ray gives a restored sweep
-    assert replay_rungs(fresh, trials) == 10  # every recorded epoch, of every arm alike
+    assert replay_rungs(fresh, trials) == 10  # every recorded epoch, each into its own arm's rungs
     rungs = dict(bracket._rungs)
-    assert rungs[1] == {"a": -2.0, "b": -2.5, "c": -1.8, "d": -2.2}
-    assert rungs[2] == {"a": -1.5, "b": -2.4, "c": -1.7, "d": -2.0}
+    assert rungs[1] == {"a": -2.0, "b": -2.5, "c": -1.8} and dict(other._rungs)[1] == {"d": -2.2}
+    assert rungs[2] == {"a": -1.5, "b": -2.4, "c": -1.7} and dict(other._rungs)[2] == {"d": -2.0}
     # a resumed trial below the first rung's cut-off stops; one above it continues; with empty rungs it would not
     assert bracket.on_result(SimpleNamespace(trial_id="late"), 1, -3.0) == TrialScheduler.STOP
     assert bracket.on_result(SimpleNamespace(trial_id="good"), 1, -1.0) == TrialScheduler.CONTINUE
-    empty = make_scheduler(space, _settings())._brackets[0]
+    empty = make_scheduler(space, _settings()).by_arm["masked"]._brackets[0]
     assert empty.on_result(SimpleNamespace(trial_id="late"), 1, -3.0) == TrialScheduler.CONTINUE
+
+
+def test_each_arm_is_cut_by_its_own_rungs_only():
+    """A much better arm (the refinement stage, say) must not stop the other arm's trials at the first rung."""
+    from ray.tune.schedulers import TrialScheduler
+
+    from tune_landmarks.experiment import METRIC
+    from tune_landmarks.search import ARM_KEY, make_scheduler
+
+    space = space_from_dict(SPACE, "space.yaml")
+    sched = make_scheduler(space, _settings(arms=["masked", "refine"]))
+
+    def trial(tid: str, arm: str) -> SimpleNamespace:
+        return SimpleNamespace(trial_id=tid, config={ARM_KEY: arm})
+
+    results = [("r1", "refine", 1.0), ("r2", "refine", 1.1), ("m1", "masked", 2.0), ("m2", "masked", 2.1),
+               ("m3", "masked", 1.9)]
+    decisions = {}
+    for tid, arm, mre in results:
+        sched.on_trial_add(None, trial(tid, arm))
+        decisions[tid] = sched.on_trial_result(None, trial(tid, arm), {"training_iteration": 1, METRIC: mre})
+    assert decisions["m3"] == TrialScheduler.CONTINUE  # the best masked trial goes on, though refine is far ahead
+    assert decisions["m2"] == TrialScheduler.STOP and decisions["r2"] == TrialScheduler.STOP  # each arm's own cut
 
 
 def test_adapter_refuses_another_ray_version(monkeypatch):

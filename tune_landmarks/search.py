@@ -23,7 +23,7 @@ os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # Ray's classic table, trimmed
 import optuna  # noqa: E402
 from optuna.storages import JournalStorage  # noqa: E402
 from optuna.storages.journal import JournalFileBackend  # noqa: E402
-from ray.tune.schedulers import ASHAScheduler  # noqa: E402
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler  # noqa: E402
 from ray.tune.search import Searcher  # noqa: E402
 from ray.tune.search.optuna import OptunaSearch  # noqa: E402
 
@@ -151,14 +151,46 @@ class ArmSearch(Searcher):
         return n
 
 
-def replay_rungs(scheduler: ASHAScheduler, trials: list[TrialRecord]) -> int:
+class ArmASHA(FIFOScheduler):
+    """ASHA within each arm: one ASHAScheduler per arm (the same rungs at the same epochs, the same reduction
+    factor), a trial compared only with its own arm's trials. Shared rungs would let an arm that starts ahead (the
+    refinement stage moves the difficult landmarks more in one epoch than a fine-tune does in four) stop every
+    trial of the others at the first rung, and the verdict would compare a tuned arm with arms cut short."""
+
+    def __init__(self, arms: list[str], **asha: Any):
+        super().__init__()
+        self.by_arm = {arm: ASHAScheduler(**asha) for arm in arms}
+
+    def arm(self, trial: Any) -> ASHAScheduler:
+        return self.by_arm[trial.config.get(ARM_KEY, next(iter(self.by_arm)))]
+
+    def set_search_properties(self, metric: str | None, mode: str | None, **spec: Any) -> bool:
+        return all([s.set_search_properties(metric, mode, **spec) for s in self.by_arm.values()])
+
+    def on_trial_add(self, tune_controller: Any, trial: Any) -> None:
+        self.arm(trial).on_trial_add(tune_controller, trial)
+
+    def on_trial_result(self, tune_controller: Any, trial: Any, result: dict) -> str:
+        return self.arm(trial).on_trial_result(tune_controller, trial, result)
+
+    def on_trial_complete(self, tune_controller: Any, trial: Any, result: dict) -> None:
+        self.arm(trial).on_trial_complete(tune_controller, trial, result)
+
+    def on_trial_remove(self, tune_controller: Any, trial: Any) -> None:
+        self.arm(trial).on_trial_remove(tune_controller, trial)
+
+    def debug_string(self) -> str:
+        return "\n".join(f"{arm}: {s.debug_string()}" for arm, s in self.by_arm.items())
+
+
+def replay_rungs(scheduler: ArmASHA, trials: list[TrialRecord]) -> int:
     """Ray does not save ASHA's rungs with the experiment: a restored sweep starts with empty rungs and
-    would let weak trials run to the end. Feed every trial's recorded per-epoch results back, in the order
-    they happened, so the rungs are as they were before the interruption."""
-    events = [(e.get("timestamp", 0), e.get("training_iteration", e.get("epoch")), t.trial_id, e[METRIC])
+    would let weak trials run to the end. Feed every trial's recorded per-epoch results back into its arm's
+    rungs, in the order they happened, so the rungs are as they were before the interruption."""
+    events = [(e.get("timestamp", 0), e.get("training_iteration", e.get("epoch")), t.trial_id, t.arm, e[METRIC])
               for t in trials for e in t.epochs if e.get(METRIC) is not None]
-    for _, it, tid, value in sorted(events, key=lambda ev: (ev[0], ev[1])):
-        ray_adapter.asha_record(scheduler, tid, it, value)
+    for _, it, tid, arm, value in sorted(events, key=lambda ev: (ev[0], ev[1])):
+        ray_adapter.asha_record(scheduler.by_arm[arm], tid, it, value)
     return len(events)
 
 
@@ -177,13 +209,13 @@ def make_searcher(space: SearchSpace, settings: SweepSettings, journal: Path) ->
     return ArmSearch(inners, {arm: settings.budget(arm) for arm in settings.arms})
 
 
-def make_scheduler(space: SearchSpace, settings: SweepSettings) -> ASHAScheduler:
-    """ASHA on the epoch, every arm's trials in the same rungs; the first rung is never before the largest
-    warmup in the space ends."""
+def make_scheduler(space: SearchSpace, settings: SweepSettings) -> ArmASHA:
+    """ASHA on the epoch within each arm, every arm with the same rungs; the first rung is never before the
+    largest warmup any arm can draw ends."""
     grace = settings.grace_period or max(1, math.ceil(space.max_warmup()))
     epochs = int(settings.epochs)
-    return ASHAScheduler(time_attr="training_iteration", metric=METRIC, mode="min", max_t=epochs,
-                         grace_period=min(grace, epochs), reduction_factor=settings.reduction_factor)
+    return ArmASHA(settings.arms, time_attr="training_iteration", metric=METRIC, mode="min", max_t=epochs,
+                   grace_period=min(grace, epochs), reduction_factor=settings.reduction_factor)
 
 
 # ---------------------------------------------------------------- driver
