@@ -370,6 +370,32 @@ def make_step(model: torch.nn.Module, x: torch.Tensor, kps: torch.Tensor, weight
     return lambda: train_step(model, x, kps, objective, optim)
 
 
+def model_for_steps(name: str, k: int, device: torch.device) -> tuple[torch.nn.Module, Any]:
+    """A seeded model (channels_last on CUDA, as training places it) and its shared optimiser, for make_step."""
+    from tune_landmarks.model import create_model
+
+    torch.manual_seed(0)
+    model = create_model(name, k).to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    return model, shared_optimiser(model)
+
+
+def probe_fails(step: Callable[[], Any], device: torch.device, what: str, limit: float, skipped: list[str]) -> bool:
+    """Run `step` once and time it once more: True (with the reason in `skipped`) when it runs out of GPU memory
+    or takes longer than `limit` seconds, so the caller skips this size and the larger ones."""
+    try:
+        step()
+        probe = timed(step, device)
+    except torch.cuda.OutOfMemoryError:
+        skipped.append(f"{what}: out of GPU memory")
+        return True
+    if probe > limit:
+        skipped.append(f"{what} and above: probe step {probe:.1f} s > --max-seconds-per-step {limit:g}")
+        return True
+    return False
+
+
 def synthetic_data(work: Path, args: argparse.Namespace) -> Path:
     """The synthetic Aariz-format set of --num-images at --synth-size (reused inside --workdir)."""
     from tune_landmarks.synth import make_synthetic

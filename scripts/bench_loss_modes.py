@@ -17,7 +17,6 @@ import torch
 
 from tune_landmarks.landmarks import AARIZ, WORKFLOW_DIFFICULT, symbols
 from tune_landmarks.loss import landmark_weights
-from tune_landmarks.model import create_model
 
 MODES = ("all", "weighted", "masked", "masked_sliced")
 
@@ -43,24 +42,12 @@ def main() -> None:
                           f"step = targets + forward + adaptive wing + backward + clip + AdamW")
     rows, ratios, skipped = [], [], []
     for name in args.models:
-        torch.manual_seed(0)
-        model = create_model(name, len(syms)).to(device)
-        if device.type == "cuda":
-            model = model.to(memory_format=torch.channels_last)
-        opt = _bench.shared_optimiser(model)
+        model, opt = _bench.model_for_steps(name, len(syms), device)
         for size in sorted(args.sizes):
             x, kps = _bench.random_batch(args.batch_size, size, len(syms), device)
             steps = {m: _bench.make_step(model, x, kps, weights[m], opt, channels=hard if m.endswith("_sliced") else None)
                      for m in MODES}
-            try:
-                steps["all"]()
-                probe = _bench.timed(steps["all"], device)
-            except torch.cuda.OutOfMemoryError:
-                skipped.append(f"{name} at {size}: out of GPU memory")
-                break
-            if probe > args.max_seconds_per_step:
-                skipped.append(f"{name} at {size} and above: probe step {probe:.1f} s > --max-seconds-per-step "
-                               f"{args.max_seconds_per_step:g}")
+            if _bench.probe_fails(steps["all"], device, f"{name} at {size}", args.max_seconds_per_step, skipped):
                 break
             times = _bench.interleaved(steps, args.repeats, device)
             peaks = {}

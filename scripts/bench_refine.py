@@ -112,24 +112,12 @@ def main() -> None:
     xc, kc = crop_batch(args.batch_size, args.landmarks, crop, device)
     rows, ratios, skipped = [], [], []
     for name in args.models:
-        torch.manual_seed(0)
-        model = create_model(name, len(syms)).to(device)
-        if device.type == "cuda":
-            model = model.to(memory_format=torch.channels_last)
-        opt = _bench.shared_optimiser(model)
+        model, opt = _bench.model_for_steps(name, len(syms), device)
         refines = {f"refine {r}": refine_step(r, args.landmarks, xc, kc, device) for r in args.refine_models}
         for size in sorted(args.sizes):
             x, kps = _bench.random_batch(args.batch_size, size, len(syms), device)
             steps = {"masked": _bench.make_step(model, x, kps, masked, opt)} | refines
-            try:
-                steps["masked"]()
-                probe = _bench.timed(steps["masked"], device)
-            except torch.cuda.OutOfMemoryError:
-                skipped.append(f"{name} at {size}: out of GPU memory")
-                break
-            if probe > args.max_seconds_per_step:
-                skipped.append(f"{name} at {size} and above: probe step {probe:.1f} s > --max-seconds-per-step "
-                               f"{args.max_seconds_per_step:g}")
+            if _bench.probe_fails(steps["masked"], device, f"{name} at {size}", args.max_seconds_per_step, skipped):
                 break
             times = _bench.interleaved(steps, args.repeats, device)
             jobs = {v: ("masked", name, size) if v == "masked" else ("refine", v.removeprefix("refine "), crop)

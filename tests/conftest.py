@@ -101,27 +101,32 @@ difficult_threshold: {type: uniform, low: 0.1, high: 5.0}
 """
 
 
-@pytest.fixture(scope="session")
-def tiny_sweep(synth_root, start_ckpt, tmp_path_factory) -> Path:
-    """One real finished sweep shared by the export, report and resume tests (read-only for them):
-    two trials in each of the arms masked and all, three epochs each, ASHA from epoch 1; selection on the
-    synthetic set's valid split, verdict on its test split."""
+def run_sweep(tmp: Path, space: str, synth_root: Path, start_ckpt: Path, name: str, arms: list[str], seed: int,
+              **settings) -> Path:
+    """A real sweep on the synthetic set from the tiny start model: 2 trials per arm, 3 epochs, 2 at a time (unless
+    `settings` say otherwise); selection on the valid split, verdict on the test split. Returns the experiment."""
     import ray
 
     from tune_landmarks.config import TrainConfig
     from tune_landmarks.experiment import SweepSettings
     from tune_landmarks.search import run_search
 
-    tmp = tmp_path_factory.mktemp("tiny_sweep")
-    (tmp / "space.yaml").write_text(TINY_SPACE)
+    (tmp / "space.yaml").write_text(space)
     base = TrainConfig(dataset_path=str(synth_root), resume=str(start_ckpt), epochs=3, progress=False, **TINY)
-    settings = SweepSettings(name="tiny", storage=str(tmp / "sweeps"), num_samples=2, max_concurrent=2,
-                             cpus_per_trial=1, arms=["masked", "all"], seed=1)
+    chosen = SweepSettings(**{"name": name, "storage": str(tmp / "sweeps"), "num_samples": 2, "max_concurrent": 2,
+                              "cpus_per_trial": 1, "arms": arms, "seed": seed} | settings)
     try:
-        assert run_search(str(tmp / "space.yaml"), base, settings) == 0
+        assert run_search(str(tmp / "space.yaml"), base, chosen) == 0
     finally:
         ray.shutdown()
-    return tmp / "sweeps" / "tiny"
+    return tmp / "sweeps" / name
+
+
+@pytest.fixture(scope="session")
+def tiny_sweep(synth_root, start_ckpt, tmp_path_factory) -> Path:
+    """One real finished sweep shared by the export, report and resume tests (read-only for them): the arms
+    masked and all (run_sweep)."""
+    return run_sweep(tmp_path_factory.mktemp("tiny_sweep"), TINY_SPACE, synth_root, start_ckpt, "tiny", ["masked", "all"], 1)
 
 
 @pytest.fixture

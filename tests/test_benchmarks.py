@@ -26,6 +26,9 @@ EXPECTED = {
     "bench_amp.py": ["step bf16/fp32"],
     "bench_ray_overhead.py": ["trial/direct epoch_seconds", "trial/direct per-epoch wall", "sweep wall no-reuse/reuse"],
     "bench_early_stopping.py": ["epochs asha/no-asha", "best val MRE asha/no-asha"],
+    "bench_refine.py": ["refine resnet18/masked hrnet_w18_small_v2 64px"],
+    "bench_refine_heads.py": ["difficult MRE shared/per-landmark"],
+    "bench_refine_passes.py": ["refined MRE chosen passes/1 pass on the verdict split"],
 }
 
 

@@ -100,7 +100,7 @@ def test_verbosity_sets_rays_console(flag, v, ray_verbose, tmp_path, monkeypatch
         assert ray_setup.verbosity() == v
         init = ray_setup.ray_init_options(v)
         assert ("runtime_env" in init) == (v <= 0) and init["log_to_driver"]
-        opts = ray_setup.run_config_options(Experiment(str(tmp_path / "x")), tmp_path / "j.log", 3, v)
+        opts = ray_setup.run_config_options(Experiment(str(tmp_path / "x")), tmp_path / "j.log", {"masked": 3}, v)
         assert opts["verbose"] == ray_verbose
         assert [type(c).__name__ for c in opts["callbacks"]] == (["StorageSync"] if v < 0 else ["TrialLines", "StorageSync"])
     finally:

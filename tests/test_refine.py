@@ -10,7 +10,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from conftest import TINY, cli
+from conftest import TINY, cli, run_sweep
 
 from tune_landmarks.cache import to_target
 from tune_landmarks.config import TrainConfig
@@ -162,22 +162,10 @@ arms:
 
 @pytest.fixture(scope="module")
 def refine_sweep(synth_root, start_ckpt, tmp_path_factory) -> Path:
-    """A real sweep of the arms masked and refine, 2 trials each, 3 epochs: the refine arm with its own section."""
-    import ray
-
-    from tune_landmarks.experiment import SweepSettings
-    from tune_landmarks.search import run_search
-
-    tmp = tmp_path_factory.mktemp("refine_sweep")
-    (tmp / "space.yaml").write_text(REFINE_ARM_SPACE)
-    base = TrainConfig(dataset_path=str(synth_root), resume=str(start_ckpt), epochs=3, progress=False, **TINY)
-    settings = SweepSettings(name="arms", storage=str(tmp / "sweeps"), num_samples=2, max_concurrent=2,
-                             cpus_per_trial=1, arms=["masked", "refine"], seed=3)
-    try:
-        assert run_search(str(tmp / "space.yaml"), base, settings) == 0
-    finally:
-        ray.shutdown()
-    return tmp / "sweeps" / "arms"
+    """A real sweep of the arms masked and refine (conftest.run_sweep): the refine arm with its own section and
+    its own epochs."""
+    return run_sweep(tmp_path_factory.mktemp("refine_sweep"), REFINE_ARM_SPACE, synth_root, start_ckpt, "arms",
+                     ["masked", "refine"], 3, arm_epochs={"refine": 4})
 
 
 @pytest.mark.slow
@@ -190,10 +178,14 @@ def test_the_refine_arm_is_searched_in_its_own_ranges_and_judged_with_the_others
     assert refine.param_lr.between(2e-3, 4e-3).all() and refine.param_lr.nunique() == 2  # its own section's range
     assert (refine.param_refine_crop_mm == 9.6).all() and masked.param_refine_crop_mm.isna().all()
     assert (refine.best_max_drift == 0).all()  # the landmarks it does not refine are the start model's own
+    assert refine.epochs_done.max() <= 4 and masked.epochs_done.max() <= 3 and 4 in set(refine.epochs_done)
     verdict = json.loads((refine_sweep / "verdict.json").read_text())
     pairs = {(r["a"], r["b"]) for r in verdict["comparisons"]}
     assert pairs == {("best masked", "start"), ("best refine", "start"), ("best masked", "best refine")}
-    assert verdict["arms"]["refine"]["budget"] == 2
+    arms = verdict["arms"]
+    assert (arms["refine"]["budget"], arms["refine"]["epochs"], arms["masked"]["epochs"]) == (2, 4, 3)
+    assert arms["refine"]["train_seconds"] > 0 and arms["masked"]["train_seconds"] > 0
+    assert set(verdict["difficult"]) == {s for a in arms.values() for s in a["difficult"].split(",") if s}  # the union
 
 
 @pytest.mark.slow
@@ -283,21 +275,3 @@ def test_a_mismatched_refine_checkpoint_is_refused_before_any_work(isbi_small, i
     proc = cli("predict", "--model", isbi_refine, "--out", tmp_path / "p", isbi_small / "images" / "151.jpg",
                "--pixel-size", "0.6")
     assert proc.returncode == 1 and "`refine_mm_per_px` is 0.5, but must be >= 0.6 mm/px" in proc.stderr
-
-
-# ---------------------------------------------------------------- the benchmarks run end to end
-
-@pytest.mark.slow
-@pytest.mark.parametrize(("script", "ratio"), [("bench_refine.py", "refine resnet18/masked hrnet_w18_small_v2 64px"),
-                                               ("bench_refine_heads.py", "difficult MRE shared/per-landmark")])
-def test_refine_benchmarks_smoke_run_writes_their_records(script, ratio, tmp_path):
-    import subprocess
-    import sys
-
-    root = Path(__file__).resolve().parent.parent
-    record = tmp_path / "rec.md"
-    proc = subprocess.run([sys.executable, str(root / "scripts" / script), "--smoke-test", "--record", str(record)],
-                          capture_output=True, text=True, timeout=600, cwd=root)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    lines = record.read_text().splitlines()
-    assert any(ln.startswith(f"- ratio {ratio}: ") for ln in lines), lines

@@ -163,3 +163,21 @@ def test_the_refine_arm_searches_its_own_section_and_only_it_the_crop_options(tm
     assert len(refine) == len(masked) == 2
     assert all(1e-3 <= p["lr"] <= 5e-3 and 1.0 <= p["refine_offset_scale"] <= 2.0 for p in refine)
     assert all(1e-5 <= p["lr"] <= 1e-3 and "refine_offset_scale" not in p for p in masked)
+
+
+def test_arm_epochs_set_each_arms_trials_and_rungs(space):
+    from tune_landmarks.config import TrainConfig
+    from tune_landmarks.experiment import Sweep
+    from tune_landmarks.search import make_scheduler
+
+    settings = _settings(arms=["masked", "refine"], arm_epochs={"refine": 16}).validate()
+    sched = make_scheduler(space, settings)
+    assert sched.by_arm["masked"]._max_t == 4 and sched.by_arm["refine"]._max_t == 16
+    assert [m for m, _ in sched.by_arm["refine"]._brackets[0]._rungs] == [16, 8, 4, 2, 1]
+    sweep = Sweep(settings, TrainConfig(epochs=4, resume="start.pt").to_dict(), "s.yaml", SPACE, {}, [])
+    assert sweep.trial_config({"mode": "refine", "arm": "refine"}, "t").epochs == 16
+    assert sweep.trial_config({"mode": "masked", "arm": "masked"}, "t").epochs == 4
+    with pytest.raises(ValueError, match=r"The value of `arm_epochs` is \{'all': 8\}, but must be epochs >= 1 for arms"):
+        _settings(arms=["masked"], arm_epochs={"all": 8}).validate()
+    with pytest.raises(ValueError, match=r"The value of `arm_epochs` is \{'masked': 0\}"):
+        _settings(arm_epochs={"masked": 0}).validate()

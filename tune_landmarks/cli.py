@@ -196,6 +196,9 @@ def _sweep_options(p: argparse.ArgumentParser) -> None:
                    help="trials per arm (the same for every arm: the fair comparison)")
     p.add_argument("--arm-samples", "--arm_samples", type=_budgets, default={}, dest="arm_samples", metavar="ARM=N,...",
                    help="a different budget for some arms (fewer trials: a less certain verdict for that arm)")
+    p.add_argument("--arm-epochs", "--arm_epochs", type=_budgets, default={}, dest="arm_epochs", metavar="ARM=N,...",
+                   help="other epochs per trial for some arms (e.g. refine=30: a refinement epoch costs a fraction of "
+                        "a fine-tuning epoch; the verdict prints each arm's epochs and training time)")
     p.add_argument("--max-concurrent", "--max_concurrent", type=int, default=4, dest="max_concurrent")
     p.add_argument("--gpus-per-trial", "--gpus_per_trial", type=float, default=None, dest="gpus_per_trial",
                    help="fractional shares a GPU; default 1 where CUDA is available, else 0")
@@ -234,7 +237,8 @@ def cmd_search(args: argparse.Namespace) -> int:
                              max_concurrent=args.max_concurrent, gpus_per_trial=gpus,
                              cpus_per_trial=args.cpus_per_trial, address=args.address,
                              epochs=base.epochs, seed=base.seed,
-                             arms=args.arms, arm_samples=args.arm_samples, max_failures=args.max_failures,
+                             arms=args.arms, arm_samples=args.arm_samples, arm_epochs=args.arm_epochs,
+                             max_failures=args.max_failures,
                              reduction_factor=args.reduction_factor, grace_period=args.grace_period,
                              keep_checkpoints=args.keep_checkpoints)
     return run_search(args.space, base, settings)

@@ -229,6 +229,18 @@ def arm_winners(exp: Experiment, sweep: Sweep) -> dict[str, tuple[dict[str, Any]
     return out
 
 
+def arm_seconds(exp: Experiment) -> dict[str, float]:
+    """Each arm's training time over all its trials' epochs (epochs.parquet's train_seconds): the compute the arm
+    was given, printed beside its budget, since an epoch of one arm can cost a tenth of another's."""
+    trials = {r["trial_id"]: r["arm"] for r in exp.read_table("trials").to_pylist()}
+    out: dict[str, float] = {}
+    for r in exp.read_table("epochs").to_pylist():
+        arm = trials.get(r["trial_id"])
+        if arm is not None and r.get("train_seconds") is not None:
+            out[arm] = out.get(arm, 0.0) + float(r["train_seconds"])
+    return out
+
+
 def sweep_verdict(experiment: Experiment | str, n_boot: int = 2000, seed: int = 0, device: str = "auto") -> dict[str, Any]:
     """Each arm's winner vs the start and vs each other on the sweep's verdict split (images no choice ever
     saw), written to verdict.json and verdict.parquet in the experiment; returns the record."""
@@ -249,15 +261,18 @@ def sweep_verdict(experiment: Experiment | str, n_boot: int = 2000, seed: int = 
     if sorted(ids) != sorted(test["image_ids"]):
         raise ValueError(f"{base['dataset_path']}: the verdict split {test['spec']!r} no longer holds the images the "
                          f"sweep recorded ({len(ids)} now, {len(test['image_ids'])} recorded): the dataset changed")
-    difficult = next((row["difficult"].split(",") for row, _ in winners.values() if row["difficult"]), [])
+    chosen = {s for row, _ in winners.values() if row["difficult"] for s in row["difficult"].split(",")}
+    difficult = [s for s in sweep.symbols if s in chosen]  # every winner's own set, each chosen on the selection split
     comparisons = compare_models(scored, difficult, n_boot, seed)
+    seconds = arm_seconds(exp)
     selection = {"start": sweep.start_mre} | {name: row["best_val_mre"] for name, (row, _) in winners.items()}
     record = verdict_record(
         comparisons, test["spec"], ids, difficult, n_boot, seed, selection_split=val.get("spec"),
         selection_mre_mm=selection,
-        arms={name.removeprefix("best "): {"trial_id": row["trial_id"], "epoch": row["best_epoch"],
-                                           "budget": sweep.settings.budget(name.removeprefix("best "))}
-              for name, (row, _) in winners.items()},
+        arms={arm: {"trial_id": row["trial_id"], "epoch": row["best_epoch"], "difficult": row["difficult"] or "",
+                    "budget": sweep.settings.budget(arm), "epochs": sweep.settings.epochs_of(arm),
+                    "train_seconds": seconds.get(arm, 0.0)}
+              for arm, (row, _) in ((name.removeprefix("best "), w) for name, w in winners.items())},
         sentences=verdict_sentences(comparisons, test["spec"], selection, val.get("spec", "selection")))
     exp.write_bytes(VERDICT_FILES["json"], json.dumps(record, indent=2))
     exp.write_table(VERDICT_FILES["table"], pa.Table.from_pylist(record["comparisons"]))
@@ -266,7 +281,9 @@ def sweep_verdict(experiment: Experiment | str, n_boot: int = 2000, seed: int = 
 
 def verdict_text(record: dict[str, Any]) -> str:
     """What the console shows of a verdict: its sentences, then the headline table."""
-    budgets = ", ".join(f"{arm} {a['budget']} trials" for arm, a in record.get("arms", {}).items())
+    budgets = ", ".join(f"{arm} {a['budget']} trials"
+                        + (f" x {a['epochs']} epochs, {a['train_seconds']:.0f} s training" if "epochs" in a else "")
+                        for arm, a in record.get("arms", {}).items())
     head = (f"verdict on {record['split']} ({len(record['image_ids'])} images never used for a choice; paired "
             f"bootstrap, {record['confidence']:.0%} intervals; difficult: {', '.join(record['difficult']) or 'none'}; "
             f"budgets: {budgets or 'none'})")

@@ -155,6 +155,7 @@ class TrainConfig:
     refine_mm_per_px: float = opt(0.3, gt(0, " mm/px"))  # crop resolution; never finer than the images' spacing
     refine_offset_scale: float = opt(1.5, ge(0))  # training-crop offsets: x the start model's own train errors
     refine_model: str = opt("hrnet_w18_small", Rule(test=bool, text="a timm backbone name"))  # the crop network
+    refine_passes: int = opt(1, between(1, 3))  # crops at inference: 2 = crop again around the refined point
     # augmentation
     aug_scale: float = opt(0.1, ge(0))
     aug_rotate: float = opt(10.0, ge(0))

@@ -59,6 +59,7 @@ class SweepSettings:
     seed: int = 0
     arms: list[str] = field(default_factory=lambda: list(DEFAULT_ARMS))
     arm_samples: dict[str, int] = field(default_factory=dict)  # an arm's budget when not num_samples
+    arm_epochs: dict[str, int] = field(default_factory=dict)  # an arm's epochs per trial when not epochs
     max_failures: int = 0
     reduction_factor: float = 2.0
     grace_period: int | None = None  # default: max(1, ceil(largest warmup in the space))
@@ -76,6 +77,8 @@ class SweepSettings:
              f"distinct names from {', '.join(ARMS)}")
         need(set(self.arm_samples) <= set(self.arms) and all(n >= 1 for n in self.arm_samples.values()),
              "arm_samples", "a budget >= 1 for arms of --arms")
+        need(set(self.arm_epochs) <= set(self.arms) and all(n >= 1 for n in self.arm_epochs.values()),
+             "arm_epochs", "epochs >= 1 for arms of --arms")
         need(self.max_concurrent >= 1, "max_concurrent", ">= 1")
         need(self.gpus_per_trial >= 0, "gpus_per_trial", ">= 0")
         need(self.cpus_per_trial > 0, "cpus_per_trial", "> 0")
@@ -88,6 +91,11 @@ class SweepSettings:
     def budget(self, arm: str) -> int:
         """Trials an arm gets (the same for every arm unless --arm-samples says otherwise)."""
         return self.arm_samples.get(arm, self.num_samples)
+
+    def epochs_of(self, arm: str) -> int | None:
+        """Epochs a trial of `arm` runs (--epochs unless --arm-epochs says otherwise: a refinement epoch costs a
+        fraction of a fine-tuning epoch, so equal epochs are not equal compute; the verdict prints both)."""
+        return self.arm_epochs.get(arm, self.epochs)
 
 
 @dataclass
@@ -114,7 +122,9 @@ class Sweep:
         return sum(self.settings.budget(arm) for arm in self.settings.arms)
 
     def trial_config(self, sampled: dict[str, Any], trial_dir: str | Path) -> TrainConfig:
-        return trial_config(self.base, sampled, trial_dir)
+        cfg = trial_config(self.base, sampled, trial_dir)
+        cfg.epochs = self.settings.epochs_of(cfg.mode) or cfg.epochs  # a trial's arm is its mode
+        return cfg
 
     def search_space(self) -> SearchSpace:
         from .space import space_from_dict

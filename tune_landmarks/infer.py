@@ -202,11 +202,16 @@ class Cascade:
         return [self.symbols.index(s) for s in self.refined]
 
     def refine_coarse(self, coarse: np.ndarray, images: Sequence[np.ndarray], scale: np.ndarray) -> np.ndarray:
-        """All landmarks (N, K, 2): the start model's points `coarse` with the refined ones replaced."""
+        """All landmarks (N, K, 2): the start model's points `coarse` with the refined ones replaced; with
+        `refine_passes` 2 or 3, each pass crops again around the previous pass's points (the landmark nearer the
+        crop's centre, where training put most of its crops)."""
         out = coarse.copy()
-        out[:, self.channels] = refine_points(self.refine, images, scale, coarse[:, self.channels], self.geometry,
-                                              next(self.refine.parameters()).device, self.cfg.decoder, self.cfg.sigma,
-                                              self.cfg.mixed_precision)
+        points = coarse[:, self.channels]
+        for _ in range(self.cfg.refine_passes):
+            points = refine_points(self.refine, images, scale, points, self.geometry,
+                                   next(self.refine.parameters()).device, self.cfg.decoder, self.cfg.sigma,
+                                   self.cfg.mixed_precision)
+        out[:, self.channels] = points
         return out
 
     def predict_cached(self, split: CachedSplit, phys: PhysicalSplit) -> np.ndarray:

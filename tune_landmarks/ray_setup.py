@@ -73,8 +73,8 @@ def ray_init_options(v: int) -> dict[str, Any]:
     return {"log_to_driver": True, "runtime_env": {"worker_process_setup_hook": quiet_worker_console}}
 
 
-def run_config_options(exp: Experiment, journal: Path, epochs: int, v: int) -> dict[str, Any]:
-    """Keyword arguments for tune.RunConfig: the console's verbosity and the callbacks."""
+def run_config_options(exp: Experiment, journal: Path, epochs: dict[str, int], v: int) -> dict[str, Any]:
+    """Keyword arguments for tune.RunConfig: the console's verbosity and the callbacks (`epochs`: each arm's)."""
     callbacks: list[Callback] = [StorageSync(exp.uri, str(journal))]
     if v >= 0:
         callbacks.insert(0, TrialLines(epochs))
@@ -84,14 +84,15 @@ def run_config_options(exp: Experiment, journal: Path, epochs: int, v: int) -> d
 class TrialLines(Callback):
     """One line per finished trial: its arm, epochs and best val MRE, or why it failed."""
 
-    def __init__(self, epochs: int):
-        self.epochs = int(epochs)
+    def __init__(self, epochs: dict[str, int]):
+        self.epochs = {arm: int(n) for arm, n in epochs.items()}
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         r = trial.last_result or {}
         n = int(r.get("training_iteration") or 0)
         best = r.get("best_val_mre")
-        early = f", stopped early by ASHA after {n} of {self.epochs} epochs" if 0 < n < self.epochs else ""
+        of = self.epochs.get(trial.config.get(ARM_KEY), 0)
+        early = f", stopped early by ASHA after {n} of {of} epochs" if 0 < n < of else ""
         score = f"best {METRIC} {best:.3f} mm" if isinstance(best, float) else "no result"
         log.info(f"trial {trial.trial_id} ({trial.config.get(ARM_KEY, '?')}) finished: {score}{early}")
 

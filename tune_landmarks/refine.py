@@ -146,7 +146,7 @@ def train_refine(cfg: TrainConfig, callback: Callback | None = None, start_per_l
     device = resolve_device(cfg.device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    run._seed_all(cfg.seed)
+    run.seed_all(cfg.seed)
     continued, start_path, resume_state = _start(cfg, device)
     if continued is not None:
         start, start_cfg, start_symbols, model = continued.start, continued.start_cfg, continued.symbols, continued.refine
@@ -179,7 +179,7 @@ def train_refine(cfg: TrainConfig, callback: Callback | None = None, start_per_l
         model = place(create_model(cfg.refine_model, len(difficult)), device)
     cascade = Cascade(start, start_cfg, model, cfg, symbols, difficult)
     out = Path(cfg.out).resolve()
-    run._write_run_files(out, cfg, difficult, difficult, start_pl)
+    run.write_run_files(out, cfg, difficult, difficult, start_pl)
 
     record = {"start": {"path": str(start_path.resolve()), "sha256": sha256_file(start_path)}, "refined": difficult,
               "crop_px": geometry.size, "mm_per_px": geometry.mm_per_px, "offsets": offsets.describe(difficult),

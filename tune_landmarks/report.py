@@ -129,11 +129,13 @@ def verdict_section(page: Page, record: dict[str, Any] | None, why: str) -> None
         page.note(f"Verdict not available — {why}")
         return
     page.heading(f"Verdict on {record['split']} (images never used for a choice)")
-    arms = ", ".join(f"best {arm}: trial {a['trial_id']} epoch {a['epoch']} ({a['budget']} trials)"
-                     for arm, a in record.get("arms", {}).items())
+    arms = ", ".join(f"best {arm}: trial {a['trial_id']} epoch {a['epoch']} ({a['budget']} trials"
+                     + (f" of {a['epochs']} epochs, {a['train_seconds']:.0f} s training" if "epochs" in a else "")
+                     + ")" for arm, a in record.get("arms", {}).items())
     page.text(f"Each arm's winner was chosen on the selection split ({record.get('selection_split')}); here it is "
               f"compared, image by image, on {len(record['image_ids'])} images of {record['split']}. {arms}. "
-              f"Difficult set (chosen on the selection split): {', '.join(record['difficult']) or 'none'}. "
+              f"Difficult set (each winner's own, chosen on the selection split): "
+              f"{', '.join(record['difficult']) or 'none'}. "
               f"{record['bootstrap']} bootstrap resamples of images, {record['confidence']:.0%} intervals.")
     for line in record["sentences"]:
         page.text(line, "verdict" if line.startswith("Verdict") else "note" if line.startswith("  note") else "")
@@ -215,8 +217,8 @@ def report(experiment: Experiment | str, out: str | Path, *, storage: str | None
     with staged_dir(out) as stage:
         page = Page(stage)
         page.parts.append(f"<h1>Sweep {html.escape(s.name)}</h1>")
-        budgets = ", ".join(f"{arm} {s.budget(arm)}" for arm in s.arms)
-        page.text(f"{exp} — {len(rows)} trials (per arm: {budgets}), {s.epochs} epochs each; start checkpoint "
+        budgets = ", ".join(f"{arm} {s.budget(arm)} x {s.epochs_of(arm)} epochs" for arm in s.arms)
+        page.text(f"{exp} — {len(rows)} trials (per arm: {budgets}); start checkpoint "
                   f"{sweep.base.get('resume')}: {sel} MRE {sweep.start_mre:.3f} mm.")
         for n in sweep.notes:
             page.note(n)

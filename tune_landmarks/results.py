@@ -184,7 +184,8 @@ def summary_text(sweep: Sweep, trials: list[TrialRecord]) -> str:
     lines.append(f"start: {sel} MRE {sweep.start_mre:.3f} mm")
     for arm, t in winners(trials, sweep.settings.arms).items():
         b = t.best
-        lines.append(f"best {arm} ({t.trial_id}, {sweep.settings.budget(arm)} trials): {sel} MRE {b[METRIC]:.3f} mm "
+        lines.append(f"best {arm} ({t.trial_id}, {sweep.settings.budget(arm)} trials x {sweep.settings.epochs_of(arm)} "
+                     f"epochs): {sel} MRE {b[METRIC]:.3f} mm "
                      f"at epoch {int(b['epoch'])}; difficult {_mm(b.get('val_mre_difficult'))}, others "
                      f"{_mm(b.get('val_mre_other'))}, max drift {_mm(b.get('max_drift'), signed=True)}")
         lines.append("  parameters: " + ", ".join(f"{k}={_fmt(v)}" for k, v in sorted(t.params.items())))

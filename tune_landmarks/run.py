@@ -366,7 +366,7 @@ class CheckpointSaver:
 
 # ---------------------------------------------------------------- the run
 
-def _seed_all(seed: int) -> None:
+def seed_all(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
@@ -397,7 +397,7 @@ def _start_per_landmark(cfg: TrainConfig, model: LandmarkNet, data: Data, resume
     return start.per_landmark
 
 
-def _write_run_files(out: Path, cfg: TrainConfig, difficult: list[str], trained: list[str],
+def write_run_files(out: Path, cfg: TrainConfig, difficult: list[str], trained: list[str],
                      start: dict[str, float] | None) -> None:
     """config.yaml and difficult.json: what this run was asked to do and what it chose, before it trains."""
     out.mkdir(parents=True, exist_ok=True)
@@ -457,14 +457,14 @@ def train(cfg: TrainConfig, callback: Callback | None = None, start_per_landmark
     device = resolve_device(cfg.device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    _seed_all(cfg.seed)
+    seed_all(cfg.seed)
     model, resume_state = _start_model(cfg, symbols, device)
     start_per_landmark = _start_per_landmark(cfg, model, data, resume_state, start_per_landmark)
     difficult = choose_difficult(cfg, resume_state, start_per_landmark)
     weights = landmark_weights(symbols, difficult, cfg.mode, cfg.difficult_weight)
     trained = [s for s, w in zip(symbols, weights.tolist()) if w > 0]
     out = Path(cfg.out).resolve()
-    _write_run_files(out, cfg, difficult, trained, start_per_landmark)
+    write_run_files(out, cfg, difficult, trained, start_per_landmark)
 
     teacher = make_teacher(model) if cfg.distill_weight > 0 and len(trained) < len(symbols) else None
     objective = Objective.from_config(cfg, weights, teacher)

@@ -7,6 +7,7 @@ its results is results.py's. This module only launches, restores and finishes sw
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import logging
@@ -152,14 +153,15 @@ class ArmSearch(Searcher):
 
 
 class ArmASHA(FIFOScheduler):
-    """ASHA within each arm: one ASHAScheduler per arm (the same rungs at the same epochs, the same reduction
-    factor), a trial compared only with its own arm's trials. Shared rungs would let an arm that starts ahead (the
-    refinement stage moves the difficult landmarks more in one epoch than a fine-tune does in four) stop every
-    trial of the others at the first rung, and the verdict would compare a tuned arm with arms cut short."""
+    """ASHA within each arm: one ASHAScheduler per arm (the same reduction factor; the same rungs unless
+    --arm-epochs gives an arm more epochs), a trial compared only with its own arm's trials. Shared rungs would let
+    an arm that starts ahead (the refinement stage moves the difficult landmarks more in one epoch than a fine-tune
+    does in four) stop every trial of the others at the first rung, and the verdict would compare a tuned arm with
+    arms cut short."""
 
-    def __init__(self, arms: list[str], **asha: Any):
+    def __init__(self, by_arm: dict[str, ASHAScheduler]):
         super().__init__()
-        self.by_arm = {arm: ASHAScheduler(**asha) for arm in arms}
+        self.by_arm = by_arm
 
     def arm(self, trial: Any) -> ASHAScheduler:
         return self.by_arm[trial.config.get(ARM_KEY, next(iter(self.by_arm)))]
@@ -210,12 +212,15 @@ def make_searcher(space: SearchSpace, settings: SweepSettings, journal: Path) ->
 
 
 def make_scheduler(space: SearchSpace, settings: SweepSettings) -> ArmASHA:
-    """ASHA on the epoch within each arm, every arm with the same rungs; the first rung is never before the
-    largest warmup any arm can draw ends."""
+    """ASHA on the epoch within each arm, up to the arm's epochs; the first rung is never before the largest
+    warmup any arm can draw ends."""
     grace = settings.grace_period or max(1, math.ceil(space.max_warmup()))
-    epochs = int(settings.epochs)
-    return ArmASHA(settings.arms, time_attr="training_iteration", metric=METRIC, mode="min", max_t=epochs,
-                   grace_period=min(grace, epochs), reduction_factor=settings.reduction_factor)
+
+    def asha(epochs: int) -> ASHAScheduler:
+        return ASHAScheduler(time_attr="training_iteration", metric=METRIC, mode="min", max_t=epochs,
+                             grace_period=min(grace, epochs), reduction_factor=settings.reduction_factor)
+
+    return ArmASHA({arm: asha(int(settings.epochs_of(arm))) for arm in settings.arms})
 
 
 # ---------------------------------------------------------------- driver
@@ -237,9 +242,10 @@ def prepare_sweep(space_file: str, base: TrainConfig, settings: SweepSettings) -
         base.epochs = settings.epochs
     settings.epochs = base.epochs
     spaces = arm_spaces(space, settings.arms)
-    for sub in spaces.values():  # a trial's own values are checked with each sample; the arms' corners here
-        sub.check_against(base)
-        from_dict(sub.defaults(), base).validate()
+    for arm, sub in spaces.items():  # a trial's own values are checked with each sample; the arms' corners here
+        own = dataclasses.replace(base, epochs=settings.epochs_of(arm))
+        sub.check_against(own)
+        from_dict(sub.defaults(), own).validate()
     read_checkpoint(base.resume)
     base.resume = str(Path(base.resume).resolve())
     base.dataset_path = str(Path(base.dataset_path).resolve())
@@ -335,7 +341,8 @@ def build_tuner(sweep: Sweep, restore: bool = False, restart_errored: bool = Fal
             checkpoint_config=tune.CheckpointConfig(num_to_keep=s.keep_checkpoints, checkpoint_score_attribute=METRIC,
                                                     checkpoint_score_order="min"),
             failure_config=tune.FailureConfig(max_failures=s.max_failures),
-            progress_reporter=reporter, **ray_setup.run_config_options(exp, journal, s.epochs, ray_setup.verbosity())),
+            progress_reporter=reporter, **ray_setup.run_config_options(exp, journal, {a: s.epochs_of(a) for a in s.arms},
+                                                                              ray_setup.verbosity())),
     )
     return tuner, scheduler
 

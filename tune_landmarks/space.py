@@ -29,7 +29,8 @@ from .config import OPTIONS, RELATIONS, Relation, TrainConfig, check_field, coer
 # what each arm of a sweep cannot use: `all` trains every landmark (no difficult set, nothing left to distil);
 # `weighted` trains every landmark too (nothing to distil); `masked` has no weights to set; only `refine` has
 # crops, and it never trains the start model (no weights, distillation, frozen stages or whole-image shifts)
-REFINE_ONLY = frozenset({"refine_crop_mm", "refine_mm_per_px", "refine_offset_scale", "refine_model"})
+REFINE_ONLY = frozenset({"refine_crop_mm", "refine_mm_per_px", "refine_offset_scale", "refine_model",
+                         "refine_passes"})
 ARM_UNUSABLE = {"masked": frozenset({"difficult_weight"}) | REFINE_ONLY,
                 "weighted": frozenset({"distill_weight"}) | REFINE_ONLY,
                 "all": frozenset({"difficult_threshold", "difficult", "difficult_weight", "distill_weight"}) | REFINE_ONLY,

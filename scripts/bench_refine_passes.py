@@ -1,0 +1,85 @@
+"""A second (or third) refinement pass: crop again around the refined point and predict once more. Does it help?
+
+Why: the issue leaves a second pass optional, "if it measurably helps". A pass is inference only, so one trained
+refinement stage is scored with 1, 2 and 3 passes (`refine_passes`): how many is chosen on the selection split, and
+judged on a split the choice never saw, paired by image with bootstrap intervals (verdict.paired_bootstrap).
+
+    python scripts/bench_refine_passes.py --checkpoint study/refine/best.pt --dataset-path ISBI \
+        --selection-split train:0.2 --verdict-split test1      # a trained stage on real images
+    python scripts/bench_refine_passes.py                      # a synthetic set and a refine run trained here
+    python scripts/bench_refine_passes.py --smoke-test         # seconds; records nothing
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import _bench
+import numpy as np
+
+from tune_landmarks.cache import build_cache
+from tune_landmarks.crops import build_physical_cache
+from tune_landmarks.infer import Cascade, load_cascade
+from tune_landmarks.metrics import radial_errors_mm
+from tune_landmarks.read import describe, load_split
+from tune_landmarks.refine import train_refine
+from tune_landmarks.verdict import paired_bootstrap
+
+PASSES = (1, 2, 3)
+
+
+def refined_errors(cascade: Cascade, dataset: Path, split: str, passes: int, cache: str | None) -> np.ndarray:
+    """(N images, refined landmarks) radial errors in mm of the cascade run with `passes` passes on `split`."""
+    sp = load_split(describe(dataset), split, "mean")
+    cached = build_cache(sp.records, split, tuple(cascade.start_cfg.image_size), "mean", cache, progress=False)
+    phys = build_physical_cache(sp.records, split, cascade.geometry.mm_per_px, "mean", cache, progress=False)
+    cascade.cfg.refine_passes = passes
+    pred = cascade.predict_cached(cached, phys)
+    return radial_errors_mm(pred, cached.keypoints_orig, cached.spacing_mm)[:, cascade.channels]
+
+
+def main() -> None:
+    p = _bench.parser(__doc__.splitlines()[0])
+    _bench.add_finetune_args(p, epochs=16)
+    p.set_defaults(model="hrnet_w18_small_v2", image_size=64, num_images=30, synth_size=240, start_epochs=8, lr=3e-3,
+                   batch_size=8)
+    p.add_argument("--checkpoint", help="a trained refinement stage (default: train one on a synthetic set here)")
+    p.add_argument("--dataset-path", help="with --checkpoint: its dataset")
+    p.add_argument("--selection-split", default="valid", help="where the number of passes is chosen")
+    p.add_argument("--verdict-split", default="test", help="where the choice is judged (never used to choose)")
+    p.add_argument("--bootstrap", type=int, default=2000)
+    args = _bench.parse(p, _bench.FINETUNE_SMOKE | {"epochs": 2, "synth_size": 160, "bootstrap": 200})
+    device = _bench.setup(args)
+    rec = _bench.Record("bench_refine_passes: one refinement pass vs crop-again passes", args, device)
+    rec.repeats = "one trained stage, scored once per split and number of passes (accuracy, not timing)"
+    with _bench.workdir(args) as work:
+        if args.checkpoint:
+            checkpoint, dataset, cache = Path(args.checkpoint), Path(args.dataset_path), None
+        else:
+            dataset = _bench.synthetic_data(work, args)
+            start = _bench.start_checkpoint(args, dataset, work)
+            cfg = _bench.config(args, dataset, work, mode="refine", resume=str(start), difficult=["Go", "Ar", "Po", "Or"],
+                                epochs=args.epochs, lr=args.lr, refine_model="hrnet_w18_small", refine_crop_mm=9.6,
+                                refine_mm_per_px=0.15, sigma=1.5, refine_offset_scale=1.5, out=str(work / "refine"))
+            checkpoint, cache = train_refine(cfg).out / "best.pt", str(work / "cache")
+        cascade = load_cascade(checkpoint, device)
+        errors = {(split, n): refined_errors(cascade, dataset, split, n, cache)
+                  for split in (args.selection_split, args.verdict_split) for n in PASSES}
+    chosen = min(PASSES, key=lambda n: errors[(args.selection_split, n)].mean())
+    rows = []
+    for split in (args.selection_split, args.verdict_split):
+        for n in PASSES[1:]:
+            d = paired_bootstrap(errors[(split, 1)], errors[(split, n)], cascade.refined, n_boot=args.bootstrap)[-1]
+            rows.append([split, n, d.ref_mre_mm, d.cand_mre_mm, d.diff_mm, f"[{d.diff_low_mm:+.3f}, {d.diff_high_mm:+.3f}]"])
+    rec.value("settings", f"{checkpoint} ({cascade.cfg.refine_model}, {cascade.geometry.size}-px crops at "
+                          f"{cascade.geometry.mm_per_px:g} mm/px) on {dataset}; refined: {', '.join(cascade.refined)}; "
+                          f"selection split {args.selection_split}, verdict split {args.verdict_split}")
+    rec.table(["split", "passes", "1 pass mm", "n passes mm", "n - 1 mm", "95% interval"], rows)
+    rec.value("passes chosen on the selection split", chosen)
+    one, best = errors[(args.verdict_split, 1)].mean(), errors[(args.verdict_split, chosen)].mean()
+    rec.ratio("refined MRE chosen passes/1 pass on the verdict split", best / one,
+              f"{chosen} pass(es) chosen; < 1: the choice helps on images that did not make it")
+    _bench.emit(rec)
+
+
+if __name__ == "__main__":
+    main()
