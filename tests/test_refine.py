@@ -203,7 +203,7 @@ def test_the_refine_arms_winner_exports_as_a_cascade_that_reproduces_its_metrics
     others = [i for i, s in enumerate(ev.symbols) if s not in meta["refine"]["refined"]]
     assert np.array_equal(ev.pred[:, others], ev_start.pred[:, others])
     test = json.loads((tmp_path / "model" / "test_metrics.json").read_text())
-    assert test["mre"] == pytest.approx(ev.summary.mre, abs=1e-9)
+    assert test["mre"] == pytest.approx(ev.summary.mre, abs=1e-6)  # another process: float noise only
     bad = cli("export", refine_sweep, "--arm", "weighted", "--out", tmp_path / "w")
     assert bad.returncode != 0 and "`arm` is 'weighted', but must be one of this sweep's arms (masked, refine)" in bad.stderr
     assert not (tmp_path / "w").exists()

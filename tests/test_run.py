@@ -171,6 +171,7 @@ def test_freeze_stages_rejects_non_hrnet(synth_root, tmp_path):
     assert p.returncode == 1 and "applies to timm HRNet backbones; 'resnet18'" in p.stderr
 
 
+@pytest.mark.slow  # whole CLI runs in subprocesses: `make test` runs them, the fast tier does not
 def test_workflow_command_runs_verbatim(tmp_path):
     """train2.py's flags, verbatim (hrnet = hrnet_w32, 20 epochs, AMP), on a small synthetic set at 32 px."""
     from tune_landmarks.synth import make_synthetic
@@ -190,6 +191,7 @@ def test_workflow_command_runs_verbatim(tmp_path):
     assert read_checkpoint(tmp_path / "ft" / "last.pt")["arch"]["model"] == "hrnet_w32"
 
 
+@pytest.mark.slow  # whole CLI runs in subprocesses: `make test` runs them, the fast tier does not
 def test_train_and_evaluate_on_real_isbi(isbi_root, tmp_path):
     out = tmp_path / "isbi"
     cli("train", "--dataset_path", isbi_root, "--model", "hrnet_w18_small_v2", "--image_size", "64", "64",
@@ -248,6 +250,7 @@ def test_pickle_payload_is_not_executed(synth_root, tmp_path):
     assert not marker.exists()
 
 
+@pytest.mark.slow  # whole CLI runs in subprocesses: `make test` runs them, the fast tier does not
 def test_unknown_difficult_symbol_and_missing_split(synth_root, start_ckpt, tmp_path):
     p = _finetune(synth_root, start_ckpt, tmp_path, "--difficult", "UMT,XYZ")
     assert p.returncode == 1 and "unknown landmark symbol(s) XYZ" in p.stderr
