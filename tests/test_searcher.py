@@ -181,3 +181,23 @@ def test_arm_epochs_set_each_arms_trials_and_rungs(space):
         _settings(arms=["masked"], arm_epochs={"all": 8}).validate()
     with pytest.raises(ValueError, match=r"The value of `arm_epochs` is \{'masked': 0\}"):
         _settings(arm_epochs={"masked": 0}).validate()
+
+
+def test_the_searcher_limits_concurrency_itself_and_a_restored_one_is_not_stuck(space, tmp_path):
+    """Ray's ConcurrencyLimiter saves its live trials; restored from a state older than the trial list, it waits for
+    ever on a trial that already finished. ArmSearch takes the limit itself and never saves its live set."""
+    from ray.tune.search import ConcurrencyLimiter
+
+    from tune_landmarks.search import make_searcher
+
+    searcher = make_searcher(space, _settings(), tmp_path / "j.log")
+    limiter = ConcurrencyLimiter(searcher, max_concurrent=2)  # what tune.run wraps it in for --max-concurrent 2
+    assert limiter.suggest("t0") and limiter.suggest("t1") and limiter.suggest("t2") is None  # two at a time
+    assert not limiter.live_trials  # the limit is the searcher's: the limiter keeps (and saves) no live set
+    searcher.on_trial_complete("t0", {"best_val_mre": 1.0, "training_iteration": 4})
+    assert limiter.suggest("t2")
+    searcher.save(str(tmp_path / "state.pkl"))  # t1 and t2 live when the state was saved
+    restored = make_searcher(space, _settings(), tmp_path / "j2.log")
+    restored.set_max_concurrency(2)
+    restored.restore(str(tmp_path / "state.pkl"))
+    assert restored.live == set() and restored.suggest("t3")  # not waiting on t1/t2, which may have finished since

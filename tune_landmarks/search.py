@@ -95,17 +95,31 @@ class ArmSearch(Searcher):
         self.inners, self.budgets = inners, budgets
         self.asked = dict.fromkeys(inners, 0)
         self.arm_of: dict[str, str] = {}
+        self.max_concurrent: float = math.inf
+        self.live: set[str] = set()  # trials handed out and not complete, in this process only (never saved)
+
+    def set_max_concurrency(self, max_concurrent: int) -> bool:
+        """Take `--max-concurrent` here, so Ray does not wrap this searcher in a ConcurrencyLimiter. The limiter
+        saves its set of live trials with its state; when a driver dies between Ray's uploads of that state and of
+        the trial list, the restored set holds a trial the restored list has finished, nothing ever completes it,
+        and the resumed sweep waits for ever. Here the live set is not saved: a restored sweep starts it empty
+        (the trials Ray resumes run on their resources, which still bound what runs at once)."""
+        self.max_concurrent = max_concurrent
+        return True
 
     def suggest(self, trial_id: str) -> dict[str, Any] | str | None:
         open_arms = [a for a in self.inners if self.asked[a] < self.budgets[a]]
         if not open_arms:
             return Searcher.FINISHED
+        if len(self.live) >= self.max_concurrent:
+            return None
         arm = min(open_arms, key=lambda a: self.asked[a] / self.budgets[a])  # in turn, whatever the budgets
         params = self.inners[arm].suggest(trial_id)
         if not isinstance(params, dict):
             return params
         self.asked[arm] += 1
         self.arm_of[trial_id] = arm
+        self.live.add(trial_id)
         ray_adapter.optuna_trial(self.inners[arm], trial_id).set_user_attr("ray_trial_id", trial_id)
         return {**params, ARM_KEY: arm}
 
@@ -114,6 +128,7 @@ class ArmSearch(Searcher):
             self.inners[self.arm_of[trial_id]].on_trial_result(trial_id, result)
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        self.live.discard(trial_id)
         if trial_id in self.arm_of:
             self.inners[self.arm_of[trial_id]].on_trial_complete(trial_id, result, error)
 
@@ -129,7 +144,7 @@ class ArmSearch(Searcher):
     def restore(self, checkpoint_path: str) -> None:
         with open(checkpoint_path, "rb") as f:
             state = pickle.load(f)
-        self.asked, self.arm_of = state["asked"], state["arm_of"]
+        self.asked, self.arm_of, self.live = state["asked"], state["arm_of"], set()
         with tempfile.TemporaryDirectory() as d:
             for arm, blob in state["inner"].items():
                 Path(d, arm).write_bytes(blob)
