@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One GPU, end to end, sized to take under 8 minutes (not yet timed on a GPU; each step's seconds are printed):
-# the loss-mode, freeze and AMP benchmarks (fp32 vs fp16 with GradScaler vs bf16) with hrnet_w32 at 512² and 768²;
+# the loss-mode, refinement-step, freeze and AMP benchmarks (fp32 vs fp16 with GradScaler vs bf16) with hrnet_w32 at
+# 512² and 768² (the refinement stage's step and memory against the masked step: issue 13's GPU rows);
 # a 4-trial sweep sharing the GPU (--gpus-per-trial 0.5, --mixed_precision) on a synthetic set at 512²; export and
 # predict. Prints a BENCHMARKS.md-ready record (device, peak GPU memory per loss mode, step times, ratios, the
 # sweep's epoch times and memory) and keeps it in OUT/gpu_check.md; paste it into BENCHMARKS.md by hand. Never
@@ -20,7 +21,7 @@ while [ $# -gt 0 ]; do
         --device) DEVICE="$2"; shift 2 ;;
         --smoke-test) SMOKE=1; shift ;;
         --out) OUT="$2"; shift 2 ;;
-        -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
         *) echo "gpu_check.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
     esac
 done
@@ -69,6 +70,8 @@ else
 fi
 stage "loss modes" "$PY" bench_loss_modes.py "${BENCH[@]}" "${MODEL[@]}" --sizes "${SIZES[@]}" \
     $([ "$SMOKE" = 1 ] || echo --batch-size 4)
+stage "refine step" "$PY" bench_refine.py "${BENCH[@]}" "${MODEL[@]}" --sizes "${SIZES[@]}" \
+    $([ "$SMOKE" = 1 ] || echo --batch-size 4 --refine-models hrnet_w18_small resnet18)
 for size in "${SIZES[@]}"; do
     stage "freeze ${size}px" "$PY" bench_freeze.py "${BENCH[@]}" "${FT[@]}" --image-size "$size" \
         --workdir "$OUT/freeze-$size"
