@@ -3,6 +3,7 @@ images, and the checks that refuse bad settings or a mismatched checkpoint befor
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -142,6 +143,11 @@ def test_evaluate_reproduces_the_run_and_a_last_pt_continues_it(synth_refine, sy
     more = train_refine(_refine_cfg(synth_root, res.out / "last.pt", res.out, difficult=SYNTH_HARD, **(SYNTH_REFINE | {
         "epochs": SYNTH_REFINE["epochs"] + 1})))
     assert [h["epoch"] for h in more.history] == list(range(1, SYNTH_REFINE["epochs"] + 2))
+    assert more.history[:-1] == res.history  # continued from last.pt: the first epochs are the run's own, not re-run
+    # the continuing run read the start model's points the first run kept; evaluate computes them afresh
+    assert list(Path(os.environ["TUNE_LANDMARKS_CACHE"]).glob("*/start-points-*.npy"))
+    again = evaluate_checkpoint(res.out / "best.pt", synth_root, "valid")
+    assert again.summary.mre == pytest.approx(more.best.mre, abs=1e-9)
     assert more.difficult == res.difficult
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import optuna
 import pyarrow.parquet as pq
 import pytest
-from conftest import TINY, cli
+from conftest import TINY, cli, free_port
 
 from tune_landmarks.config import TrainConfig
 from tune_landmarks.space import SpaceError, load_space
@@ -139,24 +139,18 @@ def test_diverging_trial_errors_and_the_sweep_goes_on(sweep):
     assert (trials[trials.param_lr == 1e30].status == "ERROR").all()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_search_joins_a_real_cluster(synth_root, start_ckpt, tmp_path):
     """`ray start --head` on 127.0.0.1 with free ports, `search --address`, then stop exactly that cluster."""
     ray_bin = Path(sys.executable).parent / "ray"
     temp_dir = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # unix socket paths must stay short
-    port = _free_port()
+    port = free_port()
     cmd = [str(ray_bin), "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(port),
            "--num-cpus", "2", "--include-dashboard", "false", "--disable-usage-stats", "--temp-dir", temp_dir,
-           "--node-manager-port", str(_free_port()),
-           "--object-manager-port", str(_free_port()), "--min-worker-port", "0", "--max-worker-port", "0",
-           "--dashboard-agent-listen-port", str(_free_port()), "--metrics-export-port", str(_free_port()),
-           "--runtime-env-agent-port", str(_free_port()), "--dashboard-agent-grpc-port", str(_free_port())]
+           "--node-manager-port", str(free_port()),
+           "--object-manager-port", str(free_port()), "--min-worker-port", "0", "--max-worker-port", "0",
+           "--dashboard-agent-listen-port", str(free_port()), "--metrics-export-port", str(free_port()),
+           "--runtime-env-agent-port", str(free_port()), "--dashboard-agent-grpc-port", str(free_port())]
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}  # every port on 127.0.0.1 only
     head = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
                             env=env)

@@ -192,12 +192,14 @@ def test_the_searcher_limits_concurrency_itself_and_a_restored_one_is_not_stuck(
 
     searcher = make_searcher(space, _settings(), tmp_path / "j.log")
     limiter = ConcurrencyLimiter(searcher, max_concurrent=2)  # what tune.run wraps it in for --max-concurrent 2
-    assert limiter.suggest("t0") and limiter.suggest("t1") and limiter.suggest("t2") is None  # two at a time
+    assert all(isinstance(limiter.suggest(t), dict) for t in ("t0", "t1"))
+    assert limiter.suggest("t2") is None  # two at a time
     assert not limiter.live_trials  # the limit is the searcher's: the limiter keeps (and saves) no live set
     searcher.on_trial_complete("t0", {"best_val_mre": 1.0, "training_iteration": 4})
-    assert limiter.suggest("t2")
+    assert isinstance(limiter.suggest("t2"), dict)
     searcher.save(str(tmp_path / "state.pkl"))  # t1 and t2 live when the state was saved
     restored = make_searcher(space, _settings(), tmp_path / "j2.log")
     restored.set_max_concurrency(2)
     restored.restore(str(tmp_path / "state.pkl"))
-    assert restored.live == set() and restored.suggest("t3")  # not waiting on t1/t2, which may have finished since
+    assert restored.live == set()  # not waiting on t1/t2, which may have finished since
+    assert isinstance(restored.suggest("t3"), dict)

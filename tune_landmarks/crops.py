@@ -105,7 +105,6 @@ class PhysicalSplit:
     geometry; images are in the records' order, as in cache.CachedSplit."""
 
     path: Path
-    mm_per_px: float
     image_ids: list[str]
     pixels: np.ndarray  # (sum of W_p * H_p,) uint8, memory-mapped read-only (raw bytes: written as decoded)
     offset: np.ndarray  # (N,) start of each image in `pixels`
@@ -126,13 +125,13 @@ class PhysicalSplit:
         return [self.image(i) for i in range(len(self))]
 
 
-def _load(path: Path, mm_per_px: float) -> PhysicalSplit:
+def _load(path: Path) -> PhysicalSplit:
     with pa.memory_map(str(path / "meta.arrow")) as src:
         t = ipc.open_file(src).read_all()
     n = t.num_rows
     col = t.column
     return PhysicalSplit(
-        path=path, mm_per_px=mm_per_px, image_ids=col("image_id").to_pylist(),
+        path=path, image_ids=col("image_id").to_pylist(),
         pixels=np.memmap(path / "pixels.u8", dtype=np.uint8, mode="r"), offset=col("offset").to_numpy().astype(np.int64),
         shape=np.stack([col("width_p").to_numpy(), col("height_p").to_numpy()], 1).astype(np.int64),
         scale=np.stack([col("scale_x").to_numpy(), col("scale_y").to_numpy()], 1),
@@ -173,4 +172,4 @@ def build_physical_cache(records: list[Record], split: str, mm_per_px: float, an
             w.write_table(t)
 
     key = cache_key(records, f"physical:{split}", (0, 0), f"{annotator}@{mm_per_px!r}mm/px")
-    return built_once(cache_root, f"{split}-{mm_per_px:g}mmpx-{annotator}-{key}", build, lambda p: _load(p, mm_per_px))
+    return built_once(cache_root, f"{split}-{mm_per_px:g}mmpx-{annotator}-{key}", build, _load)

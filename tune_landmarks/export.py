@@ -161,16 +161,13 @@ def write_model(dest: Path, ckpt: dict[str, Any], cfg: TrainConfig, extra: dict[
     as the complete model folder `dest/start` (itself usable by `predict`), and the refinement stage in `dest`,
     whose model.json's `refine` record names that folder and its sha256 (load_cascade checks it), keeping the
     start checkpoint it was trained on as `source_path`/`source_sha256`. `predict` needs nothing else."""
-    from .infer import config_of, is_refine
-    from .model import CheckpointError, read_checkpoint, sha256_file
+    from .infer import checked_start, config_of, is_refine
+    from .model import read_checkpoint, sha256_file
 
     if not is_refine(ckpt):
         return write_stage(dest, ckpt, cfg, extra)
     rec = ckpt["refine"]
-    source = Path(rec["start"]["path"])
-    if not source.is_file() or sha256_file(source) != rec["start"]["sha256"]:
-        raise CheckpointError(f"{source}: not the start model the refinement stage was trained on (missing, or its "
-                              f"sha256 is not {rec['start']['sha256'][:16]}...)")
+    source = checked_start(extra["source"]["checkpoint"], rec)  # both callers name the exported checkpoint
     start = read_checkpoint(source)
     write_stage(dest / START_DIR, start, config_of(start), {"source": {"path": str(source), "sha256": rec["start"]["sha256"]}})
     stage = {"path": START_DIR, "sha256": sha256_file(dest / START_DIR), "source_path": str(source),

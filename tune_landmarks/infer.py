@@ -18,9 +18,9 @@ import torch
 
 from . import heatmap
 from .atomic import write_parquet
-from .cache import CachedSplit, build_cache, resize, to_original, to_target
+from .cache import CachedSplit, build_cache, to_original, to_target
 from .config import TrainConfig, from_dict
-from .crops import CropGeometry, PhysicalSplit, build_physical_cache, check_geometry, from_crop, physical_size, take
+from .crops import CropGeometry, PhysicalSplit, build_physical_cache, check_geometry, from_crop, take
 from .metrics import Summary, predictions_table, radial_errors_mm, summarize
 from .model import CheckpointError, LandmarkNet, create_model, load_weights, read_checkpoint, sha256_file
 from .read import DatasetInfo, describe, load_split
@@ -132,10 +132,12 @@ def config_of(ckpt: dict[str, Any]) -> TrainConfig:
     return cfg
 
 
-def load_model(path: str | Path, device: torch.device) -> tuple[LandmarkNet, TrainConfig, list[str]]:
+def load_model(path: str | Path, device: torch.device,
+               ckpt: dict[str, Any] | None = None) -> tuple[LandmarkNet, TrainConfig, list[str]]:
     """The model (in eval mode on `device`), its run config (image size, decoder, sigma) and its landmark
-    symbols: what `predict` needs when there is no dataset to take the symbols from."""
-    ckpt = read_checkpoint(path)
+    symbols: what `predict` needs when there is no dataset to take the symbols from. `ckpt`: the file, when the
+    caller has read it already."""
+    ckpt = ckpt if ckpt is not None else read_checkpoint(path)
     if is_refine(ckpt):
         raise CheckpointError(f"{path}: a refinement stage, which predicts with its start model: load it with "
                               "load_cascade (evaluate, compare and predict do)")
@@ -222,20 +224,25 @@ class Cascade:
         check_geometry(self.geometry, phys.spacing_mm, phys.orig_size, phys.image_ids)
         return self.refine_coarse(predict_as_run(self.start, self.start_cfg, split), phys.images(), phys.scale)
 
-    def predict_images(self, greys: Sequence[np.ndarray], spacing_mm: Sequence[float]) -> np.ndarray:
-        """All landmarks (N, K, 2) in original px for decoded grey images of any size and their pixel spacings; the
-        start model's part is exactly `predict`'s for the start model alone (resize, predict_batch, to_original)."""
-        c, mm = self.start_cfg, self.geometry.mm_per_px
-        small, scales = zip(*(resize(g, tuple(c.image_size)) for g in greys))
-        coarse = to_original(predict_batch(self.start, np.stack(small), next(self.start.parameters()).device,
-                                           c.decoder, c.sigma, c.mixed_precision), np.stack(scales)[:, None, :])
-        phys, pscale = zip(*(resize(g, physical_size(g.shape[1], g.shape[0], sp, mm)) for g, sp in zip(greys, spacing_mm)))
-        return self.refine_coarse(coarse, phys, np.stack(pscale))
-
 
 def is_refine(ckpt: dict[str, Any]) -> bool:
     """A refinement-stage checkpoint (refine.py writes one; its "refine" record names the start model)."""
     return isinstance(ckpt.get("refine"), dict)
+
+
+def checked_start(path: str | Path, rec: dict[str, Any], start: str | Path | None = None) -> Path:
+    """The start model a refinement stage's record (`rec`, its checkpoint `path`) names, or `start` instead: refused,
+    naming both files, when it is missing or its sha256 is not the recorded one."""
+    start_path = Path(start or rec["start"]["path"])
+    if not start_path.exists():
+        raise CheckpointError(f"{path}: its start model {start_path} is missing (the refinement stage needs the start "
+                              "model it was trained on)")
+    got = sha256_file(start_path)
+    if got != rec["start"]["sha256"]:
+        raise CheckpointError(f"{path}: refines the start model with sha256 {rec['start']['sha256'][:16]}... "
+                              f"({rec['start']['path']}), but {start_path} has sha256 {got[:16]}...: a refinement stage "
+                              "fits only the start model it was trained on")
+    return start_path
 
 
 def load_cascade(path: str | Path, device: torch.device, symbols: list[str] | None = None,
@@ -247,15 +254,7 @@ def load_cascade(path: str | Path, device: torch.device, symbols: list[str] | No
     if not is_refine(ckpt):
         raise CheckpointError(f"{path}: not a refinement-stage checkpoint (tune-landmarks finetune --mode refine writes one)")
     rec = ckpt["refine"]
-    start_path = Path(start or rec["start"]["path"])
-    if not start_path.exists():
-        raise CheckpointError(f"{path}: its start model {start_path} is missing (the refinement stage needs the start "
-                              "model it was trained on)")
-    got = sha256_file(start_path)
-    if got != rec["start"]["sha256"]:
-        raise CheckpointError(f"{path}: refines the start model with sha256 {rec['start']['sha256'][:16]}... "
-                              f"({rec['start']['path']}), but {start_path} has sha256 {got[:16]}...: a refinement stage "
-                              "fits only the start model it was trained on")
+    start_path = checked_start(path, rec, start)
     own, refined = list(ckpt.get("symbols") or []), list(rec["refined"])
     if symbols is not None and own != list(symbols):
         raise CheckpointError(f"{path}: landmark symbols {own} differ from the dataset's {list(symbols)}")

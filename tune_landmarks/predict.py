@@ -118,7 +118,7 @@ def _csv_text(preds: list[Prediction], symbols: list[str], integer: bool) -> str
     return buf.getvalue()
 
 
-def _cascade_spacing(cascade: Any, pixel_size: float | None) -> float:
+def _cascade_spacing(model_path: str | Path, cascade: Any, pixel_size: float | None) -> float:
     """The pixel spacing a refinement cascade crops new images at: `pixel_size`, else the one spacing of every image
     it was trained on (ISBI's 0.1 mm/px); images of several machines (Aariz) need it given."""
     if pixel_size is not None:
@@ -127,17 +127,18 @@ def _cascade_spacing(cascade: Any, pixel_size: float | None) -> float:
         return float(pixel_size)
     lo, hi = cascade.train_spacing_mm
     if not lo or abs(hi - lo) > 1e-9:
-        raise ValueError(f"this refinement cascade was trained on images of {lo:g}-{hi:g} mm/px: give the images' "
-                         "pixel size (--pixel-size MM)")
+        raise ValueError(f"{model_path}: this refinement cascade was trained on images of {lo:g}-{hi:g} mm/px: give the "
+                         "images' pixel size (--pixel-size MM)")
     return float(lo)
 
 
 def predict(model_path: str | Path, inputs: Sequence[str | Path], out: str | Path, integer: bool = False,
             device: str = "auto", batch_size: int = 8, pixel_size: float | None = None) -> PredictReport:
     """Predict every readable input and write its outputs to `out`; see the module docstring. A refinement
-    checkpoint predicts with its cascade (infer.Cascade.predict_images) at `pixel_size` mm/px (see _cascade_spacing)."""
+    checkpoint predicts with its cascade (the start model's points, then infer.Cascade.refine_coarse) at `pixel_size`
+    mm/px (see _cascade_spacing)."""
     from .cache import decode_image, resize, to_original
-    from .crops import check_geometry
+    from .crops import check_geometry, physical_size
     from .infer import is_refine, load_cascade, load_model, predict_batch, resolve_device
     from .model import read_checkpoint
 
@@ -148,11 +149,11 @@ def predict(model_path: str | Path, inputs: Sequence[str | Path], out: str | Pat
     dev = resolve_device(device)
     ckpt = read_checkpoint(model_path)
     cascade = load_cascade(model_path, dev, ckpt=ckpt) if is_refine(ckpt) else None
-    if cascade is not None:
-        spacing = _cascade_spacing(cascade, pixel_size)
-        symbols = cascade.symbols
+    if cascade is not None:  # the start model predicts as it would alone; the cascade then refines its points
+        spacing = _cascade_spacing(model_path, cascade, pixel_size)
+        model, cfg, symbols = cascade.start, cascade.start_cfg, cascade.symbols
     else:
-        model, cfg, symbols = load_model(model_path, dev)
+        model, cfg, symbols = load_model(model_path, dev, ckpt=ckpt)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     report = PredictReport(failed=failed)
@@ -166,15 +167,15 @@ def predict(model_path: str | Path, inputs: Sequence[str | Path], out: str | Pat
             except (OSError, cv2.error, ValueError) as exc:
                 report.failed.append((str(path), str(exc).removeprefix(f"{path}: ")))
                 continue
-            batch.append((path, grey) + (() if cascade is not None else resize(grey, tuple(cfg.image_size))))
+            batch.append((path, grey) + resize(grey, tuple(cfg.image_size)))
         if not batch:
             continue
+        pts = predict_batch(model, np.stack([b[2] for b in batch]), dev, cfg.decoder, cfg.sigma, cfg.mixed_precision)
+        pts = to_original(pts, np.stack([b[3] for b in batch])[:, None, :])
         if cascade is not None:
-            pts = cascade.predict_images([b[1] for b in batch], [spacing] * len(batch))
-        else:
-            small = np.stack([b[2] for b in batch])
-            pts = predict_batch(model, small, dev, cfg.decoder, cfg.sigma, cfg.mixed_precision)
-            pts = to_original(pts, np.stack([b[3] for b in batch])[:, None, :])
+            phys, scale = zip(*(resize(g, physical_size(g.shape[1], g.shape[0], spacing, cascade.geometry.mm_per_px))
+                                for _, g, *_ in batch))
+            pts = cascade.refine_coarse(pts, phys, np.stack(scale))
         for (path, grey, *_), p in zip(batch, pts, strict=True):
             _write_image_outputs(out, path, grey, p, symbols, integer)
             report.predicted.append(Prediction(path, p))

@@ -293,20 +293,19 @@ def prepare_crops(space: SearchSpace, base: TrainConfig, data: Any) -> None:
     and selection images (too fine a resolution, a crop larger than an image), and the physical cache of every
     resolution it can sample (a fixed value or choices) built once, for all trials to share; a resolution drawn
     from a range is cached by the first trial that draws it."""
-    from .crops import CropGeometry, build_physical_cache, check_geometry
+    from .crops import CropGeometry
+    from .refine import check_crops, physical_splits
 
     def values(name: str) -> list[Any]:
         p = space.get(name)
         return [v for _, v in p.corners()] if p is not None else [getattr(base, name)]
 
     for crop_mm, mm_per_px in itertools.product(values("refine_crop_mm"), values("refine_mm_per_px")):
-        geometry = CropGeometry.from_mm(crop_mm, mm_per_px)
-        for split in (data.train, data.val):
-            check_geometry(geometry, split.spacing_mm, split.orig_size, split.image_ids)
-    p = space.get("refine_mm_per_px")
-    for mm_per_px in values("refine_mm_per_px") if p is None or not p.searched or p.type == "categorical" else []:
-        for sp in (data.roles.train, data.roles.val):
-            build_physical_cache(sp.records, sp.name, mm_per_px, base.annotator, base.cache_dir, progress=True)
+        check_crops(CropGeometry.from_mm(crop_mm, mm_per_px), data)
+    resolution = space.get("refine_mm_per_px")
+    if resolution is None or resolution.type in ("fixed", "categorical"):  # every value it can take, not a range
+        for mm_per_px in values("refine_mm_per_px"):
+            physical_splits(data, mm_per_px, base)
 
 
 def init_ray(address: str | None) -> None:
