@@ -93,7 +93,8 @@ def main() -> None:
         # direct: the trial's own config, run in this process with the same per-epoch callback shape
         marks: list[float] = []
         direct_cfg = trial_config(base.to_dict(), {"lr": args.lr}, str(work / "direct"))
-        direct = train(direct_cfg, callback=lambda m, c: marks.append(time.perf_counter()), keep_files=False)
+        direct = train(direct_cfg, callback=lambda m, c: marks.append(time.perf_counter()),
+                       scratch=work / "direct" / "scratch")
         intervals = [b - a for a, b in itertools.pairwise(marks)]
 
         gpus = 1.0 if device.type == "cuda" else 0.0
@@ -122,7 +123,7 @@ def main() -> None:
     rec = _bench.Record("bench_ray_overhead: a Ray trial vs run.train", args, device, repeats=repeats)
     rec.value("settings", f"{args.model} at {args.image_size}px, batch {args.batch_size}; masked fine-tune, "
                           f"{args.epochs} epochs, {args.trials} identical trials per sweep, 1 at a time, "
-                          f"{args.threads} CPUs per trial; direct run first, with the trial's own config (keep_files=False)")
+                          f"{args.threads} CPUs per trial; direct run first, with the trial's own config and a scratch folder")
     rec.table(["where", "epoch_seconds (median, epochs 2+)", "result-to-result s (median, epochs 2+)"],
               [["run.train directly", d_epoch, d_interval],
                ["Ray trial (reuse arm, all trials)", _bench.median(in_trial), _bench.median(iter_s)]])

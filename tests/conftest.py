@@ -21,6 +21,19 @@ TINY = {"model": "hrnet_w18_small_v2", "image_size": (64, 64), "batch_size": 4}
 
 
 @pytest.fixture(scope="session", autouse=True)
+def _ray_tmpdir() -> Path:
+    """Every Ray this session starts (in-process, CLI subprocesses, `ray start`) keeps its session folders, logs
+    and trial working folders in one private folder, removed at the end: the suite leaves nothing in /tmp/ray.
+    Short and directly under /tmp, since Ray's unix socket paths must stay short."""
+    import tempfile
+
+    d = Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))
+    os.environ["RAY_TMPDIR"] = str(d)
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture(scope="session", autouse=True)
 def _cache_dir(tmp_path_factory) -> Path:
     """Every test process and subprocess caches decoded images in a private folder."""
     d = tmp_path_factory.mktemp("cache")

@@ -102,7 +102,8 @@ def test_verbosity_sets_rays_console(flag, v, ray_verbose, tmp_path, monkeypatch
         assert ("runtime_env" in init) == (v <= 0) and init["log_to_driver"]
         opts = ray_setup.run_config_options(Experiment(str(tmp_path / "x")), tmp_path / "j.log", {"masked": 3}, v)
         assert opts["verbose"] == ray_verbose
-        assert [type(c).__name__ for c in opts["callbacks"]] == (["StorageSync"] if v < 0 else ["TrialLines", "StorageSync"])
+        assert [type(c).__name__ for c in opts["callbacks"]] == (["StorageSync", "ScratchCleanup"] if v < 0 else
+                                                                   ["TrialLines", "StorageSync", "ScratchCleanup"])
     finally:
         pkg.setLevel(saved[0])
         pkg.handlers[:], pkg.propagate = saved[1], saved[2]

@@ -76,6 +76,9 @@ def _check_complete(exp: Path, name: str, had_checkpoint: set[str]) -> None:
     assert verdict["image_ids"] == sweep["roles"]["test"]["image_ids"] and verdict["split"] == "test"
     epochs = pq.read_table(exp / "epochs.parquet").to_pandas()
     assert set(epochs.trial_id) == set(trials[trials.epochs_done > 0].trial_id)
+    from tune_landmarks.experiment import trial_scratch
+
+    assert not trial_scratch(name, "-").parent.exists()  # the killed driver's trials' too, known to Ray or not
 
 
 @pytest.mark.slow

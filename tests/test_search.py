@@ -49,16 +49,19 @@ def sweep(synth_root, start_ckpt, tmp_path_factory):
     base = TrainConfig(dataset_path=str(synth_root), resume=str(start_ckpt), epochs=4, progress=False, **TINY)
     settings = SweepSettings(name="s1", storage=str(tmp / "store"), num_samples=4, max_concurrent=2, cpus_per_trial=1,
                              seed=2, arms=["masked", "all"], grace_period=1, reduction_factor=2)  # 1 lr=1e30 per arm
+    ray_tmp, saved = tempfile.mkdtemp(prefix="s", dir=os.environ["RAY_TMPDIR"]), os.environ["RAY_TMPDIR"]
+    os.environ["RAY_TMPDIR"] = ray_tmp  # this sweep's own Ray folders (session, trial working folders)
     try:
         code = run_search(str(space), base, settings)
     finally:
         ray.shutdown()
-    return code, tmp / "store" / "s1"
+        os.environ["RAY_TMPDIR"] = saved
+    return code, tmp / "store" / "s1", Path(ray_tmp)
 
 
 @pytest.mark.slow
 def test_sweep_tables_early_stopping_and_journal(sweep):
-    code, exp = sweep
+    code, exp, _ = sweep
     assert code == 0
     trials = pq.read_table(exp / "trials.parquet").to_pandas()
     assert len(trials) == 8
@@ -80,6 +83,24 @@ def test_sweep_tables_early_stopping_and_journal(sweep):
         assert len(journal) == len(mine) == 4
         assert sorted(t.user_attrs["ray_trial_id"] for t in journal) == sorted(mine.trial_id)
         assert all(t.state != optuna.trial.TrialState.RUNNING for t in journal)
+
+
+@pytest.mark.slow
+def test_a_finished_sweep_leaves_only_the_checkpoints_ray_stores(sweep):
+    """Trials stopped by ASHA, failed trials and finished ones: no trial's scratch folder is left (its last epoch's
+    checkpoint, which Ray's stop of the trial process can leave behind), nothing of the trials' in Ray's own
+    folders, and every checkpoint left is one Ray stores, at most --keep-checkpoints (2) per trial."""
+    from tune_landmarks.experiment import trial_scratch
+
+    _, exp, ray_tmp = sweep
+    trials = pq.read_table(exp / "trials.parquet").to_pandas()
+    assert set(trials.status) == {"TERMINATED", "ERROR"} and trials.stopped_early.any()
+    assert not trial_scratch("s1", "-").parent.exists()  # not one trial's folder
+    stored = sorted(exp.rglob("*.pt"))
+    assert stored and all(p.parent.name.startswith("checkpoint_") for p in stored), stored
+    per_trial = [len(list(t.glob("checkpoint_*/checkpoint.pt"))) for t in exp.glob("trial_*")]
+    assert max(per_trial) == 2, per_trial
+    assert list(ray_tmp.rglob("*.pt")) == []
 
 
 @pytest.mark.slow
@@ -130,7 +151,7 @@ def test_verdict_equals_compare_run_by_hand(tiny_sweep, synth_root, start_ckpt, 
 
 @pytest.mark.slow
 def test_diverging_trial_errors_and_the_sweep_goes_on(sweep):
-    _, exp = sweep
+    _, exp, _ = sweep
     trials = pq.read_table(exp / "trials.parquet").to_pandas()
     bad = trials[trials.status == "ERROR"]
     assert len(bad) >= 1
@@ -143,7 +164,7 @@ def test_diverging_trial_errors_and_the_sweep_goes_on(sweep):
 def test_search_joins_a_real_cluster(synth_root, start_ckpt, tmp_path):
     """`ray start --head` on 127.0.0.1 with free ports, `search --address`, then stop exactly that cluster."""
     ray_bin = Path(sys.executable).parent / "ray"
-    temp_dir = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # unix socket paths must stay short
+    temp_dir = tempfile.mkdtemp(prefix="c", dir=os.environ["RAY_TMPDIR"])  # conftest: short, removed at the end
     port = free_port()
     cmd = [str(ray_bin), "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(port),
            "--num-cpus", "2", "--include-dashboard", "false", "--disable-usage-stats", "--temp-dir", temp_dir,

@@ -203,3 +203,28 @@ def test_the_searcher_limits_concurrency_itself_and_a_restored_one_is_not_stuck(
     restored.restore(str(tmp_path / "state.pkl"))
     assert restored.live == set()  # not waiting on t1/t2, which may have finished since
     assert isinstance(restored.suggest("t3"), dict)
+
+
+def test_a_trial_the_study_finished_after_rays_last_snapshot_is_not_told_again(space, tmp_path):
+    """The journal is written at once, Ray's state at its snapshots: a driver killed in between restores a trial
+    the study has finished as unfinished, Ray runs it on, and its next result must not crash the resumed sweep
+    (optuna's UpdateFinishedTrialError, seen in test_resume's SIGKILL test). The study keeps its first value."""
+    from tune_landmarks.search import make_searcher
+
+    journal = tmp_path / "j.log"
+    searcher = make_searcher(space, _settings(arms=["masked"]), journal)
+    searcher.suggest("a")
+    searcher.suggest("b")
+    searcher.on_trial_result("a", {"best_val_mre": 3.0, "training_iteration": 1})
+    searcher.save(str(tmp_path / "searcher.pkl"))  # Ray's last snapshot: a and b running
+    searcher.on_trial_complete("a", {"best_val_mre": 2.5, "training_iteration": 1})  # ASHA stopped a; then the kill
+    restored = make_searcher(space, _settings(arms=["masked"]), journal)
+    restored.restore(str(tmp_path / "searcher.pkl"))
+    assert restored.open_in_study("a") is None and restored.open_in_study("b") is not None
+    restored.on_trial_result("a", {"best_val_mre": 2.0, "training_iteration": 2})  # a runs on from its checkpoint
+    restored.on_trial_complete("a", {"best_val_mre": 1.5, "training_iteration": 3})
+    restored.on_trial_result("b", {"best_val_mre": 2.2, "training_iteration": 1})
+    restored.on_trial_complete("b", {"best_val_mre": 2.2, "training_iteration": 1})
+    by_id = {t.user_attrs["ray_trial_id"]: t for t in _study(journal).trials}
+    assert by_id["a"].value == 2.5 and by_id["a"].intermediate_values == {1: 3.0}
+    assert by_id["b"].value == 2.2 and by_id["b"].state == optuna.trial.TrialState.COMPLETE

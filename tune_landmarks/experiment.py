@@ -167,6 +167,7 @@ class Experiment:
 
     def __init__(self, uri: str):
         self.uri = storage_uri(str(uri)).rstrip("/")
+        self._copies: Any = None  # local_file's temporary folder (a tempfile.TemporaryDirectory), made on first use
         try:
             self.fs, self.root = pafs.FileSystem.from_uri(self.uri)
         except (OSError, ValueError) as exc:
@@ -242,12 +243,16 @@ class Experiment:
 
     def local_file(self, *parts: str) -> Path:
         """A file of the experiment on this machine (torch and Optuna's journal read local files): itself when
-        the experiment is local, else a private temporary copy."""
+        the experiment is local, else a copy in a temporary folder that lives as long as this object (a
+        checkpoint is 50 MB and more; nothing is left behind in /tmp)."""
         if self.local is not None:
             return self.local.joinpath(*parts)
-        import tempfile
+        if self._copies is None:
+            import tempfile
 
-        dest = Path(tempfile.mkdtemp(prefix="tl-fetch-")) / parts[-1]
+            self._copies = tempfile.TemporaryDirectory(prefix="tl-fetch-")
+        dest = Path(self._copies.name).joinpath(*parts)
+        dest.parent.mkdir(parents=True, exist_ok=True)
         dest.write_bytes(self.read_bytes(*parts))
         return dest
 
@@ -362,6 +367,16 @@ def journal_copy(uri: str) -> Path:
 
     digest = hashlib.sha256(uri.encode()).hexdigest()[:16]
     return Path(tempfile.gettempdir()) / "tune_landmarks-journals" / digest / JOURNAL_FILE
+
+
+def trial_scratch(sweep: str, trial_id: str) -> Path:
+    """Where a sweep trial keeps the files it writes for itself (each epoch's last.pt until Ray has stored it, a
+    restored trial's start), on the node it runs on. Not in its trial folder: Ray uploads that folder with every
+    snapshot of the experiment. A function of the names alone, so the driver can remove the folder of a trial
+    that Ray ended (ray_setup.ScratchCleanup) when the trial ran on the driver's node."""
+    import tempfile
+
+    return Path(tempfile.gettempdir()) / "tune_landmarks-trials" / sweep / trial_id
 
 
 def _s3_credentials_problem() -> str | None:

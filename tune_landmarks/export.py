@@ -15,6 +15,7 @@ import logging
 import math
 import os
 import statistics
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -295,7 +296,8 @@ def confirm_seeds(sweep: Sweep, trials: list[TrialRecord], winner: TrialRecord, 
             run_dir = dest / "confirm" / f"{name.replace(' ', '_')}-seed{seed}"
             cfg = sweep.trial_config(trial.params, run_dir)
             cfg.out, cfg.seed, cfg.device = str(run_dir), seed, device
-            res = train_any(cfg, start_per_landmark=sweep.start_errors, data=data, keep_files=False)
+            with tempfile.TemporaryDirectory(prefix="tl-confirm-") as scratch:  # a sweep trial's files, not kept
+                res = train_any(cfg, start_per_landmark=sweep.start_errors, data=data, scratch=Path(scratch))
             runs.append({"seed": seed, "best_val_mre": res.best.mre, "best_epoch": res.best_epoch,
                          "out": str(run_dir.relative_to(dest))})
             log.info(f"  {name} seed {seed}: best val MRE {res.best.mre:.3f} mm at epoch {res.best_epoch}")

@@ -30,9 +30,9 @@ def check_versions() -> None:
 
 
 def optuna_trial(searcher: Any, trial_id: str) -> Any:
-    """The live optuna.Trial an OptunaSearch asked for Ray trial `trial_id`."""
+    """The live optuna.Trial an OptunaSearch asked for Ray trial `trial_id` (None once told its result)."""
     check_versions()
-    return searcher._ot_trials[trial_id]
+    return searcher._ot_trials.get(trial_id)
 
 
 def optuna_numbers(searcher: Any) -> set[int]:

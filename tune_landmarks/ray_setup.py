@@ -30,6 +30,7 @@ than the searcher state Ray would restore. `resume` pulls it first (Experiment.p
 from __future__ import annotations
 
 import logging
+import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -38,7 +39,7 @@ from typing import Any
 
 from ray.tune import Callback
 
-from .experiment import ARM_KEY, METRIC, Experiment
+from .experiment import ARM_KEY, METRIC, Experiment, trial_scratch
 
 log = logging.getLogger(__name__)
 DRIVER_LOG = "driver.log"
@@ -75,7 +76,7 @@ def ray_init_options(v: int) -> dict[str, Any]:
 
 def run_config_options(exp: Experiment, journal: Path, epochs: dict[str, int], v: int) -> dict[str, Any]:
     """Keyword arguments for tune.RunConfig: the console's verbosity and the callbacks (`epochs`: each arm's)."""
-    callbacks: list[Callback] = [StorageSync(exp.uri, str(journal))]
+    callbacks: list[Callback] = [StorageSync(exp.uri, str(journal)), ScratchCleanup(exp.name)]
     if v >= 0:
         callbacks.insert(0, TrialLines(epochs))
     return {"verbose": 3 if v > 0 else 1 if v == 0 else 0, "callbacks": callbacks}
@@ -111,6 +112,29 @@ class TrialLines(Callback):
         n = int((trial.last_result or {}).get("training_iteration") or 0)
         log.warning(f"trial {trial.trial_id} ({trial.config.get(ARM_KEY, '?')}) lost after {n} epoch(s); retrying from "
                     f"its last checkpoint (failure {trial.num_failures})")
+
+
+class ScratchCleanup(Callback):
+    """Removes an ended trial's scratch folder (experiment.trial_scratch: its last epoch's checkpoint, 50 MB and
+    more), which the trial's own `finally` misses when Ray ends its process while it waits in tune.report (ASHA's
+    stop, the last epoch). The driver reaches the folders of the trials that ran on its own node."""
+
+    def __init__(self, sweep: str):
+        self.sweep = sweep
+
+    def _remove(self, trial: Any) -> None:
+        shutil.rmtree(trial_scratch(self.sweep, trial.trial_id), ignore_errors=True)
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._remove(trial)
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._remove(trial)
+
+    def on_experiment_end(self, trials: list, **info: Any) -> None:
+        """Every trial has ended: what is left in the sweep's folder on this node is a driver's that was killed
+        (its trials that Ray's saved state never knew are not resumed), or of trials that ended unseen."""
+        shutil.rmtree(trial_scratch(self.sweep, "-").parent, ignore_errors=True)
 
 
 class StorageSync(Callback):
@@ -183,4 +207,6 @@ def driver_console(exp: Experiment) -> Iterator[Path]:
             try:
                 exp.write_bytes(DRIVER_LOG, local.read_bytes())
             except OSError as exc:
-                log.warning(f"{exp.uri_of(DRIVER_LOG)}: not uploaded ({exc})")
+                log.warning(f"{exp.uri_of(DRIVER_LOG)}: not uploaded ({exc}); kept at {local}")
+            else:
+                shutil.rmtree(local.parent, ignore_errors=True)

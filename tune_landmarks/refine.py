@@ -162,7 +162,7 @@ def physical_splits(data: Data, mm_per_px: float, cfg: TrainConfig) -> dict[str,
 
 
 def train_refine(cfg: TrainConfig, callback: Callback | None = None, start_per_landmark: dict[str, float] | None = None,
-                 data: Data | None = None, keep_files: bool = True) -> RunResult:
+                 data: Data | None = None, scratch: Path | None = None) -> RunResult:
     """Train (or continue) the refinement stage on top of the frozen start model `cfg.resume`; called as run.train
     is, returning its RunResult. The difficult set is chosen as run.train chooses it (`start_per_landmark` when
     the caller measured it, e.g. once per sweep; else the start model's validation errors measured here). The
@@ -219,7 +219,7 @@ def train_refine(cfg: TrainConfig, callback: Callback | None = None, start_per_l
     steps = run.steps_per_epoch(len(ds), cfg.batch_size, cfg.max_steps_per_epoch)
     optim = run.Optimisation.create(opt, run.build_scheduler(opt, cfg, steps), device,
                                     amp_dtype(device, cfg.mixed_precision), cfg.grad_clip)
-    saver = run.CheckpointSaver(out, cfg, symbols, difficult, start_pl, keep_files, extra={"refine": record})
+    saver = run.CheckpointSaver(out, cfg, symbols, difficult, start_pl, scratch, extra={"refine": record})
     first_epoch, history = 0, []
     if resume_state is not None:
         first_epoch, history = saver.restore(resume_state, optim)
@@ -236,6 +236,6 @@ def train_refine(cfg: TrainConfig, callback: Callback | None = None, start_per_l
 
 
 def train_any(cfg: TrainConfig, callback: Callback | None = None, start_per_landmark: dict[str, float] | None = None,
-              data: Data | None = None, keep_files: bool = True) -> RunResult:
+              data: Data | None = None, scratch: Path | None = None) -> RunResult:
     """run.train, or for mode 'refine' train_refine: one entry point for the CLI, sweep trials and re-runs."""
-    return (train_refine if cfg.mode == "refine" else run.train)(cfg, callback, start_per_landmark, data, keep_files)
+    return (train_refine if cfg.mode == "refine" else run.train)(cfg, callback, start_per_landmark, data, scratch)

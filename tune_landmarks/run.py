@@ -320,7 +320,7 @@ class CheckpointSaver:
 
     last.pt, every epoch: all that `--resume last.pt` needs to continue exactly as if never stopped (optimiser,
     schedule, scaler, RNG states, history). best.pt, when the val MRE improves: the weights and what they were
-    chosen on. `keep_files=False` (sweep trials) writes last.pt under .epoch/ only until the callback has taken
+    chosen on. With a `scratch` folder (sweep trials) last.pt is written there only until the callback has taken
     it, and no best.pt: Ray stores the reported checkpoints, and a 50-trial sweep should not hold 100 more copies.
     `extra` goes into both files as it is (the refinement stage's record of its start model, refine.py).
     """
@@ -329,9 +329,9 @@ class CheckpointSaver:
                  "val_mre")
 
     def __init__(self, out: Path, cfg: TrainConfig, symbols: list[str], difficult: list[str],
-                 start: dict[str, float] | None, keep_files: bool = True, extra: dict[str, Any] | None = None):
+                 start: dict[str, float] | None, scratch: Path | None = None, extra: dict[str, Any] | None = None):
         self.out, self.cfg, self.symbols, self.difficult, self.start = out, cfg, symbols, difficult, start
-        self.keep_files, self.extra = keep_files, dict(extra or {})
+        self.scratch, self.extra = scratch, dict(extra or {})
         self.best_mre, self.best_epoch = math.inf, -1
 
     def restore(self, state: dict[str, Any], optim: Optimisation) -> tuple[int, list[dict[str, Any]]]:
@@ -353,14 +353,14 @@ class CheckpointSaver:
                  "epoch": epoch, "rng": _rng_state(), "best_val_mre": self.best_mre, "best_epoch": self.best_epoch,
                  "difficult": self.difficult, "start_per_landmark": self.start, "val_mre": val_mre,
                  "history": json.dumps(history)} | self.extra
-        last = save_atomic(state, self.out / ("last.pt" if self.keep_files else ".epoch/last.pt"))
-        if improved and self.keep_files:
+        last = save_atomic(state, (self.scratch or self.out) / "last.pt")
+        if improved and self.scratch is None:
             save_atomic({k: state[k] for k in (*self.BEST_KEYS, *self.extra)}, self.out / "best.pt")
         return last, improved
 
     def release(self, last: Path) -> None:
         """The callback has taken this epoch's checkpoint: a sweep trial keeps no copy of its own."""
-        if not self.keep_files:
+        if self.scratch is not None:
             last.unlink(missing_ok=True)
 
 
@@ -440,11 +440,11 @@ def _recorded(rec: dict[str, Any], symbols: list[str], difficult: list[str]) -> 
 
 
 def train(cfg: TrainConfig, callback: Callback | None = None, start_per_landmark: dict[str, float] | None = None,
-          data: Data | None = None, keep_files: bool = True) -> RunResult:
+          data: Data | None = None, scratch: Path | None = None) -> RunResult:
     """Run (or continue) one training/fine-tuning run; see the module docstring.
 
     `start_per_landmark`: the start model's errors when the caller has them (a sweep measures them once for
-    all trials). `keep_files`: see CheckpointSaver. `cfg.progress` shows the per-epoch progress bar; the
+    all trials). `scratch`: see CheckpointSaver. `cfg.progress` shows the per-epoch progress bar; the
     one-line summaries go to this module's logger."""
     cfg.validate()
     if cfg.mode == "refine":  # refine.py sits above this module (it reuses the steps below), so it cannot be called here
@@ -474,7 +474,7 @@ def train(cfg: TrainConfig, callback: Callback | None = None, start_per_landmark
     steps = steps_per_epoch(len(ds), cfg.batch_size, cfg.max_steps_per_epoch)
     optim = Optimisation.create(opt, build_scheduler(opt, cfg, steps), device, amp_dtype(device, cfg.mixed_precision),
                                 cfg.grad_clip)
-    saver = CheckpointSaver(out, cfg, symbols, difficult, start_per_landmark, keep_files)
+    saver = CheckpointSaver(out, cfg, symbols, difficult, start_per_landmark, scratch)
     first_epoch, history = 0, []
     if resume_state is not None:
         first_epoch, history = saver.restore(resume_state, optim)

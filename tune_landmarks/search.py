@@ -41,6 +41,7 @@ from .experiment import (  # noqa: E402
     journal_copy,
     storage_uri,
     trial_dirname,
+    trial_scratch,
 )
 from .results import TrialRecord, collect, summary_text, unfinished, write_tables  # noqa: E402
 from .space import SearchSpace, load_space  # noqa: E402
@@ -62,25 +63,31 @@ def trainable(config: dict[str, Any], sweep: Sweep) -> None:
     cfg = sweep.trial_config(config, tune.get_context().get_trial_dir())
     cfg.threads = cfg.threads or max(1, int(round(float(sweep.base.get("threads") or 1))))
     torch.set_num_threads(cfg.threads)
+    scratch = trial_scratch(sweep.settings.name, tune.get_context().get_trial_id())  # Ray stores what it reports
+    shutil.rmtree(scratch, ignore_errors=True)
+    scratch.mkdir(parents=True)
     ckpt = tune.get_checkpoint()
     if ckpt is not None:  # a restored trial continues from its last reported epoch, not from 0
-        local = Path(tempfile.mkdtemp(prefix="tl-resume-"))
         with ckpt.as_directory() as d:
-            shutil.copy(Path(d) / "checkpoint.pt", local / "checkpoint.pt")
-        cfg.resume = str(local / "checkpoint.pt")
+            shutil.copy(Path(d) / "checkpoint.pt", scratch / "resume.pt")
+        cfg.resume = str(scratch / "resume.pt")
 
     def report(metrics: dict[str, Any], checkpoint_file: Path) -> None:
-        d = Path(tempfile.mkdtemp(prefix="tl-ckpt-"))
+        d = scratch / "report"  # Ray copies it into the trial's storage before tune.report returns
+        shutil.rmtree(d, ignore_errors=True)
+        d.mkdir()
         try:
             os.link(checkpoint_file, d / "checkpoint.pt")
         except OSError:
             shutil.copy(checkpoint_file, d / "checkpoint.pt")
         (d / "epoch.json").write_text(json.dumps({"epoch": metrics["epoch"], "val_mre": metrics["val_mre"]}))
         tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(str(d)))
-        shutil.rmtree(d, ignore_errors=True)
 
     logging.getLogger("tune_landmarks").setLevel(logging.WARNING)  # the console is Ray's table
-    train_any(cfg, callback=report, start_per_landmark=sweep.start_errors or None, keep_files=False)
+    try:
+        train_any(cfg, callback=report, start_per_landmark=sweep.start_errors or None, scratch=scratch)
+    finally:  # a trial Ray stops while it waits in tune.report may never get here: ray_setup.ScratchCleanup
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 # ---------------------------------------------------------------- searcher, scheduler, state
@@ -123,14 +130,26 @@ class ArmSearch(Searcher):
         ray_adapter.optuna_trial(self.inners[arm], trial_id).set_user_attr("ray_trial_id", trial_id)
         return {**params, ARM_KEY: arm}
 
+    def open_in_study(self, trial_id: str) -> OptunaSearch | None:
+        """The arm's searcher when the trial is still open in the arm's study, else None. Optuna's journal is
+        written at once, Ray's trial list at its snapshots: a driver killed between the two leaves a trial that
+        the study has finished (told its value, or stopped by ASHA) but that Ray restores as unfinished and runs
+        on from its checkpoint. Its new results go to Ray's tables; the study keeps what it was told first."""
+        arm = self.arm_of.get(trial_id)
+        trial = ray_adapter.optuna_trial(self.inners[arm], trial_id) if arm is not None else None
+        if trial is None:
+            return None
+        study = ray_adapter.optuna_study(self.inners[arm])
+        return None if study.get_trials(deepcopy=False)[trial.number].state.is_finished() else self.inners[arm]
+
     def on_trial_result(self, trial_id: str, result: dict) -> None:
-        if trial_id in self.arm_of:
-            self.inners[self.arm_of[trial_id]].on_trial_result(trial_id, result)
+        if (inner := self.open_in_study(trial_id)) is not None:
+            inner.on_trial_result(trial_id, result)
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         self.live.discard(trial_id)
-        if trial_id in self.arm_of:
-            self.inners[self.arm_of[trial_id]].on_trial_complete(trial_id, result, error)
+        if (inner := self.open_in_study(trial_id)) is not None:
+            inner.on_trial_complete(trial_id, result, error)
 
     def save(self, checkpoint_path: str) -> None:
         inner = {}
