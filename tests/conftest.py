@@ -2,6 +2,7 @@
 synthetic Aariz-format set, and a tiny start checkpoint trained once per test session."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -158,6 +159,21 @@ def cli(*args: str, check: bool = False, timeout: float = 600, env: dict | None 
     if check and proc.returncode != 0:
         raise AssertionError(f"exit {proc.returncode}\nstdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-4000:]}")
     return proc
+
+
+def journal_study(journal: Path, name: str):
+    """A sweep arm's Optuna study (`SWEEP.ARM`) read from an Optuna journal file."""
+    import optuna
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    return optuna.load_study(study_name=name, storage=JournalStorage(JournalFileBackend(str(journal))))
+
+
+def epochs_reported(result_json: str | bytes) -> list[int]:
+    """The epochs a Ray trial reported, in order, from its result.json (one JSON line per report)."""
+    text = result_json.decode() if isinstance(result_json, bytes) else result_json
+    return [json.loads(ln)["epoch"] for ln in text.splitlines() if ln.strip()]
 
 
 def free_port() -> int:

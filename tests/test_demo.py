@@ -8,6 +8,7 @@ from conftest import cli
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1000)  # above the command's own 900 s, so a slow run fails with its output
 def test_demo_smoke_runs_every_step(tmp_path):
     p = cli("demo", "--workdir", tmp_path / "demo", "--smoke-test", timeout=900)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]

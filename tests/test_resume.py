@@ -13,7 +13,7 @@ from pathlib import Path
 import optuna
 import pyarrow.parquet as pq
 import pytest
-from conftest import cli
+from conftest import cli, epochs_reported, journal_study
 
 SPACE = """
 lr: {type: loguniform, low: 1.0e-4, high: 3.0e-3}
@@ -31,29 +31,50 @@ def _launch(synth_root, start_ckpt, tmp_path, name) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "tune_landmarks", "search", "--space", str(space), "--dataset_path", str(synth_root),
            "--resume", str(start_ckpt), "--name", name, "--storage", str(tmp_path / "store"), "--num-samples",
            str(SAMPLES), "--max-concurrent", "1", "--epochs", str(EPOCHS), "--grace-period", "1", "--batch_size", "4"]
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                            start_new_session=True)
+    with open(tmp_path / "search.log", "w") as log:  # a file, not a pipe nobody reads while the sweep runs
+        return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True)
 
 
-def _checkpointed(exp: Path) -> set[str]:
-    return {p.parent.parent.name for p in exp.glob("trial_*/checkpoint_*/checkpoint.pt")}
+def saved_epochs(exp: Path) -> dict[str, int]:
+    """Trial id -> epochs reported, as Ray's newest saved experiment state in the experiment has them: what a resume
+    restores (every epoch reports a checkpoint, so a trial with an epoch there continues from a checkpoint). Empty
+    while no state is saved or the file is being written."""
+    states = sorted(exp.glob("experiment_state-*.json"))
+    try:
+        trials = json.loads(states[-1].read_text())["trial_data"] if states else []
+    except (ValueError, KeyError, OSError):
+        return {}
+    return {json.loads(t[0])["trial_id"]: int((json.loads(t[1]).get("last_result") or {}).get("training_iteration") or 0)
+            for t in trials}
 
 
-def _wait_for_checkpoints(proc: subprocess.Popen, exp: Path, n: int, timeout: float = 400) -> set[str]:
+def _finished_in_journal(exp: Path) -> set[str]:
+    """Ray trial ids of the trials the sweep's Optuna studies have finished (told a value or failed)."""
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    storage = JournalStorage(JournalFileBackend(str(exp / "optuna_journal.log")))
+    return {t.user_attrs.get("ray_trial_id") for name in optuna.get_all_study_names(storage)
+            for t in optuna.load_study(study_name=name, storage=storage).trials if t.state.is_finished()}
+
+
+def _stop_when_saved(proc: subprocess.Popen, exp: Path, n: int, timeout: float = 400) -> set[str]:
+    """Freeze the driver (SIGSTOP) at a moment when Ray's saved state knows a checkpoint of `n` trials (not merely
+    when the checkpoints are written: the state naming them is saved later, TUNE_GLOBAL_CHECKPOINT_S) and every
+    trial the Optuna journal has finished (the journal is written at once: a trial asked and finished after the
+    last save would be in the study but never in Ray's list). Returns the trials with a saved checkpoint; the
+    caller interrupts or kills the frozen driver (SIGCONT lets it go on)."""
     deadline = time.time() + timeout
     while time.time() < deadline:
-        assert proc.poll() is None, f"search ended early:\n{proc.stdout.read()[-3000:]}"
-        done = _checkpointed(exp)
-        if len(done) >= n:
-            time.sleep(3)  # > TUNE_GLOBAL_CHECKPOINT_S: Ray's experiment state knows these checkpoints
-            return _checkpointed(exp)
+        assert proc.poll() is None, f"search ended early:\n{(exp.parent.parent / 'search.log').read_text()[-3000:]}"
+        os.kill(proc.pid, signal.SIGSTOP)
+        saved = saved_epochs(exp)
+        known = {t for t, epochs in saved.items() if epochs >= 1}
+        if len(known) >= n and (exp / "optuna_journal.log").is_file() and _finished_in_journal(exp) <= set(saved):
+            return {f"trial_{t}" for t in known}
+        os.kill(proc.pid, signal.SIGCONT)
         time.sleep(0.5)
-    raise AssertionError("no checkpoints in time")
-
-
-def _epochs_reported(trial_dir: Path) -> list[int]:
-    lines = (trial_dir / "result.json").read_text().splitlines()
-    return [json.loads(ln)["epoch"] for ln in lines if ln.strip()]
+    raise AssertionError("Ray's saved state knew no checkpoints in time")
 
 
 def _check_complete(exp: Path, name: str, had_checkpoint: set[str]) -> None:
@@ -61,12 +82,9 @@ def _check_complete(exp: Path, name: str, had_checkpoint: set[str]) -> None:
     assert len(trials) == 2 * SAMPLES  # both arms' trials
     assert set(trials.status) <= {"TERMINATED", "ERROR"} and (trials.status == "TERMINATED").all()
     for d in had_checkpoint:  # a trial that had a checkpoint continued from it: epoch 1 was not redone
-        assert _epochs_reported(exp / d).count(1) == 1, (d, _epochs_reported(exp / d))
-    from optuna.storages import JournalStorage
-    from optuna.storages.journal import JournalFileBackend
-
-    storage = JournalStorage(JournalFileBackend(str(exp / "optuna_journal.log")))
-    studies = [optuna.load_study(study_name=f"{name}.{arm}", storage=storage) for arm in ("masked", "all")]
+        reported = epochs_reported((exp / d / "result.json").read_text())
+        assert reported.count(1) == 1, (d, reported)
+    studies = [journal_study(exp / "optuna_journal.log", f"{name}.{arm}") for arm in ("masked", "all")]
     live = [t for study in studies for t in study.trials if not t.user_attrs.get("orphan")]
     ids = [t.user_attrs["ray_trial_id"] for t in live]
     assert sorted(ids) == sorted(trials.trial_id)  # each Ray trial once
@@ -85,9 +103,11 @@ def _check_complete(exp: Path, name: str, had_checkpoint: set[str]) -> None:
 def test_sigint_exits_130_with_the_resume_command_then_resume_finishes(synth_root, start_ckpt, tmp_path):
     exp = tmp_path / "store" / "int"
     proc = _launch(synth_root, start_ckpt, tmp_path, "int")
-    had = _wait_for_checkpoints(proc, exp, 2)
-    os.kill(proc.pid, signal.SIGINT)
-    out, _ = proc.communicate(timeout=180)
+    had = _stop_when_saved(proc, exp, 2)
+    os.kill(proc.pid, signal.SIGINT)  # delivered when it goes on
+    os.kill(proc.pid, signal.SIGCONT)
+    proc.wait(timeout=180)
+    out = (tmp_path / "search.log").read_text()
     assert proc.returncode == 130, out[-3000:]
     assert f"trials unfinished — resume with: tune-landmarks resume {exp}" in out
     before = pq.read_table(exp / "trials.parquet").to_pandas()
@@ -107,14 +127,9 @@ def test_sigint_exits_130_with_the_resume_command_then_resume_finishes(synth_roo
 def test_sigkill_of_the_driver_then_resume(synth_root, start_ckpt, tmp_path):
     exp = tmp_path / "store" / "kill"
     proc = _launch(synth_root, start_ckpt, tmp_path, "kill")
-    had = _wait_for_checkpoints(proc, exp, 2)
-    os.kill(proc.pid, signal.SIGKILL)  # the driver, by its pid
+    had = _stop_when_saved(proc, exp, 2)
+    os.killpg(proc.pid, signal.SIGKILL)  # the frozen driver and all of its Ray: the machine "crashed"
     proc.wait(timeout=30)
-    time.sleep(2)
-    try:  # the machine "crashed": nothing of that Ray session survives either
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
     time.sleep(2)
     p = cli("resume", exp, timeout=600)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]

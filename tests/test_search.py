@@ -14,7 +14,7 @@ from pathlib import Path
 import optuna
 import pyarrow.parquet as pq
 import pytest
-from conftest import TINY, cli, free_port
+from conftest import TINY, cli, free_port, journal_study
 
 from tune_landmarks.config import TrainConfig
 from tune_landmarks.space import SpaceError, load_space
@@ -28,16 +28,10 @@ mode: {type: fixed, value: masked}
 """
 
 
-def _journal_trials(path: Path, name: str) -> list[optuna.trial.FrozenTrial]:
-    from optuna.storages import JournalStorage
-    from optuna.storages.journal import JournalFileBackend
-
-    return optuna.load_study(study_name=name, storage=JournalStorage(JournalFileBackend(str(path)))).trials
-
-
 @pytest.fixture(scope="module")
 def sweep(synth_root, start_ckpt, tmp_path_factory):
-    """One real sweep: 4 trials in each of the arms masked and all, 4 epochs, ASHA from epoch 1."""
+    """One real sweep: 4 trials in each of the arms masked and all, 4 epochs, ASHA from epoch 1; one trial at a time,
+    so the order in which trials reach each rung, and so what ASHA stops, does not depend on timing."""
     import ray
 
     from tune_landmarks.experiment import SweepSettings
@@ -47,7 +41,7 @@ def sweep(synth_root, start_ckpt, tmp_path_factory):
     space = tmp / "space.yaml"
     space.write_text(SPACE)
     base = TrainConfig(dataset_path=str(synth_root), resume=str(start_ckpt), epochs=4, progress=False, **TINY)
-    settings = SweepSettings(name="s1", storage=str(tmp / "store"), num_samples=4, max_concurrent=2, cpus_per_trial=1,
+    settings = SweepSettings(name="s1", storage=str(tmp / "store"), num_samples=4, max_concurrent=1, cpus_per_trial=1,
                              seed=2, arms=["masked", "all"], grace_period=1, reduction_factor=2)  # 1 lr=1e30 per arm
     ray_tmp, saved = tempfile.mkdtemp(prefix="s", dir=os.environ["RAY_TMPDIR"]), os.environ["RAY_TMPDIR"]
     os.environ["RAY_TMPDIR"] = ray_tmp  # this sweep's own Ray folders (session, trial working folders)
@@ -78,7 +72,7 @@ def test_sweep_tables_early_stopping_and_journal(sweep):
     assert len(lms) == 29 * trials.best_epoch.notna().sum()
     assert {"symbol", "start_mre_mm", "best_mre_mm", "change_mm", "difficult"} <= set(lms.columns)
     for arm in ("masked", "all"):
-        journal = _journal_trials(exp / "optuna_journal.log", f"s1.{arm}")
+        journal = journal_study(exp / "optuna_journal.log", f"s1.{arm}").trials
         mine = trials[trials.arm == arm]
         assert len(journal) == len(mine) == 4
         assert sorted(t.user_attrs["ray_trial_id"] for t in journal) == sorted(mine.trial_id)
@@ -198,8 +192,13 @@ def test_search_joins_a_real_cluster(synth_root, start_ckpt, tmp_path):
     finally:
         os.killpg(head.pid, signal.SIGTERM)  # `ray start --block` takes its cluster down with it
         head.wait(timeout=60)
-    with socket.socket() as s:
-        assert s.connect_ex(("127.0.0.1", port)) != 0  # that cluster is gone
+    deadline = time.time() + 30  # that cluster is gone (its GCS may close its port a moment after `ray start`)
+    while True:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) != 0:
+                break
+        assert time.time() < deadline, f"port {port} still answers 30 s after the cluster was stopped"
+        time.sleep(0.5)
 
 
 @pytest.mark.parametrize("text,message", [

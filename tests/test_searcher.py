@@ -6,8 +6,7 @@ from types import SimpleNamespace
 
 import optuna
 import pytest
-from optuna.storages import JournalStorage
-from optuna.storages.journal import JournalFileBackend
+from conftest import journal_study
 
 from tune_landmarks.experiment import SweepSettings
 from tune_landmarks.results import TrialRecord
@@ -29,10 +28,6 @@ def _settings(**kw) -> SweepSettings:
                             "grace_period": 1, "reduction_factor": 2} | kw)
 
 
-def _study(journal, name="s.masked") -> optuna.Study:
-    return optuna.load_study(study_name=name, storage=JournalStorage(JournalFileBackend(str(journal))))
-
-
 def test_arms_take_turns_each_with_its_own_study_and_space(space, tmp_path):
     from tune_landmarks.search import ARM_KEY, make_searcher
 
@@ -50,7 +45,7 @@ def test_arms_take_turns_each_with_its_own_study_and_space(space, tmp_path):
     for i in range(5):
         searcher.on_trial_complete(f"t{i}", {"best_val_mre": 1.0 + i, "training_iteration": 4})
     for arm, ids in (("masked", ["t0", "t2", "t4"]), ("all", ["t1", "t3"])):
-        study = _study(tmp_path / "j.log", f"s.{arm}")
+        study = journal_study(tmp_path / "j.log", f"s.{arm}")
         assert [t.user_attrs["ray_trial_id"] for t in study.trials] == ids
         assert [t.value for t in study.trials] == [1.0 + int(i[1]) for i in ids]  # each told only its own
 
@@ -81,7 +76,7 @@ def test_restore_fails_the_orphans_of_a_hard_kill(space, tmp_path):
     searcher.suggest("c")  # asked after it, then the driver is killed: RUNNING in the journal forever
     restored = make_searcher(space, _settings(arms=["masked"]), journal)
     restored.restore(str(tmp_path / "searcher.pkl"))
-    by_id = {t.user_attrs["ray_trial_id"]: t for t in _study(journal).trials}
+    by_id = {t.user_attrs["ray_trial_id"]: t for t in journal_study(journal, "s.masked").trials}
     assert by_id["c"].state == optuna.trial.TrialState.FAIL and by_id["c"].user_attrs["orphan"]
     assert by_id["b"].state == optuna.trial.TrialState.RUNNING and "orphan" not in by_id["b"].user_attrs
     assert by_id["a"].state == optuna.trial.TrialState.COMPLETE
@@ -225,6 +220,6 @@ def test_a_trial_the_study_finished_after_rays_last_snapshot_is_not_told_again(s
     restored.on_trial_complete("a", {"best_val_mre": 1.5, "training_iteration": 3})
     restored.on_trial_result("b", {"best_val_mre": 2.2, "training_iteration": 1})
     restored.on_trial_complete("b", {"best_val_mre": 2.2, "training_iteration": 1})
-    by_id = {t.user_attrs["ray_trial_id"]: t for t in _study(journal).trials}
+    by_id = {t.user_attrs["ray_trial_id"]: t for t in journal_study(journal, "s.masked").trials}
     assert by_id["a"].value == 2.5 and by_id["a"].intermediate_values == {1: 3.0}
     assert by_id["b"].value == 2.2 and by_id["b"].state == optuna.trial.TrialState.COMPLETE
