@@ -103,6 +103,8 @@ def test_verbosity_sets_rays_console(flag, v, ray_verbose, tmp_path, monkeypatch
         assert ray_setup.verbosity() == v
         init = ray_setup.ray_init_options(v)
         assert ("runtime_env" in init) == (v <= 0) and init["log_to_driver"]
+        if v <= 0:
+            assert init["runtime_env"] == {"worker_process_setup_hook": ray_setup.quiet_worker_console}
         opts = ray_setup.run_config_options(Experiment(str(tmp_path / "x")), tmp_path / "j.log", {"masked": 3}, v)
         assert opts["verbose"] == ray_verbose
         assert [type(c).__name__ for c in opts["callbacks"]] == (["StorageSync", "ScratchCleanup"] if v < 0 else
@@ -209,6 +211,7 @@ def test_s3_sweep_killed_resumed_exported_and_reported_from_its_uri(s3_env, loca
                                                                     tmp_path):
     from safetensors.torch import load_file
 
+    from tune_landmarks.experiment import journal_copy
     from tune_landmarks.model import read_checkpoint
 
     uri = f"s3://{S3_BUCKET}/sweeps/s3kill"
@@ -236,6 +239,10 @@ def test_s3_sweep_killed_resumed_exported_and_reported_from_its_uri(s3_env, loca
     files = _s3_files(s3_env, prefix)
     assert {f"{prefix}/{f}" for f in ("sweep.json", "trials.parquet", "epochs.parquet", "landmarks.parquet",
                                       "optuna_journal.log", "verdict.json", "driver.log")} <= set(files)
+    # the killed driver never uploaded its log; the resume on this machine took up its local copy, then removed it
+    killed, _ = _read_s3(s3_env, f"{prefix}/driver.log").decode().split("Restoring the run from", 1)
+    assert "INFO" in killed, killed[-2000:]
+    assert not journal_copy(uri, "driver.log").exists()
     trials = pq.read_table(f"{prefix}/trials.parquet", filesystem=s3_fs(s3_env)).to_pandas()
     # an epoch a trial reported after the last state Ray saved is run again on resume (Ray restores the trial
     # from the checkpoint that state names) and appears twice in its result.json; the tables hold it once

@@ -331,11 +331,12 @@ class Experiment:
         self.write_bytes(JOURNAL_FILE, local.read_bytes())
         return True
 
-    def pull_journal(self, local: Path) -> Path:
-        """Before a remote experiment is resumed: make `local` its journal. The stored journal, unless `local`
-        already extends it (this machine ran the sweep and appended after the last upload; a journal only grows,
-        so a copy that starts with the stored bytes is the newer one)."""
-        stored = self.read_bytes(JOURNAL_FILE) if self.exists(JOURNAL_FILE) else b""
+    def pull_journal(self, local: Path, name: str = JOURNAL_FILE) -> Path:
+        """Before a remote experiment is resumed: make `local` its journal (or another file that only grows,
+        driver.log). The stored file, unless `local` already extends it (this machine ran the sweep and appended
+        after the last upload, or its driver was killed before uploading; a copy that starts with the stored
+        bytes is the newer one)."""
+        stored = self.read_bytes(name) if self.exists(name) else b""
         mine = local.read_bytes() if local.is_file() else b""
         if not local.is_file() or not mine.startswith(stored):
             from .atomic import write_bytes
@@ -358,15 +359,16 @@ class StorageError(ValueError):
     """An experiment location that cannot be used (credentials, endpoint, bucket): one line naming it."""
 
 
-def journal_copy(uri: str) -> Path:
-    """Where a remote experiment's Optuna journal is worked on locally (Optuna's journal needs a file it can
-    append to; object storage has none). A function of the experiment's URI alone: Ray saves this path with
-    the searcher, and a resume on another machine finds the journal at the same path."""
+def journal_copy(uri: str, name: str = JOURNAL_FILE) -> Path:
+    """Where a remote experiment's Optuna journal (or its driver.log) is worked on locally: Optuna's journal and
+    a log handler need a file they can append to; object storage has none. A function of the experiment's URI
+    alone: Ray saves the journal's path with the searcher, a resume on another machine finds the journal at the
+    same path, and a resume on this machine finds the log a killed driver could not upload."""
     import hashlib
     import tempfile
 
     digest = hashlib.sha256(uri.encode()).hexdigest()[:16]
-    return Path(tempfile.gettempdir()) / "tune_landmarks-journals" / digest / JOURNAL_FILE
+    return Path(tempfile.gettempdir()) / "tune_landmarks-journals" / digest / name
 
 
 def trial_scratch(sweep: str, trial_id: str) -> Path:

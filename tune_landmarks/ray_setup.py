@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import logging
 import shutil
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -39,7 +38,7 @@ from typing import Any
 
 from ray.tune import Callback
 
-from .experiment import ARM_KEY, METRIC, Experiment, trial_scratch
+from .experiment import ARM_KEY, METRIC, Experiment, journal_copy, trial_scratch
 
 log = logging.getLogger(__name__)
 DRIVER_LOG = "driver.log"
@@ -177,10 +176,11 @@ def driver_console(exp: Experiment) -> Iterator[Path]:
     local experiment's own file; a remote one's uploaded at the end), and, without -v, Ray's INFO lines and
     tracebacks off the console. Yields the log file."""
     v = verbosity()
-    local = exp.local / DRIVER_LOG if exp.local is not None else Path(tempfile.mkdtemp(prefix="tl-log-")) / DRIVER_LOG
-    local.parent.mkdir(parents=True, exist_ok=True)
-    if exp.local is None and exp.exists(DRIVER_LOG):  # a resumed remote sweep appends to its log
-        local.write_bytes(exp.read_bytes(DRIVER_LOG))
+    if exp.local is not None:
+        local = exp.local / DRIVER_LOG
+        local.parent.mkdir(parents=True, exist_ok=True)
+    else:  # a resumed remote sweep appends to its stored log, or to the one its killed driver left on this machine
+        local = exp.pull_journal(journal_copy(exp.uri, DRIVER_LOG), DRIVER_LOG)
     file_handler = logging.FileHandler(local, encoding="utf-8")
     file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     ray_logger, pkg = logging.getLogger("ray"), logging.getLogger(_PKG)
@@ -207,6 +207,7 @@ def driver_console(exp: Experiment) -> Iterator[Path]:
             try:
                 exp.write_bytes(DRIVER_LOG, local.read_bytes())
             except OSError as exc:
-                log.warning(f"{exp.uri_of(DRIVER_LOG)}: not uploaded ({exc}); kept at {local}")
+                log.warning(f"{exp.uri_of(DRIVER_LOG)}: not uploaded ({exc}); kept at {local}, where a resume on this "
+                            "machine takes it up")
             else:
-                shutil.rmtree(local.parent, ignore_errors=True)
+                local.unlink(missing_ok=True)

@@ -399,8 +399,8 @@ def run_search(space_file: str, base: TrainConfig, settings: SweepSettings) -> i
                               f"`tune-landmarks resume {exp}` or choose another --name")
     sweep, _ = prepare_sweep(space_file, base, settings)
     exp.save_sweep(sweep)
-    if exp.local is None:  # a new experiment: no local journal copy left from an earlier one at this URI
-        journal_path(exp).unlink(missing_ok=True)
+    if exp.local is None:  # a new experiment: no local copies (journal, driver.log) left from an earlier one here
+        shutil.rmtree(journal_copy(exp.uri).parent, ignore_errors=True)
     init_ray(settings.address)
     tuner, _ = build_tuner(sweep)
     with ray_setup.driver_console(exp):
