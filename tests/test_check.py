@@ -111,10 +111,14 @@ def test_cut_and_empty_images_are_named_and_refused(isbi_root, tmp_path):
     assert not out.exists() and _cached(cache) == []
 
 
+@pytest.mark.parametrize("cached", ["resized", "physical"])
 @pytest.mark.parametrize("kind", ["jpeg", "png", "empty"])
-def test_cache_build_refuses_a_file_damaged_after_reading(isbi_root, tmp_path, kind):
-    """Records read while the file was whole, then the file is cut: the build names it and caches nothing;
-    read again, the file is named there and --skip-bad drops it."""
+def test_cache_build_refuses_a_file_damaged_after_reading(isbi_root, tmp_path, kind, cached):
+    """Records read while the file was whole, then the file is cut: the build (of the training cache, or of the
+    refinement stage's physical-resolution one) names it and caches nothing; read again, the file is named there
+    and --skip-bad drops it."""
+    from tune_landmarks.crops import build_physical_cache
+
     root = _isbi_subset(isbi_root, tmp_path / "isbi", {"train": ["001.jpg", "002.jpg"]})
     path = _own_copy(root, "002.jpg", png=kind == "png")
     info = describe(root)
@@ -122,7 +126,10 @@ def test_cache_build_refuses_a_file_damaged_after_reading(isbi_root, tmp_path, k
     _cut(path, kind)
     cache = tmp_path / "cache"
     with pytest.raises(DatasetError) as err:
-        build_cache(records, "train", (64, 64), "mean", cache, progress=False)
+        if cached == "resized":
+            build_cache(records, "train", (64, 64), "mean", cache, progress=False)
+        else:
+            build_physical_cache(records, "train", 0.5, "mean", cache, progress=False)
     assert err.value.problems[0].startswith(f"{path}: {TRUNCATED}")
     assert "nothing cached for split 'train'" in err.value.problems[-1]
     assert _cached(cache) == []

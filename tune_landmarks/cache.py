@@ -16,7 +16,7 @@ import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import cv2
 import numpy as np
@@ -73,6 +73,27 @@ def decode_pass(paths: Sequence[Path], desc: str, progress: bool = True) -> Iter
             yield None, str(exc)
 
 
+def decoded_records(records: list[Record], split: str, desc: str, progress: bool) -> Iterator[tuple[int, Record, np.ndarray]]:
+    """(index, record, image) of each record in order, for a cache build (decode_pass). After a bad file the
+    pass goes on decoding only to name every bad one, then one DatasetError names them all: nothing is cached."""
+    problems: list[str] = []
+    for i, (r, (img, problem)) in enumerate(zip(records, decode_pass([r.image_path for r in records], desc, progress))):
+        if problem:
+            problems.append(problem)
+        elif not problems:
+            yield i, r, img
+    if problems:
+        root_dir = Path(os.path.commonpath([r.image_path.parent for r in records]))
+        raise DatasetError(root_dir, problems + [f"nothing cached for split {split!r}: fix or remove the image(s) "
+                                                 "named above"])
+
+
+def write_meta(folder: Path, cols: dict[str, list]) -> None:
+    """A cache entry's per-image table, meta.arrow; written last, so its presence marks the entry complete."""
+    with ipc.new_file(str(folder / "meta.arrow"), (t := pa.table(cols)).schema) as w:
+        w.write_table(t)
+
+
 def resize(img: np.ndarray, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
     """Resize to (W, H); returns the image and the per-axis scale (sx, sy)."""
     h, w = img.shape[:2]
@@ -99,9 +120,11 @@ class CachedSplit:
         return len(self.image_ids)
 
 
-def cache_key(records: list[Record], split: str, size: tuple[int, int], annotator: str) -> str:
+def cache_key(records: list[Record], *what: Any) -> str:
+    """A cache entry's key: `what` it holds (JSON values: the kind, split, size or resolution, annotator) and every
+    record's image (path, size, mtime) and annotation, so an edited file or annotation makes a new entry."""
     h = hashlib.sha256()
-    h.update(json.dumps([CACHE_VERSION, split, list(size), annotator]).encode())
+    h.update(json.dumps([CACHE_VERSION, *what]).encode())
     for r in records:
         st = r.image_path.stat()
         h.update(json.dumps([r.image_id, str(r.image_path), st.st_size, st.st_mtime_ns, r.spacing_mm,
@@ -155,13 +178,7 @@ def build_cache(records: list[Record], split: str, size: tuple[int, int], annota
         imgs = np.lib.format.open_memmap(tmp / "images.npy", mode="w+", dtype=np.uint8, shape=(len(records), th, tw))
         cols: dict[str, list] = {k: [] for k in ("image_id", "path", "width", "height", "scale_x", "scale_y",
                                                  "spacing_mm", "keypoints", "keypoints_orig")}
-        problems: list[str] = []
-        decoded = decode_pass([r.image_path for r in records], f"caching {split} at {tw}x{th}", progress)
-        for i, (r, (img, problem)) in enumerate(zip(records, decoded)):
-            if problem:
-                problems.append(problem)
-            if problems:  # after a bad file, decode on only to name every bad one
-                continue
+        for i, r, img in decoded_records(records, split, f"caching {split} at {tw}x{th}", progress):
             imgs[i], scale = resize(img, size)
             cols["image_id"].append(r.image_id)
             cols["path"].append(str(r.image_path))
@@ -172,14 +189,9 @@ def build_cache(records: list[Record], split: str, size: tuple[int, int], annota
             cols["spacing_mm"].append(float(r.spacing_mm))
             cols["keypoints"].append(to_target(r.keypoints, scale).ravel().tolist())
             cols["keypoints_orig"].append(r.keypoints.ravel().tolist())
-        if problems:
-            root_dir = Path(os.path.commonpath([r.image_path.parent for r in records]))
-            raise DatasetError(root_dir, problems + [f"nothing cached for split {split!r}: fix or remove the image(s) "
-                                                     "named above"])
         imgs.flush()
         del imgs
-        with ipc.new_file(str(tmp / "meta.arrow"), (t := pa.table(cols)).schema) as w:
-            w.write_table(t)
+        write_meta(tmp, cols)
 
-    key = cache_key(records, split, size, annotator)
+    key = cache_key(records, split, list(size), annotator)
     return built_once(cache_root, f"{split}-{size[0]}x{size[1]}-{annotator}-{key}", build, _load)

@@ -18,7 +18,6 @@ Pixels outside the image are 0 (border padding).
 """
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,9 +26,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.ipc as ipc
 
-from .cache import built_once, cache_key, decode_pass, resize, to_original, to_target
+from .cache import built_once, cache_key, decoded_records, resize, to_original, to_target, write_meta
 from .config import crop_pixels, rule_message
-from .read import DatasetError, Record
+from .read import Record
 
 
 @dataclass(frozen=True)
@@ -148,16 +147,11 @@ def build_physical_cache(records: list[Record], split: str, mm_per_px: float, an
         raise ValueError(f"split {split!r}: nothing to cache (no records)")
 
     def build(tmp: Path) -> None:
+        cols: dict[str, list] = {k: [] for k in ("image_id", "offset", "width_p", "height_p", "scale_x", "scale_y",
+                                                 "width", "height", "spacing_mm", "keypoints_orig")}
+        offset = 0
         with open(tmp / "pixels.u8", "wb") as out:
-            cols: dict[str, list] = {k: [] for k in ("image_id", "offset", "width_p", "height_p", "scale_x", "scale_y",
-                                                     "width", "height", "spacing_mm", "keypoints_orig")}
-            problems: list[str] = []
-            offset = 0
-            decoded = decode_pass([r.image_path for r in records], f"caching {split} at {mm_per_px:g} mm/px", progress)
-            for r, (img, problem) in zip(records, decoded):
-                if problem or problems:  # after a bad file, decode on only to name every bad one
-                    problems += [problem] if problem else []
-                    continue
+            for _, r, img in decoded_records(records, split, f"caching {split} at {mm_per_px:g} mm/px", progress):
                 small, scale = resize(img, physical_size(img.shape[1], img.shape[0], r.spacing_mm, mm_per_px))
                 out.write(np.ascontiguousarray(small).tobytes())
                 for k, v in (("image_id", r.image_id), ("offset", offset), ("width_p", small.shape[1]),
@@ -166,10 +160,7 @@ def build_physical_cache(records: list[Record], split: str, mm_per_px: float, an
                              ("keypoints_orig", r.keypoints.ravel().tolist())):
                     cols[k].append(v)
                 offset += small.size
-            if problems:
-                raise DatasetError(Path(os.path.commonpath([r.image_path.parent for r in records])), problems)
-        with ipc.new_file(str(tmp / "meta.arrow"), (t := pa.table(cols)).schema) as w:
-            w.write_table(t)
+        write_meta(tmp, cols)
 
-    key = cache_key(records, f"physical:{split}", (0, 0), f"{annotator}@{mm_per_px!r}mm/px")
+    key = cache_key(records, "physical", split, mm_per_px, annotator)
     return built_once(cache_root, f"{split}-{mm_per_px:g}mmpx-{annotator}-{key}", build, _load)
