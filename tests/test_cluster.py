@@ -122,6 +122,29 @@ def test_verbosity_sets_rays_console(flag, v, ray_verbose, tmp_path, monkeypatch
         ray_logger.removeHandler(handler)
 
 
+def test_scratch_cleanup_removes_only_what_has_ended(tmp_path, monkeypatch):
+    """The driver's callback removes an ended trial's scratch folder (complete or failed), not a running trial's,
+    the whole sweep's folder at the end, and never another experiment's, even one of the same name."""
+    import tempfile
+    from types import SimpleNamespace
+
+    from tune_landmarks.experiment import sweep_scratch, trial_scratch
+    from tune_landmarks.ray_setup import ScratchCleanup
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    mine, other = "/data/a/sweeps/s", "/data/b/sweeps/s"  # the same sweep name in two storages
+    for uri, tid in ((mine, "t1"), (mine, "t2"), (mine, "t3"), (other, "t1")):
+        trial_scratch(uri, tid).mkdir(parents=True)
+        (trial_scratch(uri, tid) / "last.pt").write_bytes(b"x")
+    cleanup = ScratchCleanup(mine)
+    cleanup.on_trial_complete(0, [], SimpleNamespace(trial_id="t1"))
+    cleanup.on_trial_error(0, [], SimpleNamespace(trial_id="t2"))
+    assert [p.name for p in sweep_scratch(mine).iterdir()] == ["t3"] and trial_scratch(other, "t1").is_dir()
+    cleanup.on_experiment_end([])
+    assert not sweep_scratch(mine).exists() and (trial_scratch(other, "t1") / "last.pt").is_file()
+    assert sweep_scratch(mine).parent == sweep_scratch(other).parent == tmp_path / "tune_landmarks-trials"
+
+
 # ---------------------------------------------------------------- S3 end to end, and the console
 
 def _s3_files(env: dict, prefix: str) -> list[str]:

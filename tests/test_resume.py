@@ -65,16 +65,21 @@ def _stop_when_saved(proc: subprocess.Popen, exp: Path, n: int, timeout: float =
     last save would be in the study but never in Ray's list). Returns the trials with a saved checkpoint; the
     caller interrupts or kills the frozen driver (SIGCONT lets it go on)."""
     deadline = time.time() + timeout
-    while time.time() < deadline:
-        assert proc.poll() is None, f"search ended early:\n{(exp.parent.parent / 'search.log').read_text()[-3000:]}"
-        os.kill(proc.pid, signal.SIGSTOP)
-        saved = saved_epochs(exp)
-        known = {t for t, epochs in saved.items() if epochs >= 1}
-        if len(known) >= n and (exp / "optuna_journal.log").is_file() and _finished_in_journal(exp) <= set(saved):
-            return {f"trial_{t}" for t in known}
-        os.kill(proc.pid, signal.SIGCONT)
-        time.sleep(0.5)
-    raise AssertionError("Ray's saved state knew no checkpoints in time")
+    try:
+        while time.time() < deadline:
+            assert proc.poll() is None, f"search ended early:\n{(exp.parent.parent / 'search.log').read_text()[-3000:]}"
+            os.kill(proc.pid, signal.SIGSTOP)
+            saved = saved_epochs(exp)
+            known = {t for t, epochs in saved.items() if epochs >= 1}
+            if len(known) >= n and (exp / "optuna_journal.log").is_file() and _finished_in_journal(exp) <= set(saved):
+                return {f"trial_{t}" for t in known}
+            os.kill(proc.pid, signal.SIGCONT)
+            time.sleep(0.5)
+        raise AssertionError("Ray's saved state knew no checkpoints in time")
+    except BaseException:  # leave no frozen or orphaned sweep behind
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        raise
 
 
 def _check_complete(exp: Path, name: str, had_checkpoint: set[str]) -> None:
@@ -94,9 +99,9 @@ def _check_complete(exp: Path, name: str, had_checkpoint: set[str]) -> None:
     assert verdict["image_ids"] == sweep["roles"]["test"]["image_ids"] and verdict["split"] == "test"
     epochs = pq.read_table(exp / "epochs.parquet").to_pandas()
     assert set(epochs.trial_id) == set(trials[trials.epochs_done > 0].trial_id)
-    from tune_landmarks.experiment import trial_scratch
+    from tune_landmarks.experiment import Experiment, sweep_scratch
 
-    assert not trial_scratch(name, "-").parent.exists()  # the killed driver's trials' too, known to Ray or not
+    assert not sweep_scratch(Experiment(str(exp)).uri).exists()  # the killed driver's trials' too, known to Ray or not
 
 
 @pytest.mark.slow
@@ -112,6 +117,17 @@ def test_sigint_exits_130_with_the_resume_command_then_resume_finishes(synth_roo
     assert f"trials unfinished — resume with: tune-landmarks resume {exp}" in out
     before = pq.read_table(exp / "trials.parquet").to_pandas()
     stopped = before[before.stopped_early]
+    moved = tmp_path / "elsewhere" / "int"  # Ray would create the trials still to start where the sweep was first run
+    moved.parent.mkdir()
+    exp.rename(moved)
+    listing = sorted(p.relative_to(moved) for p in moved.rglob("*"))
+    refused = cli("resume", moved)
+    assert refused.returncode == 1 and refused.stderr.strip() == (
+        f"error: {moved}: this sweep was run at {exp} and has {2 * SAMPLES - len(before)} trial(s) still to start, "
+        "which Ray 2.60 would create at that location (its saved trial generator keeps it) and fail: move the "
+        f"experiment back to {exp} and resume it there"), refused.stderr
+    assert sorted(p.relative_to(moved) for p in moved.rglob("*")) == listing and not exp.exists()  # nothing done
+    moved.rename(exp)
     p = cli("resume", exp, timeout=600)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     assert "ASHA rungs rebuilt from" in p.stdout

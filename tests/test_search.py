@@ -84,12 +84,13 @@ def test_a_finished_sweep_leaves_only_the_checkpoints_ray_stores(sweep):
     """Trials stopped by ASHA, failed trials and finished ones: no trial's scratch folder is left (its last epoch's
     checkpoint, which Ray's stop of the trial process can leave behind), nothing of the trials' in Ray's own
     folders, and every checkpoint left is one Ray stores, at most --keep-checkpoints (2) per trial."""
-    from tune_landmarks.experiment import trial_scratch
+    from tune_landmarks.experiment import Experiment, sweep_scratch
 
     _, exp, ray_tmp = sweep
     trials = pq.read_table(exp / "trials.parquet").to_pandas()
     assert set(trials.status) == {"TERMINATED", "ERROR"} and trials.stopped_early.any()
-    assert not trial_scratch("s1", "-").parent.exists()  # not one trial's folder
+    assert not sweep_scratch(Experiment(str(exp)).uri).exists()  # not one trial's folder
+    assert list(ray_tmp.glob("ray/session_*")), "the sweep's Ray did not keep its folders under ray_tmp"
     stored = sorted(exp.rglob("*.pt"))
     assert stored and all(p.parent.name.startswith("checkpoint_") for p in stored), stored
     per_trial = [len(list(t.glob("checkpoint_*/checkpoint.pt"))) for t in exp.glob("trial_*")]

@@ -193,7 +193,7 @@ def test_the_searcher_limits_concurrency_itself_and_a_restored_one_is_not_stuck(
     searcher.on_trial_complete("t0", {"best_val_mre": 1.0, "training_iteration": 4})
     assert isinstance(limiter.suggest("t2"), dict)
     searcher.save(str(tmp_path / "state.pkl"))  # t1 and t2 live when the state was saved
-    restored = make_searcher(space, _settings(), tmp_path / "j2.log")
+    restored = make_searcher(space, _settings(), tmp_path / "j.log")
     restored.set_max_concurrency(2)
     restored.restore(str(tmp_path / "state.pkl"))
     assert restored.live == set()  # not waiting on t1/t2, which may have finished since
@@ -223,3 +223,35 @@ def test_a_trial_the_study_finished_after_rays_last_snapshot_is_not_told_again(s
     by_id = {t.user_attrs["ray_trial_id"]: t for t in journal_study(journal, "s.masked").trials}
     assert by_id["a"].value == 2.5 and by_id["a"].intermediate_values == {1: 3.0}
     assert by_id["b"].value == 2.2 and by_id["b"].state == optuna.trial.TrialState.COMPLETE
+
+
+@pytest.mark.parametrize("name", ["", "a/b", ".", ".."])
+def test_a_sweep_name_that_is_not_one_folder_is_refused(name):
+    """The name is a folder of the storage (and Ray's experiment name): '..' would put the sweep beside it."""
+    with pytest.raises(ValueError, match=rf"The value of `name` is {name!r}, but must be a non-empty name without '/'"):
+        _settings(name=name).validate()
+
+
+def test_a_restored_searcher_works_on_the_journal_where_the_experiment_now_is(space, tmp_path):
+    """Ray's saved searcher state holds the Optuna study on the journal path of the first run; after the experiment
+    moved, the restored searcher asks, is told and marks orphans in the moved journal, and the old path stays gone."""
+    from tune_landmarks.search import make_searcher
+
+    old, new = tmp_path / "a" / "j.log", tmp_path / "b" / "j.log"
+    old.parent.mkdir()
+    searcher = make_searcher(space, _settings(arms=["masked"]), old)
+    searcher.suggest("a")
+    searcher.on_trial_complete("a", {"best_val_mre": 2.0})
+    searcher.suggest("b")
+    searcher.save(str(tmp_path / "searcher.pkl"))
+    new.parent.mkdir()
+    old.rename(new)
+    old.parent.rmdir()
+    restored = make_searcher(space, _settings(arms=["masked"]), new)
+    restored.restore(str(tmp_path / "searcher.pkl"))
+    restored.on_trial_result("b", {"best_val_mre": 1.8, "training_iteration": 1})
+    restored.on_trial_complete("b", {"best_val_mre": 1.5, "training_iteration": 1})
+    assert isinstance(restored.suggest("c"), dict)
+    by_id = {t.user_attrs["ray_trial_id"]: t for t in journal_study(new, "s.masked").trials}
+    assert by_id["a"].value == 2.0 and by_id["b"].value == 1.5 and by_id["b"].intermediate_values == {1: 1.8}
+    assert by_id["c"].state == optuna.trial.TrialState.RUNNING and not old.parent.exists()

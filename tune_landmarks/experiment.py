@@ -71,7 +71,8 @@ class SweepSettings:
             if not ok:
                 raise ValueError(f"The value of `{name}` is {getattr(self, name)!r}, but must be {rule}.")
 
-        need(bool(self.name) and "/" not in self.name, "name", "a non-empty name without '/'")
+        need(bool(self.name) and "/" not in self.name and self.name not in (".", ".."), "name",
+             "a non-empty name without '/', other than '.' and '..'")
         need(self.num_samples >= 1, "num_samples", ">= 1")
         need(bool(self.arms) and len(set(self.arms)) == len(self.arms) and set(self.arms) <= set(ARMS), "arms",
              f"distinct names from {', '.join(ARMS)}")
@@ -154,6 +155,11 @@ def trial_config(base: dict[str, Any], sampled: dict[str, Any], trial_dir: str |
     return cfg
 
 
+def experiment_uri(storage: str, name: str) -> str:
+    """The experiment `name` under `storage`, as Experiment.at names it (computed without opening the storage)."""
+    return f"{storage_uri(storage).rstrip('/')}/{name}"
+
+
 def storage_uri(storage: str) -> str:
     """Ray needs an absolute path or a URI (a relative path fails with 'URI has empty scheme')."""
     if storage.startswith("file://"):
@@ -181,7 +187,7 @@ class Experiment:
 
     @classmethod
     def at(cls, storage: str, name: str) -> Experiment:
-        return cls(f"{storage_uri(storage).rstrip('/')}/{name}")
+        return cls(experiment_uri(storage, name))
 
     @classmethod
     def of(cls, experiment: Experiment | str | Path) -> Experiment:
@@ -359,26 +365,35 @@ class StorageError(ValueError):
     """An experiment location that cannot be used (credentials, endpoint, bucket): one line naming it."""
 
 
-def journal_copy(uri: str, name: str = JOURNAL_FILE) -> Path:
-    """Where a remote experiment's Optuna journal (or its driver.log) is worked on locally: Optuna's journal and
-    a log handler need a file they can append to; object storage has none. A function of the experiment's URI
-    alone: Ray saves the journal's path with the searcher, a resume on another machine finds the journal at the
-    same path, and a resume on this machine finds the log a killed driver could not upload."""
+def _local_copies(kind: str, uri: str) -> Path:
+    """This machine's folder of `kind` for the experiment at `uri`: named by a digest of the URI alone, so it is the
+    same in every process and on every machine, and two experiments (whatever their names) never share one."""
     import hashlib
     import tempfile
 
-    digest = hashlib.sha256(uri.encode()).hexdigest()[:16]
-    return Path(tempfile.gettempdir()) / "tune_landmarks-journals" / digest / name
+    return Path(tempfile.gettempdir()) / f"tune_landmarks-{kind}" / hashlib.sha256(uri.encode()).hexdigest()[:16]
 
 
-def trial_scratch(sweep: str, trial_id: str) -> Path:
-    """Where a sweep trial keeps the files it writes for itself (each epoch's last.pt until Ray has stored it, a
-    restored trial's start), on the node it runs on. Not in its trial folder: Ray uploads that folder with every
-    snapshot of the experiment. A function of the names alone, so the driver can remove the folder of a trial
-    that Ray ended (ray_setup.ScratchCleanup) when the trial ran on the driver's node."""
-    import tempfile
+def journal_copy(uri: str, name: str = JOURNAL_FILE) -> Path:
+    """Where a remote experiment's Optuna journal (or its driver.log) is worked on locally: Optuna's journal and
+    a log handler need a file they can append to; object storage has none. Ray saves the journal's path with the
+    searcher, so a resume on another machine finds the journal at the same path, and a resume on this machine
+    finds the log a killed driver could not upload."""
+    return _local_copies("journals", uri) / name
 
-    return Path(tempfile.gettempdir()) / "tune_landmarks-trials" / sweep / trial_id
+
+def sweep_scratch(uri: str) -> Path:
+    """Where the trials of the experiment at `uri` keep the files they write for themselves (trial_scratch), on the
+    node each runs on; ray_setup.ScratchCleanup removes it when the sweep ends."""
+    return _local_copies("trials", uri)
+
+
+def trial_scratch(uri: str, trial_id: str) -> Path:
+    """A sweep trial's own files (each epoch's last.pt until Ray has stored it, a restored trial's start). Not in
+    its trial folder: Ray uploads that folder with every snapshot of the experiment. Named by the experiment's URI
+    and the trial id alone, so the driver can remove the folder of a trial that Ray ended when it ran on the
+    driver's node."""
+    return sweep_scratch(uri) / trial_id
 
 
 def _s3_credentials_problem() -> str | None:

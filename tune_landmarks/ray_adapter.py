@@ -1,9 +1,10 @@
 """The few private attributes of Ray Tune and Optuna this tool still needs, in one place.
 
-Ray saves neither ASHA's rungs nor a way to reach a restored Tuner's scheduler, and OptunaSearch exposes
-neither the Optuna trial behind a Ray trial nor its study; Optuna has no public call that marks a trial that
-is not the caller's. Everything here was written against the versions below, and refuses to run on others
-with a message that says so, instead of failing somewhere deep inside a sweep.
+Ray saves neither ASHA's rungs nor a way to reach a restored Tuner's scheduler and callbacks; OptunaSearch exposes
+neither the Optuna trial behind a Ray trial nor its study, and restores them on the storage path they were saved
+with; Optuna has no public call that marks a trial that is not the caller's. Everything here was written against
+the versions below, and refuses to run on others with a message that says so, instead of failing somewhere deep
+inside a sweep.
 """
 from __future__ import annotations
 
@@ -30,9 +31,9 @@ def check_versions() -> None:
 
 
 def optuna_trial(searcher: Any, trial_id: str) -> Any:
-    """The live optuna.Trial an OptunaSearch asked for Ray trial `trial_id` (None once told its result)."""
+    """The optuna.Trial an OptunaSearch asked for Ray trial `trial_id` (kept after it is told its result)."""
     check_versions()
-    return searcher._ot_trials.get(trial_id)
+    return searcher._ot_trials[trial_id]
 
 
 def optuna_numbers(searcher: Any) -> set[int]:
@@ -44,6 +45,22 @@ def optuna_numbers(searcher: Any) -> set[int]:
 def optuna_study(searcher: Any) -> Any:
     check_versions()
     return searcher._ot_study
+
+
+def restore_optuna(searcher: Any, checkpoint_path: str) -> None:
+    """OptunaSearch.restore, kept on the storage the searcher was built with: the saved state holds its study, and
+    the study's Optuna trials, on the journal at the path of the first run, which is gone when the experiment has
+    moved since. The study and those trials are reattached to the same study in the current storage (the sampler,
+    with its random state, stays the saved one)."""
+    import optuna
+
+    check_versions()
+    storage = searcher._storage
+    searcher.restore(checkpoint_path)
+    saved = searcher._ot_study
+    study = optuna.load_study(study_name=saved.study_name, storage=storage, sampler=saved.sampler)
+    searcher._storage, searcher._ot_study = storage, study
+    searcher._ot_trials = {tid: optuna.trial.Trial(study, t._trial_id) for tid, t in searcher._ot_trials.items()}
 
 
 def set_trial_user_attr(study: Any, frozen: Any, key: str, value: Any) -> None:
@@ -61,7 +78,8 @@ def asha_record(scheduler: Any, trial_id: str, iteration: int, value: float) -> 
     return bracket.on_result(SimpleNamespace(trial_id=trial_id), int(iteration), scheduler._metric_op * float(value))
 
 
-def restored_scheduler(tuner: Any) -> Any:
-    """The scheduler a restored Tuner will use: the one unpickled with the experiment, not a fresh one."""
+def restored_configs(tuner: Any) -> tuple[Any, Any]:
+    """The TuneConfig and RunConfig a restored Tuner will use: unpickled with the experiment, so their searcher,
+    scheduler and callbacks are the objects of the first run, built for where the experiment was then."""
     check_versions()
-    return tuner._local_tuner._tune_config.scheduler
+    return tuner._local_tuner._tune_config, tuner._local_tuner._run_config

@@ -19,8 +19,7 @@ Kept in the experiment whatever the verbosity: Ray's own trial files (result.jso
 a failed trial's traceback) and `driver.log` (Ray's driver lines and this tool's, tracebacks included). Each
 node's full Ray logs (worker stdout/stderr) stay where Ray puts them, /tmp/ray/session_*/logs.
 (RunConfig(log_to_file) with SyncConfig(sync_artifacts) would copy the trials' stdout/stderr into the
-experiment, but the artifact sync uploads the trial's working folder while run.train rotates its `.epoch/last.pt`
-there, and fails the trial when the file vanishes mid-upload.)
+experiment, at the cost of an upload of each trial's working folder after every report.)
 
 A remote experiment's Optuna journal (object storage cannot append) is worked on in a local copy
 (experiment.journal_copy) and uploaded whole by `StorageSync` each time Ray snapshots the experiment state,
@@ -38,7 +37,7 @@ from typing import Any
 
 from ray.tune import Callback
 
-from .experiment import ARM_KEY, METRIC, Experiment, journal_copy, trial_scratch
+from .experiment import ARM_KEY, METRIC, Experiment, journal_copy, sweep_scratch, trial_scratch
 
 log = logging.getLogger(__name__)
 DRIVER_LOG = "driver.log"
@@ -75,7 +74,7 @@ def ray_init_options(v: int) -> dict[str, Any]:
 
 def run_config_options(exp: Experiment, journal: Path, epochs: dict[str, int], v: int) -> dict[str, Any]:
     """Keyword arguments for tune.RunConfig: the console's verbosity and the callbacks (`epochs`: each arm's)."""
-    callbacks: list[Callback] = [StorageSync(exp.uri, str(journal)), ScratchCleanup(exp.name)]
+    callbacks: list[Callback] = [StorageSync(exp.uri, str(journal)), ScratchCleanup(exp.uri)]
     if v >= 0:
         callbacks.insert(0, TrialLines(epochs))
     return {"verbose": 3 if v > 0 else 1 if v == 0 else 0, "callbacks": callbacks}
@@ -116,13 +115,14 @@ class TrialLines(Callback):
 class ScratchCleanup(Callback):
     """Removes an ended trial's scratch folder (experiment.trial_scratch: its last epoch's checkpoint, 50 MB and
     more), which the trial's own `finally` misses when Ray ends its process while it waits in tune.report (ASHA's
-    stop, the last epoch). The driver reaches the folders of the trials that ran on its own node."""
+    stop, the last epoch), and the sweep's whole folder when the sweep ends. The driver reaches the folders of the
+    trials that ran on its own node."""
 
-    def __init__(self, sweep: str):
-        self.sweep = sweep
+    def __init__(self, uri: str):
+        self.uri = uri
 
     def _remove(self, trial: Any) -> None:
-        shutil.rmtree(trial_scratch(self.sweep, trial.trial_id), ignore_errors=True)
+        shutil.rmtree(trial_scratch(self.uri, trial.trial_id), ignore_errors=True)
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._remove(trial)
@@ -131,9 +131,9 @@ class ScratchCleanup(Callback):
         self._remove(trial)
 
     def on_experiment_end(self, trials: list, **info: Any) -> None:
-        """Every trial has ended: what is left in the sweep's folder on this node is a driver's that was killed
-        (its trials that Ray's saved state never knew are not resumed), or of trials that ended unseen."""
-        shutil.rmtree(trial_scratch(self.sweep, "-").parent, ignore_errors=True)
+        """Every trial has ended: what is left in the sweep's folder on this node is a killed driver's (its trials
+        that Ray's saved state never knew are not resumed), or of trials that ended unseen."""
+        shutil.rmtree(sweep_scratch(self.uri), ignore_errors=True)
 
 
 class StorageSync(Callback):

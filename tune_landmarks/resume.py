@@ -11,7 +11,7 @@ import argparse
 import logging
 from typing import Any
 
-from .experiment import DEFAULT_STORAGE, SWEEP_FILE, TERMINAL, Experiment, Sweep
+from .experiment import DEFAULT_STORAGE, SWEEP_FILE, TERMINAL, Experiment, Sweep, experiment_uri
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +37,11 @@ def resume(experiment: str, storage: str = DEFAULT_STORAGE, restart_errored: boo
         log.info(f"{exp}: finished ({len(trials)} trials, {len(errored)} errored); nothing to resume.\n"
                  f"export the best trial with: tune-landmarks export {exp} --out DIR")
         return 0
+    first = experiment_uri(sweep.settings.storage, sweep.settings.name)
+    if first != exp.uri and len(trials) < sweep.total_trials:
+        raise ValueError(f"{exp}: this sweep was run at {first} and has {sweep.total_trials - len(trials)} trial(s) "
+                         "still to start, which Ray 2.60 would create at that location (its saved trial generator "
+                         f"keeps it) and fail: move the experiment back to {first} and resume it there")
     # the sweep's own settings, except where it now lives
     sweep.settings.storage, sweep.settings.name = exp.storage, exp.name
     if exp.local is None:  # the study goes on from the journal in the experiment's storage (search.journal_path)

@@ -38,6 +38,7 @@ from .experiment import (  # noqa: E402
     Experiment,
     Sweep,
     SweepSettings,
+    experiment_uri,
     journal_copy,
     storage_uri,
     trial_dirname,
@@ -63,7 +64,8 @@ def trainable(config: dict[str, Any], sweep: Sweep) -> None:
     cfg = sweep.trial_config(config, tune.get_context().get_trial_dir())
     cfg.threads = cfg.threads or max(1, int(round(float(sweep.base.get("threads") or 1))))
     torch.set_num_threads(cfg.threads)
-    scratch = trial_scratch(sweep.settings.name, tune.get_context().get_trial_id())  # Ray stores what it reports
+    # every file the trial writes for itself; Ray stores what it reports
+    scratch = trial_scratch(experiment_uri(sweep.settings.storage, sweep.settings.name), tune.get_context().get_trial_id())
     shutil.rmtree(scratch, ignore_errors=True)
     scratch.mkdir(parents=True)
     ckpt = tune.get_checkpoint()
@@ -81,6 +83,7 @@ def trainable(config: dict[str, Any], sweep: Sweep) -> None:
         except OSError:
             shutil.copy(checkpoint_file, d / "checkpoint.pt")
         (d / "epoch.json").write_text(json.dumps({"epoch": metrics["epoch"], "val_mre": metrics["val_mre"]}))
+        (scratch / "resume.pt").unlink(missing_ok=True)  # a restored trial's start: loaded, and now superseded
         tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(str(d)))
 
     logging.getLogger("tune_landmarks").setLevel(logging.WARNING)  # the console is Ray's table
@@ -136,11 +139,11 @@ class ArmSearch(Searcher):
         the study has finished (told its value, or stopped by ASHA) but that Ray restores as unfinished and runs
         on from its checkpoint. Its new results go to Ray's tables; the study keeps what it was told first."""
         arm = self.arm_of.get(trial_id)
-        trial = ray_adapter.optuna_trial(self.inners[arm], trial_id) if arm is not None else None
-        if trial is None:
+        if arm is None:
             return None
+        number = ray_adapter.optuna_trial(self.inners[arm], trial_id).number
         study = ray_adapter.optuna_study(self.inners[arm])
-        return None if study.get_trials(deepcopy=False)[trial.number].state.is_finished() else self.inners[arm]
+        return None if study.get_trials(deepcopy=False)[number].state.is_finished() else self.inners[arm]
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         if (inner := self.open_in_study(trial_id)) is not None:
@@ -167,7 +170,7 @@ class ArmSearch(Searcher):
         with tempfile.TemporaryDirectory() as d:
             for arm, blob in state["inner"].items():
                 Path(d, arm).write_bytes(blob)
-                self.inners[arm].restore(os.path.join(d, arm))
+                ray_adapter.restore_optuna(self.inners[arm], os.path.join(d, arm))
         self.fail_orphans()
 
     def fail_orphans(self) -> int:
@@ -358,7 +361,13 @@ def build_tuner(sweep: Sweep, restore: bool = False, restart_errored: bool = Fal
     if restore:
         tuner = tune.Tuner.restore(exp.uri, trainable=fn, resume_unfinished=True, resume_errored=not restart_errored,
                                    restart_errored=restart_errored)
-        return tuner, ray_adapter.restored_scheduler(tuner)
+        # the searcher (its journal) and callbacks of where the experiment is now, not those pickled where it was
+        # first run; Ray restores the searcher's state into it (ArmSearch.restore). The scheduler is the pickled one.
+        tune_config, run_config = ray_adapter.restored_configs(tuner)
+        tune_config.search_alg = searcher
+        run_config.callbacks = ray_setup.run_config_options(exp, journal, {a: s.epochs_of(a) for a in s.arms},
+                                                            ray_setup.verbosity())["callbacks"]
+        return tuner, tune_config.scheduler
     reporter = CLIReporter(parameter_columns=[ARM_KEY] + space.searched,
                            metric_columns={"epoch": "ep", "val_mre": "val_mre", "val_mre_difficult": "difficult",
                                            "max_drift": "max_drift", "best_val_mre": "best"},
