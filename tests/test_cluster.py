@@ -211,8 +211,15 @@ def _kill_between_snapshots(proc: subprocess.Popen, env: dict, prefix: str) -> s
     ConcurrencyLimiter then waited for ever on a trial the restored list had finished (seen with this test before
     it froze the driver); the sweep's searcher now limits concurrency itself and saves no live set
     (test_searcher.py covers that path). This test is about a crashed machine, not that race: the driver is frozen
-    (SIGSTOP), the stored state checked to be of one snapshot, and killed frozen; if an upload was under way, it is
-    let go on for a moment and checked again."""
+    (SIGSTOP), the stored state checked to be of one snapshot, its trials' result.json files to hold every epoch it
+    knows (they are uploaded in the same sync, after it or before), and killed frozen; if an upload was under way,
+    it is let go on for a moment and checked again."""
+    def results_uploaded(trials: dict[str, int]) -> bool:
+        files = set(_s3_files(env, prefix))
+        return all(f"{prefix}/trial_{t}/result.json" in files
+                   and len(epochs_reported(_read_s3(env, f"{prefix}/trial_{t}/result.json"))) >= n
+                   for t, n in trials.items() if n >= 1)
+
     for _ in range(200):
         assert proc.poll() is None, "the sweep finished before it could be killed"
         os.kill(proc.pid, signal.SIGSTOP)
@@ -220,7 +227,8 @@ def _kill_between_snapshots(proc: subprocess.Popen, env: dict, prefix: str) -> s
         if got is not None:
             trials, gen, searcher = got
             known = set(searcher.get("arm_of", trials) if isinstance(searcher, dict) else trials)
-            if gen["counter"] == len(trials) and known == set(trials) and max(trials.values(), default=0) >= 1:
+            if gen["counter"] == len(trials) and known == set(trials) and max(trials.values(), default=0) >= 1 \
+                    and results_uploaded(trials):
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait(timeout=30)
                 return {f"trial_{t}" for t, epochs in trials.items() if epochs >= 1}
