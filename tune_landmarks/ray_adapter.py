@@ -58,9 +58,14 @@ def restore_optuna(searcher: Any, checkpoint_path: str) -> None:
     storage = searcher._storage
     searcher.restore(checkpoint_path)
     saved = searcher._ot_study
-    study = optuna.load_study(study_name=saved.study_name, storage=storage, sampler=saved.sampler)
+    study = optuna.load_study(study_name=saved.study_name, storage=storage, sampler=saved.sampler, pruner=saved.pruner)
     searcher._storage, searcher._ot_study = storage, study
-    searcher._ot_trials = {tid: optuna.trial.Trial(study, t._trial_id) for tid, t in searcher._ot_trials.items()}
+    try:
+        searcher._ot_trials = {tid: optuna.trial.Trial(study, t._trial_id) for tid, t in searcher._ot_trials.items()}
+    except KeyError as exc:  # the journal lacks a trial the saved searcher asked for: not this experiment's journal
+        raise ValueError(f"the Optuna journal of study {saved.study_name!r} is older than Ray's saved searcher state "
+                         f"({exc.args[0] if exc.args else exc}): was the experiment copied with a stale "
+                         "optuna_journal.log?") from None
 
 
 def set_trial_user_attr(study: Any, frozen: Any, key: str, value: Any) -> None:
@@ -76,6 +81,17 @@ def asha_record(scheduler: Any, trial_id: str, iteration: int, value: float) -> 
     check_versions()
     bracket = scheduler._brackets[0]
     return bracket.on_result(SimpleNamespace(trial_id=trial_id), int(iteration), scheduler._metric_op * float(value))
+
+
+def saved_trials_created(exp: Any) -> int | None:
+    """How many trials Ray's saved trial generator had created (its newest search_gen_state file in the experiment
+    `exp`), or None when there is none. Ray saves it apart from its trial list, so the two can be of different
+    snapshots after a crash in the middle of an upload."""
+    import pickle
+
+    check_versions()
+    saved = sorted(n for n in exp.listdir() if n.startswith("search_gen_state-"))
+    return int(pickle.loads(exp.read_bytes(saved[-1]))["counter"]) if saved else None
 
 
 def restored_configs(tuner: Any) -> tuple[Any, Any]:

@@ -20,6 +20,7 @@ def resume(experiment: str, storage: str = DEFAULT_STORAGE, restart_errored: boo
            address: str | None = None) -> int:
     from ray import tune
 
+    from . import ray_adapter
     from .ray_setup import driver_console
     from .results import collect, unfinished
     from .search import build_tuner, finish, init_ray, journal_path, replay_rungs
@@ -38,8 +39,10 @@ def resume(experiment: str, storage: str = DEFAULT_STORAGE, restart_errored: boo
                  f"export the best trial with: tune-landmarks export {exp} --out DIR")
         return 0
     first = experiment_uri(sweep.settings.storage, sweep.settings.name)
-    if first != exp.uri and len(trials) < sweep.total_trials:
-        raise ValueError(f"{exp}: this sweep was run at {first} and has {sweep.total_trials - len(trials)} trial(s) "
+    generated = ray_adapter.saved_trials_created(exp)  # saved apart from the trial list: trust the lower count
+    created = len(trials) if generated is None else min(len(trials), generated)
+    if first != exp.uri and created < sweep.total_trials:
+        raise ValueError(f"{exp}: this sweep was run at {first} and has {sweep.total_trials - created} trial(s) "
                          "still to start, which Ray 2.60 would create at that location (its saved trial generator "
                          f"keeps it) and fail: move the experiment back to {first} and resume it there")
     # the sweep's own settings, except where it now lives

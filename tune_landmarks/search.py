@@ -365,8 +365,8 @@ def build_tuner(sweep: Sweep, restore: bool = False, restart_errored: bool = Fal
         # first run; Ray restores the searcher's state into it (ArmSearch.restore). The scheduler is the pickled one.
         tune_config, run_config = ray_adapter.restored_configs(tuner)
         tune_config.search_alg = searcher
-        run_config.callbacks = ray_setup.run_config_options(exp, journal, {a: s.epochs_of(a) for a in s.arms},
-                                                            ray_setup.verbosity())["callbacks"]
+        console = ray_setup.run_config_options(exp, journal, {a: s.epochs_of(a) for a in s.arms}, ray_setup.verbosity())
+        run_config.callbacks, run_config.verbose = console["callbacks"], console["verbose"]  # this run's -v/-q too
         return tuner, tune_config.scheduler
     reporter = CLIReporter(parameter_columns=[ARM_KEY] + space.searched,
                            metric_columns={"epoch": "ep", "val_mre": "val_mre", "val_mre_difficult": "difficult",
