@@ -9,6 +9,7 @@ inside a sweep.
 from __future__ import annotations
 
 from functools import cache
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -47,7 +48,7 @@ def optuna_study(searcher: Any) -> Any:
     return searcher._ot_study
 
 
-def restore_optuna(searcher: Any, checkpoint_path: str) -> None:
+def restore_optuna(searcher: Any, checkpoint_path: str, journal: Path) -> None:
     """OptunaSearch.restore, kept on the storage the searcher was built with: the saved state holds its study, and
     the study's Optuna trials, on the journal at the path of the first run, which is gone when the experiment has
     moved since. The study and those trials are reattached to the same study in the current storage (the sampler,
@@ -63,9 +64,8 @@ def restore_optuna(searcher: Any, checkpoint_path: str) -> None:
     try:
         searcher._ot_trials = {tid: optuna.trial.Trial(study, t._trial_id) for tid, t in searcher._ot_trials.items()}
     except KeyError as exc:  # the journal lacks a trial the saved searcher asked for: not this experiment's journal
-        raise ValueError(f"the Optuna journal of study {saved.study_name!r} is older than Ray's saved searcher state "
-                         f"({exc.args[0] if exc.args else exc}): was the experiment copied with a stale "
-                         "optuna_journal.log?") from None
+        raise ValueError(f"{journal}: older than Ray's saved searcher state for study {saved.study_name!r} "
+                         f"({exc.args[0] if exc.args else exc}); was the experiment copied with a stale journal?") from None
 
 
 def set_trial_user_attr(study: Any, frozen: Any, key: str, value: Any) -> None:

@@ -100,20 +100,21 @@ class ArmSearch(Searcher):
     in turn until every arm has spent its budget: the arms are tuned alike, so the verdict compares tuned
     arms, not one arm's luck with a single learning rate."""
 
-    def __init__(self, inners: dict[str, OptunaSearch], budgets: dict[str, int]):
+    def __init__(self, inners: dict[str, OptunaSearch], budgets: dict[str, int], journal: Path):
         super().__init__(metric="best_val_mre", mode="min")
-        self.inners, self.budgets = inners, budgets
+        self.inners, self.budgets, self.journal = inners, budgets, journal
         self.asked = dict.fromkeys(inners, 0)
         self.arm_of: dict[str, str] = {}
         self.max_concurrent: float = math.inf
         self.live: set[str] = set()  # trials handed out and not complete, in this process only (never saved)
 
     def set_max_concurrency(self, max_concurrent: int) -> bool:
-        """Take `--max-concurrent` here, so Ray does not wrap this searcher in a ConcurrencyLimiter. The limiter
-        saves its set of live trials with its state; when a driver dies between Ray's uploads of that state and of
-        the trial list, the restored set holds a trial the restored list has finished, nothing ever completes it,
-        and the resumed sweep waits for ever. Here the live set is not saved: a restored sweep starts it empty
-        (the trials Ray resumes run on their resources, which still bound what runs at once)."""
+        """Take `--max-concurrent` here: the ConcurrencyLimiter Ray wraps this searcher in then defers to it and
+        keeps no live set of its own. The limiter's live set is saved with its state; when a driver dies between
+        Ray's uploads of that state and of the trial list, the restored set holds a trial the restored list has
+        finished, nothing ever completes it, and the resumed sweep waits for ever. Here the live set is not saved:
+        a restored sweep starts it empty (the trials Ray resumes run on their resources, which still bound what
+        runs at once)."""
         self.max_concurrent = max_concurrent
         return True
 
@@ -170,7 +171,7 @@ class ArmSearch(Searcher):
         with tempfile.TemporaryDirectory() as d:
             for arm, blob in state["inner"].items():
                 Path(d, arm).write_bytes(blob)
-                ray_adapter.restore_optuna(self.inners[arm], os.path.join(d, arm))
+                ray_adapter.restore_optuna(self.inners[arm], os.path.join(d, arm), self.journal)
         self.fail_orphans()
 
     def fail_orphans(self) -> int:
@@ -245,7 +246,7 @@ def make_searcher(space: SearchSpace, settings: SweepSettings, journal: Path) ->
                                 sampler=optuna.samplers.TPESampler(seed=settings.seed),
                                 study_name=f"{settings.name}.{arm}", storage=storage)
               for arm, sub in arm_spaces(space, settings.arms).items()}
-    return ArmSearch(inners, {arm: settings.budget(arm) for arm in settings.arms})
+    return ArmSearch(inners, {arm: settings.budget(arm) for arm in settings.arms}, journal)
 
 
 def make_scheduler(space: SearchSpace, settings: SweepSettings) -> ArmASHA:
@@ -358,6 +359,7 @@ def build_tuner(sweep: Sweep, restore: bool = False, restart_errored: bool = Fal
     scheduler = make_scheduler(space, s)
     resources = {"cpu": s.cpus_per_trial, "gpu": s.gpus_per_trial}
     fn = tune.with_resources(tune.with_parameters(trainable, sweep=sweep), resources)
+    console = ray_setup.run_config_options(exp, journal, {a: s.epochs_of(a) for a in s.arms}, ray_setup.verbosity())
     if restore:
         tuner = tune.Tuner.restore(exp.uri, trainable=fn, resume_unfinished=True, resume_errored=not restart_errored,
                                    restart_errored=restart_errored)
@@ -365,7 +367,6 @@ def build_tuner(sweep: Sweep, restore: bool = False, restart_errored: bool = Fal
         # first run; Ray restores the searcher's state into it (ArmSearch.restore). The scheduler is the pickled one.
         tune_config, run_config = ray_adapter.restored_configs(tuner)
         tune_config.search_alg = searcher
-        console = ray_setup.run_config_options(exp, journal, {a: s.epochs_of(a) for a in s.arms}, ray_setup.verbosity())
         run_config.callbacks, run_config.verbose = console["callbacks"], console["verbose"]  # this run's -v/-q too
         return tuner, tune_config.scheduler
     reporter = CLIReporter(parameter_columns=[ARM_KEY] + space.searched,
@@ -383,8 +384,7 @@ def build_tuner(sweep: Sweep, restore: bool = False, restart_errored: bool = Fal
             checkpoint_config=tune.CheckpointConfig(num_to_keep=s.keep_checkpoints, checkpoint_score_attribute=METRIC,
                                                     checkpoint_score_order="min"),
             failure_config=tune.FailureConfig(max_failures=s.max_failures),
-            progress_reporter=reporter, **ray_setup.run_config_options(exp, journal, {a: s.epochs_of(a) for a in s.arms},
-                                                                              ray_setup.verbosity())),
+            progress_reporter=reporter, **console),
     )
     return tuner, scheduler
 
