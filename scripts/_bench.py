@@ -90,7 +90,7 @@ def parse(p: argparse.ArgumentParser, smoke: dict[str, Any], argv: Sequence[str]
 def setup(args: argparse.Namespace) -> torch.device:
     """Apply --threads, show run.train's log lines (epoch summaries), resolve --device as run.train does
     (cuda must exist when asked for)."""
-    from tune_landmarks.infer import resolve_device
+    from tune_landmarks.device import resolve_device
 
     torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -317,16 +317,20 @@ def random_batch(batch: int, size: int, k: int, device: torch.device, seed: int 
     return x.to(device), kps.to(device)
 
 
-class Sliced(torch.nn.Module):
+def sliced(model: Any, channels: Sequence[int]) -> Any:
     """A model whose output is only some landmarks' heatmaps, so the loss is computed on those alone."""
+    from tune_landmarks.model import LandmarkModel
 
-    def __init__(self, model: torch.nn.Module, channels: Sequence[int]):
-        super().__init__()
-        self.model, self.stride = model, model.stride
-        self.idx = torch.tensor(list(channels), device=next(model.parameters()).device)
+    class Sliced(LandmarkModel):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model, self.num_landmarks = model, len(channels)
+            self.idx = torch.tensor(list(channels), device=next(model.parameters()).device)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x).index_select(1, self.idx)
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.model(x).index_select(1, self.idx)
+
+    return Sliced()
 
 
 def step_config() -> Any:
@@ -352,22 +356,22 @@ def make_step(model: torch.nn.Module, x: torch.Tensor, kps: torch.Tensor, weight
               ) -> Callable[[], float]:
     """One call = one `run.train_step` on the batch (x, kps), with the Objective, optimiser, schedule, scaler
     and clip that run.train builds from `step_config()`; returns the loss. `weights` is the loss mode
-    (landmark_weights); `amp_dtype` the autocast dtype (None = fp32); `frozen`/`bn_eval` as set_train_mode
+    (landmark_weights); `amp_dtype` the autocast dtype (None = fp32); `frozen`/`bn_eval` as model.train_mode
     takes them (set once, as run.train does once per epoch); `optimiser` from `shared_optimiser`, else its own.
 
     `channels` (not what run.train does) computes the targets and the loss for those heatmaps only: the most
     a masked loss could save by skipping the zero-weight landmarks instead of multiplying them by 0."""
-    from tune_landmarks.model import set_train_mode
     from tune_landmarks.run import Objective, Optimisation, train_step
 
     cfg = step_config()
     opt, sched = optimiser or shared_optimiser(model)
     optim = Optimisation.create(opt, sched, x.device, amp_dtype, cfg.grad_clip)
-    set_train_mode(model, list(frozen), bn_eval)
+    model.train_mode(list(frozen), bn_eval)
     if channels is not None:
-        model, kps, weights = Sliced(model, channels), kps[:, list(channels)], weights[list(channels)]
+        model, kps, weights = sliced(model, channels), kps[:, list(channels)], weights[list(channels)]
     objective = Objective.from_config(cfg, weights)
-    return lambda: train_step(model, x, kps, objective, optim)
+    frame = torch.ones(x.shape[0], 3, device=x.device)  # scale 1: the built-in model's targets do not depend on it
+    return lambda: train_step(model, x, kps, frame, objective, optim)
 
 
 def model_for_steps(name: str, k: int, device: torch.device) -> tuple[torch.nn.Module, Any]:

@@ -16,7 +16,7 @@ import torch
 
 from tune_landmarks.landmarks import AARIZ, WORKFLOW_DIFFICULT, symbols
 from tune_landmarks.loss import landmark_weights
-from tune_landmarks.model import create_model, freeze_stages
+from tune_landmarks.model import create_model
 
 
 def main() -> None:
@@ -42,7 +42,7 @@ def main() -> None:
         m.to(device)
         if device.type == "cuda":
             m = m.to(memory_format=torch.channels_last)
-        frozen = freeze_stages(m, n)
+        frozen = m.freeze(n)
         steps[f"freeze {n}"] = _bench.make_step(m, x, kps, w, frozen=frozen)
     times = _bench.interleaved(steps, args.repeats, device)
 

@@ -47,7 +47,8 @@ def refine_step(name: str, landmarks: int, x: torch.Tensor, kps: torch.Tensor, d
     opt, sched = _bench.shared_optimiser(model)
     optim = Optimisation.create(opt, sched, device, None, cfg.grad_clip)
     objective = CropObjective.from_config(cfg, torch.ones(landmarks))
-    return lambda: train_step(model, x, kps, objective, optim)
+    frame = torch.ones(x.shape[0], 3, device=device)  # crops: scale 1
+    return lambda: train_step(model, x, kps, frame, objective, optim)
 
 
 def resident_mb(device: torch.device) -> float:

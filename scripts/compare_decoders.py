@@ -10,10 +10,12 @@ import argparse
 import dataclasses
 import tempfile
 
+from tune_landmarks.build import from_checkpoint
 from tune_landmarks.config import TrainConfig
+from tune_landmarks.device import resolve_device
 from tune_landmarks.heatmap import DECODERS
-from tune_landmarks.infer import config_of, evaluate_split, resolve_device
-from tune_landmarks.model import create_model, load_weights, read_checkpoint
+from tune_landmarks.infer import config_of, evaluate_split
+from tune_landmarks.model import read_checkpoint
 from tune_landmarks.read import describe
 from tune_landmarks.run import prepare_data, train
 from tune_landmarks.synth import make_synthetic
@@ -39,8 +41,7 @@ def main() -> None:
     info = describe(a.dataset_path)
     cfg.val_split = info.val_split(a.split)
     data = prepare_data(cfg, progress=False)
-    model = create_model(cfg.model, len(info.symbols))
-    load_weights(model, ckpt, a.checkpoint, info.symbols)
+    model = from_checkpoint(ckpt, a.checkpoint, info.symbols)
     device = resolve_device("auto")
     model.to(device)
     print(f"{a.checkpoint} on {a.dataset_path} [{cfg.val_split}], {len(data.val)} images, input {cfg.image_size}")

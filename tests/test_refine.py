@@ -79,7 +79,7 @@ def test_crop_objective_trains_only_each_crops_own_channel():
     pred = torch.rand(3, 2, 8, 8, requires_grad=True)
     target = torch.rand(3, 2, 8, 8)
     target[0, 1] = target[1, 0] = target[2, 1] = float("nan")
-    loss = CropObjective.from_config(TrainConfig(), torch.ones(2))(pred, target)
+    loss = CropObjective.from_config(TrainConfig(), torch.ones(2))(None, pred, target)  # crops need no model
     loss.backward()
     assert torch.isfinite(loss)
     for b, k in ((0, 1), (1, 0), (2, 1)):

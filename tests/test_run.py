@@ -231,7 +231,8 @@ def test_wrong_architecture(synth_root, start_ckpt, tmp_path):
     sd = read_checkpoint(start_ckpt)["model"]
     torch.save({k: v for k, v in sd.items() if k.startswith("head")}, bare)
     p = _finetune(synth_root, bare, tmp_path)
-    assert p.returncode == 1 and "architecture does not match 'hrnet_w18_small_v2' with 29 landmarks" in p.stderr
+    assert p.returncode == 1 and "its weights do not fit the built-in 'hrnet_w18_small_v2' model with 29 landmarks" in p.stderr
+    assert "missing (backbone.conv1.weight" in p.stderr
 
 
 def test_pickle_payload_is_not_executed(synth_root, tmp_path):
@@ -268,7 +269,7 @@ def test_load_weights_accepts_common_wrappers(start_ckpt, tmp_path):
         f = tmp_path / "w.pth"
         torch.save(wrap, f)
         m = create_model("hrnet_w18_small_v2", 29)
-        load_weights(m, read_checkpoint(f), f)
+        load_weights(m, read_checkpoint(f)["model"], f)
         assert torch.equal(m.state_dict()["head.3.weight"], sd["head.3.weight"])
     with pytest.raises(CheckpointError, match="not found"):
         read_checkpoint(tmp_path / "nope.pt")

@@ -38,8 +38,14 @@ def train_transform(cfg: AugmentConfig) -> A.Compose:
     )
 
 
+def frame_item(scale: np.ndarray, spacing_mm: float) -> torch.Tensor:
+    """(sx, sy, spacing mm/px): what a model needs to read a sample's keypoints in its own convention
+    (model.LandmarkModel.targets)."""
+    return torch.tensor([float(scale[0]), float(scale[1]), float(spacing_mm)], dtype=torch.float32)
+
+
 class LandmarkDataset(Dataset):
-    """Items: image (1, H, W) float in [0, 1], keypoints (K, 2) in the resized frame, index."""
+    """Items: image (1, H, W) float in [0, 1], keypoints (K, 2) in the resized frame, the image's frame_item."""
 
     def __init__(self, split: CachedSplit, transform: A.Compose | None = None):
         self.split = split
@@ -58,4 +64,4 @@ class LandmarkDataset(Dataset):
             if len(kps) != len(self.split.keypoints[i]):
                 raise RuntimeError("augmentation dropped keypoints; remove_invisible must stay False")
         image = torch.from_numpy(np.ascontiguousarray(img)).unsqueeze(0).float().div_(255.0)
-        return image, torch.from_numpy(kps), i
+        return image, torch.from_numpy(kps), frame_item(self.split.scale[i], self.split.spacing_mm[i])

@@ -3,9 +3,10 @@
 Decoding a 2000-px JPEG/BMP costs far more than augmenting it, so a sweep decodes every image once
 and all trials (processes) read the resized uint8 pixels from one memory-mapped `.npy` file.
 
-Resize convention (invertible, documented in the README): each axis is scaled on its own,
-`x_t = (x + 0.5) * sx - 0.5` with `sx = W_t / W` (pixel centres aligned, as cv2.resize does), so
-`x = (x_t + 0.5) / sx - 0.5` maps predictions back to original pixels exactly.
+Resize convention (invertible, documented in the README): `x_t = (x + 0.5) * sx - 0.5` with `sx = W_t / W` the
+scale of the resized content (pixel centres aligned, as cv2.resize does), so `x = (x_t + 0.5) / sx - 0.5` maps
+predictions back to original pixels exactly. `stretch` scales each axis on its own to the input size; `letterbox`
+keeps the aspect ratio and pads the right or bottom with zeros, which leaves the same formulas exact.
 """
 from __future__ import annotations
 
@@ -94,13 +95,27 @@ def write_meta(folder: Path, cols: dict[str, list]) -> None:
         w.write_table(t)
 
 
-def resize(img: np.ndarray, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
-    """Resize to (W, H); returns the image and the per-axis scale (sx, sy)."""
+INTERPOLATION = {"area": cv2.INTER_AREA, "linear": cv2.INTER_LINEAR, "cubic": cv2.INTER_CUBIC}
+
+
+def resize(img: np.ndarray, size: tuple[int, int], mode: str = "stretch",
+           interpolation: str = "auto") -> tuple[np.ndarray, np.ndarray]:
+    """Resize to (W, H) (`mode` stretch or letterbox, see the module docstring); returns the image and the per-axis
+    scale (sx, sy) of its content. `auto` interpolation: area when shrinking, else linear."""
     h, w = img.shape[:2]
     tw, th = size
-    interp = cv2.INTER_AREA if tw < w or th < h else cv2.INTER_LINEAR
-    out = cv2.resize(img, (tw, th), interpolation=interp)
-    return out, np.array([tw / w, th / h], dtype=np.float64)
+    if mode == "letterbox":
+        f = min(tw / w, th / h)
+        cw, ch = min(tw, max(1, round(w * f))), min(th, max(1, round(h * f)))
+    else:
+        cw, ch = tw, th
+    interp = INTERPOLATION.get(interpolation, cv2.INTER_AREA if cw < w or ch < h else cv2.INTER_LINEAR)
+    content = cv2.resize(img, (cw, ch), interpolation=interp)
+    if (cw, ch) != (tw, th):
+        out = np.zeros((th, tw), img.dtype)
+        out[:ch, :cw] = content
+        content = out
+    return content, np.array([cw / w, ch / h], dtype=np.float64)
 
 
 @dataclass
@@ -168,8 +183,10 @@ def built_once(cache_root: str | Path | None, name: str, build: Callable[[Path],
 
 
 def build_cache(records: list[Record], split: str, size: tuple[int, int], annotator: str,
-                cache_root: str | Path | None = None, progress: bool = True) -> CachedSplit:
-    """Return the cached split, building it (atomically, under a file lock) if absent or stale."""
+                cache_root: str | Path | None = None, progress: bool = True, mode: str = "stretch",
+                interpolation: str = "auto") -> CachedSplit:
+    """Return the cached split at `size` (`resize` as `mode` and `interpolation` say), building it (atomically, under
+    a file lock) if absent or stale."""
     if not records:
         raise ValueError(f"split {split!r}: nothing to cache (no records)")
 
@@ -179,7 +196,7 @@ def build_cache(records: list[Record], split: str, size: tuple[int, int], annota
         cols: dict[str, list] = {k: [] for k in ("image_id", "path", "width", "height", "scale_x", "scale_y",
                                                  "spacing_mm", "keypoints", "keypoints_orig")}
         for i, r, img in decoded_records(records, split, f"caching {split} at {tw}x{th}", progress):
-            imgs[i], scale = resize(img, size)
+            imgs[i], scale = resize(img, size, mode, interpolation)
             cols["image_id"].append(r.image_id)
             cols["path"].append(str(r.image_path))
             cols["width"].append(img.shape[1])
@@ -193,5 +210,6 @@ def build_cache(records: list[Record], split: str, size: tuple[int, int], annota
         del imgs
         write_meta(tmp, cols)
 
-    key = cache_key(records, split, list(size), annotator)
+    how = [] if (mode, interpolation) == ("stretch", "auto") else [mode, interpolation]  # earlier entries stay valid
+    key = cache_key(records, split, list(size), annotator, *how)
     return built_once(cache_root, f"{split}-{size[0]}x{size[1]}-{annotator}-{key}", build, _load)

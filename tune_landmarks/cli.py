@@ -156,7 +156,7 @@ def _finetune_defaults(cfg: TrainConfig) -> TrainConfig:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .refine import train_any as train
+    from .stages import train_any as train
 
     base = TrainConfig(mode="masked") if args.command == "finetune" else TrainConfig()
     cfg = run_config(args, base)

@@ -31,6 +31,8 @@ FORMATS = ("aariz", "isbi")
 LOSSES = ("adaptive_wing", "mse")
 MODES = ("all", "weighted", "masked", "refine")
 DECODERS = ("dark", "quarter", "argmax")
+RESIZES = ("stretch", "letterbox")  # each axis on its own | aspect kept, zero padding right/bottom (cache.resize)
+INTERPOLATIONS = ("auto", "area", "linear", "cubic")  # auto: area when shrinking, else linear
 
 
 @dataclass(frozen=True)
@@ -118,6 +120,8 @@ class TrainConfig:
     skip_bad: bool = False
     image_size: tuple[int, int] = opt((256, 256), Rule(test=_image_size_ok,  # width height of the network input
                                                        text="two multiples of 32 (width height), each >= 32"))
+    resize: str = opt("stretch", one_of(*RESIZES))  # how an image reaches image_size (an imported model's spec sets it)
+    interpolation: str = opt("auto", one_of(*INTERPOLATIONS))
     cache_dir: str | None = None
     # model and checkpoints
     model: str = "hrnet"

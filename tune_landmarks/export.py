@@ -144,15 +144,17 @@ def _epoch_metrics(epoch: dict[str, Any], symbols: list[str]) -> dict[str, Any]:
 
 def write_stage(dest: Path, ckpt: dict[str, Any], cfg: TrainConfig, extra: dict[str, Any]) -> dict[str, Any]:
     """One model as `dest/model.safetensors` (weights only) and `dest/model.json` (what reading it back needs:
-    architecture, image size, symbols, heatmap decoding, run config), plus `extra`; returns the JSON written."""
+    architecture, image size, symbols, decoding, run config), plus `extra`; an imported model's code copy goes
+    with it (build.portable), so the folder can be moved. Returns the JSON written."""
     from safetensors.torch import save_file
+
+    from .build import output_record, portable
 
     dest.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in ckpt["model"].items()}, str(dest / WEIGHTS), metadata={"format": "pt"})
     os.chmod(dest / WEIGHTS, 0o644)
-    meta = {"arch": ckpt["arch"], "image_size": list(cfg.image_size), "symbols": list(ckpt["symbols"]),
-            "heatmap": {"sigma": cfg.sigma, "decoder": cfg.decoder, "stride": 4},  # LandmarkNet's output stride
-            "config": cfg.to_dict()} | extra
+    meta = {"format_version": 1, "arch": portable(ckpt["arch"], dest), "image_size": list(cfg.image_size),
+            "symbols": list(ckpt["symbols"])} | output_record(ckpt["arch"], cfg) | {"config": cfg.to_dict()} | extra
     (dest / MODEL_JSON).write_text(json.dumps(meta, indent=2))
     return meta
 
@@ -279,9 +281,9 @@ def confirm_seeds(sweep: Sweep, trials: list[TrialRecord], winner: TrialRecord, 
     """Re-run the winner's configuration, and every other arm's winner, from the same start with `n` new seeds
     (all on the same seeds), to show how much of the winner's margin is luck."""
     from .config import from_dict
-    from .refine import train_any
     from .results import winners
     from .run import prepare_data
+    from .stages import train_any
 
     base_seed = int(sweep.base.get("seed", 0))
     first = 1 + max([base_seed] + [int(t.params.get("seed", base_seed)) for t in trials])
@@ -339,7 +341,7 @@ def export(experiment: Experiment | str | Path, out: str | Path, split: str | No
     if split is not None:
         _check_split(split, sweep, source)
     start = Path(sweep.base["resume"])
-    if not start.is_file():
+    if not start.exists():
         raise FileNotFoundError(f"{start}: the sweep's start checkpoint is missing "
                                 "(its sha256 goes into the export)")
     trials = collect(exp)

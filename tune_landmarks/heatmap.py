@@ -60,6 +60,17 @@ def _blur(hm: torch.Tensor, sigma: float) -> torch.Tensor:
     return x.reshape(b, k, h, w)
 
 
+def soft_argmax(heatmaps: torch.Tensor) -> torch.Tensor:
+    """(B, K, h, w) non-negative maps -> (B, K, 2) unit coordinates u = sum p j / (w - 1) / sum p (likewise v): the
+    expectation over the whole map, in the convention of scripts that normalise a point as x / W."""
+    b, k, h, w = heatmaps.shape
+    p = heatmaps.float()
+    mass = p.sum((2, 3)).clamp_min(1e-12)
+    u = (p.sum(2) * torch.arange(w, device=p.device, dtype=p.dtype)).sum(-1) / mass / max(1, w - 1)
+    v = (p.sum(3) * torch.arange(h, device=p.device, dtype=p.dtype)).sum(-1) / mass / max(1, h - 1)
+    return torch.stack([u, v], -1)
+
+
 def decode(heatmaps: torch.Tensor, method: str = "dark", sigma: float = 2.0) -> torch.Tensor:
     """(B, K, H, W) -> (B, K, 2) sub-pixel peak positions in heatmap pixels (x, y)."""
     if method not in DECODERS:

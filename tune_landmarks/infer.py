@@ -8,7 +8,6 @@ decode and map back to original pixels through these functions, so they cannot d
 from __future__ import annotations
 
 from collections.abc import Sequence
-from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -16,80 +15,54 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from . import heatmap
 from .atomic import write_parquet
+from .build import fixed_options, from_checkpoint
 from .cache import CachedSplit, build_cache, to_original, to_target
 from .config import TrainConfig, from_dict
 from .crops import CropGeometry, PhysicalSplit, build_physical_cache, check_geometry, from_crop, take
+from .device import autocast, device_of, place, resolve_device
 from .metrics import Summary, predictions_table, radial_errors_mm, summarize
-from .model import CheckpointError, LandmarkNet, create_model, load_weights, read_checkpoint, sha256_file
+from .model import CheckpointError, LandmarkModel, input_size, read_checkpoint, sha256_file
 from .read import DatasetInfo, describe, load_split
 
 
-def resolve_device(name: str) -> torch.device:
-    """`auto` is CUDA where there is one; naming CUDA where there is none is an error, not a silent CPU run."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"The value of `device` is {name!r}, but no CUDA device is available here.")
-    return torch.device(name)
-
-
-def place(model: LandmarkNet, device: torch.device) -> LandmarkNet:
-    """The model on `device`, channels_last on CUDA (what its conv kernels prefer); training and every
-    evaluation place a model the same way, so they compute the same numbers."""
-    model.to(device)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-    return model
-
-
-def amp_dtype(device: torch.device, enabled: bool) -> torch.dtype | None:
-    """What `--mixed-precision` means on `device`: bf16 where the hardware has it, else fp16 (CUDA); None = fp32."""
-    if not enabled:
-        return None
-    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        return torch.float16
-    return torch.bfloat16
-
-
-def autocast(device: torch.device, enabled: bool, dtype: torch.dtype | None = None) -> AbstractContextManager[Any]:
-    """Autocast in `dtype` (default: `amp_dtype`'s choice for the device); disabled, it also switches off an
-    enclosing autocast."""
-    if not enabled:
-        return torch.autocast(device.type, enabled=False)
-    return torch.autocast(device.type, dtype=dtype or amp_dtype(device, True))
-
-
 @torch.no_grad()
-def predict_batch(model: LandmarkNet, images: np.ndarray, device: torch.device, decoder: str = "dark",
-                  sigma: float = 2.0, amp: bool = False) -> np.ndarray:
-    """Landmarks (N, K, 2) in the input frame for resized uint8 images (N, H, W); the model must be in eval
-    mode. Shared by evaluation and `predict`, so both see exactly the same preprocessing and decoding."""
+def predict_batch(model: LandmarkModel, images: np.ndarray, device: torch.device, decoder: str = "dark",
+                  sigma: float = 2.0, amp: bool = False, scale: np.ndarray | None = None) -> np.ndarray:
+    """Landmarks (N, K, 2) in the input frame for resized uint8 images (N, H, W) whose per-axis scales from the
+    original images are `scale` (N, 2) (None: crops, scale 1); the model must be in eval mode. Shared by evaluation
+    and `predict`, so both see exactly the same preprocessing and decoding (the model's own, model.LandmarkModel)."""
     x = torch.from_numpy(np.array(images)).unsqueeze(1).float().div_(255)
     x = x.to(device)
     if device.type == "cuda":
         x = x.contiguous(memory_format=torch.channels_last)
     with autocast(device, amp):
-        hm = model(x)
-    pts = heatmap.to_input_frame(heatmap.decode(hm.float(), decoder, sigma), model.stride)
+        out = model(x)
+    frame = None if scale is None else frame_of(scale).to(device)
+    pts = model.decode(out.float(), frame, input_size(x), decoder, sigma)
     return pts.cpu().numpy().astype(np.float64)
 
 
+def frame_of(scale: np.ndarray, spacing: np.ndarray | None = None) -> torch.Tensor:
+    """(N, 3) (sx, sy, spacing mm/px) per image: what a model needs to read its output in its own convention."""
+    spacing = np.zeros(len(scale)) if spacing is None else np.asarray(spacing, np.float64)
+    return torch.from_numpy(np.concatenate([np.asarray(scale, np.float64), spacing[:, None]], 1)).float()
+
+
 @torch.no_grad()
-def predict_cached(model: LandmarkNet, split: CachedSplit, device: torch.device, decoder: str = "dark",
+def predict_cached(model: LandmarkModel, split: CachedSplit, device: torch.device, decoder: str = "dark",
                    sigma: float = 2.0, batch_size: int = 8, amp: bool = False) -> np.ndarray:
     """Predicted landmarks (N, K, 2) in original-image pixels for every image of a cached split."""
     was_training = model.training
     model.eval()
-    out = [predict_batch(model, split.images[i:i + batch_size], device, decoder, sigma, amp)
+    out = [predict_batch(model, split.images[i:i + batch_size], device, decoder, sigma, amp, split.scale[i:i + batch_size])
            for i in range(0, len(split), batch_size)]
     model.train(was_training)
     pred = np.concatenate(out)
     return to_original(pred, split.scale[:, None, :])
 
 
-def evaluate_split(model: LandmarkNet, split: CachedSplit, symbols: list[str], device: torch.device,
+def evaluate_split(model: LandmarkModel, split: CachedSplit, symbols: list[str], device: torch.device,
                    cfg: TrainConfig, difficult: list[str] | None = None, start: dict[str, float] | None = None,
                    trained: list[str] | None = None) -> tuple[Summary, np.ndarray, np.ndarray]:
     """Score the model on a cached split with the run's decoder, sigma and precision: (summary, predictions
@@ -106,7 +79,7 @@ class HasValidation(Protocol):
     val: CachedSplit
 
 
-def start_errors(cfg: TrainConfig, data: HasValidation, model: LandmarkNet | None = None) -> Summary:
+def start_errors(cfg: TrainConfig, data: HasValidation, model: LandmarkModel | None = None) -> Summary:
     """The start model's errors on the validation split: what the difficult set is chosen from and what drift
     is measured against. `model` is the start model when the caller holds it already (on its device); without
     it, cfg.resume is loaded as cfg.model on cfg.device."""
@@ -114,10 +87,9 @@ def start_errors(cfg: TrainConfig, data: HasValidation, model: LandmarkNet | Non
     if model is None:
         if not cfg.resume:
             raise ValueError("start_errors: no start model (neither `model` nor cfg.resume)")
-        model = create_model(cfg.model, len(symbols))
-        load_weights(model, read_checkpoint(cfg.resume), cfg.resume, symbols)
-        model = place(model, resolve_device(cfg.device))
-    return evaluate_split(model, data.val, symbols, next(model.parameters()).device, cfg)[0]
+        model = place(from_checkpoint(read_checkpoint(cfg.resume), cfg.resume, symbols, cfg.model),
+                      resolve_device(cfg.device))
+    return evaluate_split(model, data.val, symbols, device_of(model), cfg)[0]
 
 
 def config_of(ckpt: dict[str, Any]) -> TrainConfig:
@@ -129,11 +101,13 @@ def config_of(ckpt: dict[str, Any]) -> TrainConfig:
         cfg.model = ckpt["arch"]["model"]
     if ckpt.get("image_size"):
         cfg.image_size = tuple(ckpt["image_size"])
+    for k, v in fixed_options(ckpt.get("arch")).items():
+        setattr(cfg, k, v)
     return cfg
 
 
 def load_model(path: str | Path, device: torch.device,
-               ckpt: dict[str, Any] | None = None) -> tuple[LandmarkNet, TrainConfig, list[str]]:
+               ckpt: dict[str, Any] | None = None) -> tuple[LandmarkModel, TrainConfig, list[str]]:
     """The model (in eval mode on `device`), its run config (image size, decoder, sigma) and its landmark
     symbols: what `predict` needs when there is no dataset to take the symbols from. `ckpt`: the file, when the
     caller has read it already."""
@@ -145,22 +119,20 @@ def load_model(path: str | Path, device: torch.device,
     if not symbols or not ckpt.get("arch"):
         raise CheckpointError(f"{path}: names no architecture or landmark symbols; use an exported model "
                               "folder (tune-landmarks export) or a best.pt/last.pt written by tune-landmarks")
-    cfg = config_of(ckpt)
-    model = create_model(cfg.model, len(symbols))
-    load_weights(model, ckpt, path, symbols)
-    return place(model, device).eval(), cfg, symbols
+    model = from_checkpoint(ckpt, path, symbols)
+    return place(model, device).eval(), config_of(ckpt), symbols
 
 
-def predict_as_run(model: LandmarkNet, cfg: TrainConfig, split: CachedSplit) -> np.ndarray:
+def predict_as_run(model: LandmarkModel, cfg: TrainConfig, split: CachedSplit) -> np.ndarray:
     """A model's points (original px) for a split cached at its input size, decoded with its own run's decoder,
     sigma and precision: what `evaluate` gives it (a cascade's start model included)."""
-    return predict_cached(model, split, next(model.parameters()).device, cfg.decoder, cfg.sigma, amp=cfg.mixed_precision)
+    return predict_cached(model, split, device_of(model), cfg.decoder, cfg.sigma, amp=cfg.mixed_precision)
 
 
 # ---------------------------------------------------------------- the refinement cascade (trained by refine.py)
 
 @torch.no_grad()
-def refine_points(model: LandmarkNet, images: Sequence[np.ndarray], scale: np.ndarray, coarse: np.ndarray,
+def refine_points(model: LandmarkModel, images: Sequence[np.ndarray], scale: np.ndarray, coarse: np.ndarray,
                   geometry: CropGeometry, device: torch.device, decoder: str = "dark", sigma: float = 2.0,
                   amp: bool = False, batch_size: int = 32) -> np.ndarray:
     """Refined points (N, L, 2) in original px. For image n and refined landmark j: the crop of the physical image
@@ -187,9 +159,9 @@ class Cascade:
     model's points; every other landmark is the start model's own prediction, bit for bit (the same call on the
     same input as the start model alone)."""
 
-    start: LandmarkNet
+    start: LandmarkModel
     start_cfg: TrainConfig
-    refine: LandmarkNet
+    refine: LandmarkModel
     cfg: TrainConfig  # the refinement run's: crop settings, and the decoder and sigma of the crop heatmaps
     symbols: list[str]
     refined: list[str]  # the refinement model's channels, in order
@@ -211,7 +183,7 @@ class Cascade:
         points = coarse[:, self.channels]
         for _ in range(self.cfg.refine_passes):
             points = refine_points(self.refine, images, scale, points, self.geometry,
-                                   next(self.refine.parameters()).device, self.cfg.decoder, self.cfg.sigma,
+                                   device_of(self.refine), self.cfg.decoder, self.cfg.sigma,
                                    self.cfg.mixed_precision)
         out[:, self.channels] = points
         return out
@@ -263,8 +235,7 @@ def load_cascade(path: str | Path, device: torch.device, symbols: list[str] | No
     start_model, start_cfg, start_symbols = load_model(start_path, device)
     if start_symbols != own:
         raise CheckpointError(f"{path}: landmark symbols {own} differ from its start model's {start_symbols} ({start_path})")
-    refine = create_model(ckpt["arch"]["model"], len(refined))
-    load_weights(refine, ckpt, path)
+    refine = from_checkpoint(ckpt, path)
     return Cascade(start_model, start_cfg, place(refine, device).eval(), config_of(ckpt), own, refined,
                    tuple(rec.get("train_spacing_mm") or (0.0, 0.0)))
 
@@ -293,8 +264,9 @@ def evaluate_checkpoint(checkpoint: str | Path, dataset_path: str | Path, split:
     dev = resolve_device(device)
     cascade = load_cascade(checkpoint, dev, info.symbols, ckpt) if is_refine(ckpt) else None
     sp = load_split(info, split, annotator)
-    size = tuple((cascade.start_cfg if cascade else cfg).image_size)
-    cached = build_cache(sp.records, split, size, annotator, cache_dir, progress)
+    reads = cascade.start_cfg if cascade else cfg
+    cached = build_cache(sp.records, split, tuple(reads.image_size), annotator, cache_dir, progress, reads.resize,
+                         reads.interpolation)
     difficult = list(ckpt.get("difficult") or (ckpt.get("export") or {}).get("difficult") or [])
     start_pl, trained = None, None
     if start is not None:
@@ -306,9 +278,7 @@ def evaluate_checkpoint(checkpoint: str | Path, dataset_path: str | Path, split:
         phys = build_physical_cache(sp.records, split, cascade.geometry.mm_per_px, annotator, cache_dir, progress)
         pred = cascade.predict_cached(cached, phys)
     else:
-        model = create_model(cfg.model, len(info.symbols))
-        load_weights(model, ckpt, checkpoint, info.symbols)
-        model = place(model, dev)
+        model = place(from_checkpoint(ckpt, checkpoint, info.symbols), dev)
         # the precision the run validated with, so an export reproduces its recorded metrics
         pred = predict_cached(model, cached, dev, cfg.decoder, cfg.sigma, amp=cfg.mixed_precision)
     err = radial_errors_mm(pred, cached.keypoints_orig, cached.spacing_mm)

@@ -139,7 +139,8 @@ def predict(model_path: str | Path, inputs: Sequence[str | Path], out: str | Pat
     mm/px (see _cascade_spacing)."""
     from .cache import decode_image, resize, to_original
     from .crops import check_geometry, physical_size
-    from .infer import is_refine, load_cascade, load_model, predict_batch, resolve_device
+    from .device import resolve_device
+    from .infer import is_refine, load_cascade, load_model, predict_batch
     from .model import read_checkpoint
 
     if batch_size < 1:
@@ -167,11 +168,12 @@ def predict(model_path: str | Path, inputs: Sequence[str | Path], out: str | Pat
             except (OSError, cv2.error, ValueError) as exc:
                 report.failed.append((str(path), str(exc).removeprefix(f"{path}: ")))
                 continue
-            batch.append((path, grey) + resize(grey, tuple(cfg.image_size)))
+            batch.append((path, grey) + resize(grey, tuple(cfg.image_size), cfg.resize, cfg.interpolation))
         if not batch:
             continue
-        pts = predict_batch(model, np.stack([b[2] for b in batch]), dev, cfg.decoder, cfg.sigma, cfg.mixed_precision)
-        pts = to_original(pts, np.stack([b[3] for b in batch])[:, None, :])
+        scale = np.stack([b[3] for b in batch])
+        pts = predict_batch(model, np.stack([b[2] for b in batch]), dev, cfg.decoder, cfg.sigma, cfg.mixed_precision, scale)
+        pts = to_original(pts, scale[:, None, :])
         if cascade is not None:
             phys, scale = zip(*(resize(g, physical_size(g.shape[1], g.shape[0], spacing, cascade.geometry.mm_per_px))
                                 for _, g, *_ in batch))

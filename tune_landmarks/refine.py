@@ -15,8 +15,10 @@ model's own errors for that landmark on the training images (Offsets), so traini
 
 `train_refine` reuses run.py's pieces: the epoch loop `fit`, `train_step` (through `train_one_epoch`), the
 optimiser, schedule, CheckpointSaver and the run files; validation is `infer.Cascade`, the code `evaluate`,
-`predict` and export score and predict with. `train_any` is what callers of run.train call when the mode may be
-refine (run.py sits below this module, so it cannot dispatch here itself).
+`predict` and export score and predict with. stages.train_any is the one entry point over both stages.
+
+The start model may be any model behind model.LandmarkModel, a user's imported one included: the stage only
+reads its points (infer.predict_as_run), never its architecture.
 """
 from __future__ import annotations
 
@@ -34,15 +36,16 @@ from torch.utils.data import Dataset
 
 from . import run
 from .atomic import atomic_path
-from .augment import AugmentConfig, train_transform
+from .augment import AugmentConfig, frame_item, train_transform
 from .cache import CachedSplit
 from .config import TrainConfig
 from .crops import CropGeometry, PhysicalSplit, build_physical_cache, check_geometry, take, to_crop
-from .infer import Cascade, amp_dtype, is_refine, load_cascade, load_model, place, predict_as_run, resolve_device
+from .device import amp_dtype, device_of, place, resolve_device
+from .infer import Cascade, is_refine, load_cascade, load_model, predict_as_run
 from .landmarks import parse_symbols
 from .loss import per_landmark, weighted_total
 from .metrics import Summary, radial_errors_mm, summarize
-from .model import CheckpointError, create_model, read_checkpoint, sha256_file
+from .model import CheckpointError, LandmarkModel, create_model, read_checkpoint, sha256_file
 from .run import Callback, Data, Objective, RunResult
 
 log = logging.getLogger(__name__)
@@ -77,7 +80,7 @@ class Offsets:
 class CropDataset(Dataset):
     """Training crops, one item per (training image, refined landmark): centred on the ground truth plus an offset
     drawn from `offsets`, then `transform` (augment.train_transform: rotation, scale, intensity). Items as
-    augment.LandmarkDataset's: crop (1, P, P) float in [0, 1], keypoints (L, 2) in crop px, index. The keypoints of
+    augment.LandmarkDataset's: crop (1, P, P) float in [0, 1], keypoints (L, 2) in crop px, frame. The keypoints of
     the channels that are not this crop's landmark are NaN, so their targets are too and CropObjective leaves them
     out. Offsets come from the transform's own generator, which run.epoch_loader reseeds each epoch."""
 
@@ -99,7 +102,7 @@ class CropDataset(Dataset):
         kps = np.full((len(self.channels), 2), np.nan, np.float32)
         kps[j] = np.asarray(out["keypoints"], np.float32).reshape(-1, 2)[0]
         image = torch.from_numpy(np.ascontiguousarray(out["image"])).unsqueeze(0).float().div_(255.0)
-        return image, torch.from_numpy(kps), i
+        return image, torch.from_numpy(kps), frame_item(np.ones(2), self.geometry.mm_per_px)
 
 
 class CropObjective(Objective):
@@ -107,7 +110,8 @@ class CropObjective(Objective):
     (CropDataset); those (crop, channel) pairs get prediction = target = 0, so no loss and no gradient, and each
     channel's loss is its mean over the crops of its own landmark, normalised over the channels in the batch."""
 
-    def __call__(self, pred: torch.Tensor, target: torch.Tensor, teach: torch.Tensor | None = None) -> torch.Tensor:
+    def __call__(self, model: LandmarkModel, pred: torch.Tensor, target: torch.Tensor,
+                 teach: torch.Tensor | None = None) -> torch.Tensor:
         own = ~torch.isnan(target[:, :, 0, 0])
         mask = own[:, :, None, None]
         per = per_landmark(torch.where(mask, pred.float(), 0.0), torch.where(mask, target, 0.0), self.loss, self.awing)
@@ -132,12 +136,12 @@ def _start(cfg: TrainConfig, device: torch.device) -> tuple[Cascade | None, Path
     return load_cascade(cfg.resume, device, ckpt=ckpt), Path(ckpt["refine"]["start"]["path"]), ckpt
 
 
-def start_points(start: torch.nn.Module, start_cfg: TrainConfig, start_sha: str, split: CachedSplit) -> np.ndarray:
+def start_points(start: LandmarkModel, start_cfg: TrainConfig, start_sha: str, split: CachedSplit) -> np.ndarray:
     """The frozen start model's points (original px) for a cached split: the same for every refinement run and sweep
     trial on that start model (11 s for ISBI's 150 images on one CPU thread, against 3 s for a refine epoch), so the
     first run computes them and keeps them beside the cached split, keyed by the start model's sha256, its decoding
     and the device; the others read them (np.save/np.load: the same float64 values)."""
-    device = next(start.parameters()).device.type
+    device = device_of(start).type
     key = json.dumps([start_sha, start_cfg.decoder, start_cfg.sigma, start_cfg.mixed_precision, device])
     path = split.path / f"start-points-{hashlib.sha256(key.encode()).hexdigest()[:20]}.npy"
     if path.is_file():
@@ -183,7 +187,8 @@ def train_refine(cfg: TrainConfig, callback: Callback | None = None, start_per_l
         (start, start_cfg, start_symbols), model = load_model(start_path, device, ckpt=read), None
     for p in start.parameters():
         p.requires_grad_(False)
-    cfg = dataclasses.replace(cfg, model=start_cfg.model, image_size=tuple(start_cfg.image_size))  # what the start reads
+    cfg = dataclasses.replace(cfg, model=start_cfg.model, image_size=tuple(start_cfg.image_size),  # what the start reads
+                              resize=start_cfg.resize, interpolation=start_cfg.interpolation)
     geometry = CropGeometry.from_mm(cfg.refine_crop_mm, cfg.refine_mm_per_px)
     data = data or run.prepare_data(cfg, cfg.progress)
     symbols = data.info.symbols
@@ -233,9 +238,3 @@ def train_refine(cfg: TrainConfig, callback: Callback | None = None, start_per_l
 
     return run.fit(model, ds, objective, optim, saver, cfg, steps, score, first_epoch=first_epoch, history=history,
                    callback=callback)
-
-
-def train_any(cfg: TrainConfig, callback: Callback | None = None, start_per_landmark: dict[str, float] | None = None,
-              data: Data | None = None, scratch: Path | None = None) -> RunResult:
-    """run.train, or for mode 'refine' train_refine: one entry point for the CLI, sweep trials and re-runs."""
-    return (train_refine if cfg.mode == "refine" else run.train)(cfg, callback, start_per_landmark, data, scratch)

@@ -49,7 +49,7 @@ def resume(experiment: str, storage: str = DEFAULT_STORAGE, restart_errored: boo
     sweep.settings.storage, sweep.settings.name = exp.storage, exp.name
     if exp.local is None:  # the study goes on from the journal in the experiment's storage (search.journal_path)
         exp.pull_journal(journal_path(exp))
-    init_ray(address or sweep.settings.address)
+    init_ray(address or sweep.settings.address, sweep.base.get("resume"))
     tuner, scheduler = build_tuner(sweep, restore=True, restart_errored=restart_errored)
     n = replay_rungs(scheduler, trials)
     log.info(f"resuming {exp}: {unfinished(sweep, trials)} of {sweep.total_trials} trials unfinished; "

@@ -28,16 +28,17 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from . import heatmap
 from .atomic import write_parquet
 from .augment import AugmentConfig, LandmarkDataset, train_transform
+from .build import from_checkpoint, with_start_model
 from .cache import CachedSplit, build_cache
 from .config import TrainConfig
-from .infer import amp_dtype, autocast, evaluate_split, place, resolve_device, start_errors
+from .device import amp_dtype, autocast, device_of, place, resolve_device
+from .infer import evaluate_split, start_errors
 from .landmarks import parse_symbols
 from .loss import AWingParams, check_finite, landmark_weights, per_landmark, weighted_total
 from .metrics import Summary, format_table, summarize
-from .model import LandmarkNet, arch_of, create_model, freeze_stages, load_weights, read_checkpoint, save_atomic, set_train_mode
+from .model import LandmarkModel, create_model, input_size, read_checkpoint, save_atomic
 from .read import DatasetInfo, Roles, describe, load_roles
 
 log = logging.getLogger(__name__)
@@ -82,9 +83,9 @@ def prepare_data(cfg: TrainConfig, progress: bool = True) -> Data:
     built) and cache the two a run trains and selects on."""
     info = describe(cfg.dataset_path, cfg.format)
     roles = load_roles(info, cfg.train_split, cfg.val_split, cfg.test_split, cfg.annotator, cfg.skip_bad)
-    size = tuple(cfg.image_size)
-    return Data(info, build_cache(roles.train.records, roles.train.name, size, cfg.annotator, cfg.cache_dir, progress),
-                build_cache(roles.val.records, roles.val.name, size, cfg.annotator, cfg.cache_dir, progress), roles)
+    size, how = tuple(cfg.image_size), (cfg.resize, cfg.interpolation)
+    return Data(info, build_cache(roles.train.records, roles.train.name, size, cfg.annotator, cfg.cache_dir, progress, *how),
+                build_cache(roles.val.records, roles.val.name, size, cfg.annotator, cfg.cache_dir, progress, *how), roles)
 
 
 # ---------------------------------------------------------------- what is trained, and how
@@ -119,34 +120,38 @@ def choose_difficult(cfg: TrainConfig, resume_state: dict[str, Any] | None,
 
 @dataclass
 class Objective:
-    """What a step minimises: the per-landmark loss on Gaussian targets, normalised over `weights` (the mode:
-    all, weighted or masked); with a `teacher` (the drift guard) plus `distill_weight` times the loss of the
-    landmarks outside the loss against the frozen start model's heatmaps."""
+    """What a step minimises: each landmark's loss against the model's targets (model.LandmarkModel: adaptive wing
+    or MSE on heatmaps, L1 in mm on coordinates), normalised over `weights` (the mode: all, weighted or masked);
+    with a `teacher` (the drift guard) plus `distill_weight` times the loss of the landmarks outside the loss
+    against the frozen start model's outputs."""
 
     weights: torch.Tensor
     loss: str = "adaptive_wing"
     awing: AWingParams = field(default_factory=AWingParams)
     sigma: float = 2.0
-    teacher: LandmarkNet | None = None
+    teacher: LandmarkModel | None = None
     distill_weight: float = 0.0
 
     @classmethod
-    def from_config(cls, cfg: TrainConfig, weights: torch.Tensor, teacher: LandmarkNet | None = None) -> Objective:
+    def from_config(cls, cfg: TrainConfig, weights: torch.Tensor, teacher: LandmarkModel | None = None) -> Objective:
         awing = AWingParams(cfg.awing_omega, cfg.awing_theta, cfg.awing_epsilon, cfg.awing_alpha, cfg.awing_weight)
         return cls(weights, cfg.loss, awing, cfg.sigma, teacher, cfg.distill_weight)
 
-    def __call__(self, pred: torch.Tensor, target: torch.Tensor, teach: torch.Tensor | None = None) -> torch.Tensor:
-        loss = weighted_total(per_landmark(pred, target, self.loss, self.awing), self.weights)
+    def heatmap_loss(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return per_landmark(pred, target, self.loss, self.awing)
+
+    def __call__(self, model: LandmarkModel, pred: torch.Tensor, target: torch.Tensor,
+                 teach: torch.Tensor | None = None) -> torch.Tensor:
+        loss = weighted_total(model.per_landmark_loss(pred, target, self.heatmap_loss), self.weights)
         if teach is None:
             return loss
         idx = torch.nonzero(self.weights == 0).flatten().to(pred.device)
-        # the teacher's maps clamped to [0, 1], the range a target has: adaptive wing is undefined
-        # (infinite) for targets above alpha, and raw outputs can leave [0, 1]
-        soft = teach.float().index_select(1, idx).clamp(0, 1)
-        return loss + self.distill_weight * per_landmark(pred.index_select(1, idx), soft, self.loss, self.awing).mean()
+        soft = model.teacher_target(teach, target).index_select(1, idx)
+        return loss + self.distill_weight * model.per_landmark_loss(pred.index_select(1, idx), soft,
+                                                                    self.heatmap_loss).mean()
 
 
-def make_teacher(model: LandmarkNet) -> LandmarkNet:
+def make_teacher(model: LandmarkModel) -> LandmarkModel:
     """A frozen copy of the start model: the drift guard's targets for the landmarks outside the loss."""
     teacher = copy.deepcopy(model).eval()
     for p in teacher.parameters():
@@ -154,10 +159,10 @@ def make_teacher(model: LandmarkNet) -> LandmarkNet:
     return teacher
 
 
-def param_groups(model: LandmarkNet, weight_decay: float) -> list[dict[str, Any]]:
-    """timm's convention (no decay on biases and norms) plus the final heatmap conv: its rows are per
-    landmark, and AdamW's decoupled decay would move a masked landmark's channel without any gradient."""
-    final = {id(p) for p in model.head[-1].parameters()}
+def param_groups(model: LandmarkModel, weight_decay: float) -> list[dict[str, Any]]:
+    """timm's convention (no decay on biases and norms) plus the final layer: its rows are per landmark, and
+    AdamW's decoupled decay would move a masked landmark's channel without any gradient."""
+    final = {id(p) for p in model.per_landmark_params()}
     decay, no_decay = [], []
     for p in model.parameters():
         if p.requires_grad:
@@ -165,7 +170,7 @@ def param_groups(model: LandmarkNet, weight_decay: float) -> list[dict[str, Any]
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def build_optimizer(model: LandmarkNet, cfg: TrainConfig) -> torch.optim.AdamW:
+def build_optimizer(model: LandmarkModel, cfg: TrainConfig) -> torch.optim.AdamW:
     """AdamW at cfg.lr over `param_groups`; build it after freezing, so frozen parameters are left out."""
     return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr)
 
@@ -236,21 +241,22 @@ class Optimisation:
 
 # ---------------------------------------------------------------- step, epoch, validation
 
-def train_step(model: LandmarkNet, x: torch.Tensor, kps: torch.Tensor, objective: Objective, optim: Optimisation,
-               what: str = "loss") -> float:
-    """One batch: targets made on the device, forward under autocast (the loss outside it, in fp32), then
-    `optim.update`. Returns the loss; a non-finite one raises, naming `what`, before it touches the weights."""
-    device = next(model.parameters()).device
-    x, kps = x.to(device, non_blocking=True), kps.to(device, non_blocking=True)
+def train_step(model: LandmarkModel, x: torch.Tensor, kps: torch.Tensor, frame: torch.Tensor, objective: Objective,
+               optim: Optimisation, what: str = "loss") -> float:
+    """One batch: forward under autocast, the model's targets made on the device (the loss outside autocast, in
+    fp32), then `optim.update`. `frame` (B, 3): each image's scale and spacing (augment.frame_item). Returns the
+    loss; a non-finite one raises, naming `what`, before it touches the weights."""
+    device = device_of(model)
+    x, kps, frame = x.to(device, non_blocking=True), kps.to(device, non_blocking=True), frame.to(device)
     if device.type == "cuda":
         x = x.contiguous(memory_format=torch.channels_last)
-    hm_size = (x.shape[2] // model.stride, x.shape[3] // model.stride)
-    target = heatmap.encode(heatmap.to_heatmap_frame(kps, model.stride), hm_size, objective.sigma)
     with autocast(device, optim.amp is not None, optim.amp):
         pred = model(x)
         with torch.no_grad():
             teach = objective.teacher(x) if objective.teacher is not None else None
-    loss = objective(pred, target, teach)
+    with torch.no_grad():
+        target = model.targets(pred, kps, frame, input_size(x), objective.sigma)
+    loss = objective(model, pred, target, teach)
     value = loss.item()
     check_finite(value, what)
     optim.update(loss, model)
@@ -272,20 +278,20 @@ def epoch_loader(ds: LandmarkDataset, cfg: TrainConfig, epoch: int) -> DataLoade
                       generator=torch.Generator().manual_seed(seed))
 
 
-def train_one_epoch(model: LandmarkNet, loader: DataLoader, objective: Objective, optim: Optimisation,
+def train_one_epoch(model: LandmarkModel, loader: DataLoader, objective: Objective, optim: Optimisation,
                     cfg: TrainConfig, epoch: int, steps: int, frozen: list[str]) -> tuple[float, float]:
     """At most `steps` steps over `loader`, with the progress bar; returns the mean loss and the seconds
     spent waiting for batches (the data path's share of the epoch)."""
-    set_train_mode(model, frozen, cfg.bn_eval)
+    model.train_mode(frozen, cfg.bn_eval)
     losses, wait = [], 0.0
     bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not cfg.progress, leave=False,
                file=sys.stdout)
     t_data = time.perf_counter()
-    for step, (x, kps, _) in enumerate(loader):
+    for step, (x, kps, frame) in enumerate(loader):
         if step >= steps:
             break
         wait += time.perf_counter() - t_data
-        losses.append(train_step(model, x, kps, objective, optim, f"loss at epoch {epoch + 1} step {step + 1}"))
+        losses.append(train_step(model, x, kps, frame, objective, optim, f"loss at epoch {epoch + 1} step {step + 1}"))
         bar.set_postfix(loss=f"{losses[-1]:.4f}")
         bar.update()
         t_data = time.perf_counter()
@@ -293,11 +299,10 @@ def train_one_epoch(model: LandmarkNet, loader: DataLoader, objective: Objective
     return (float(np.mean(losses)) if losses else float("nan")), wait
 
 
-def validate(model: LandmarkNet, data: Data, cfg: TrainConfig, difficult: list[str], start: dict[str, float] | None,
+def validate(model: LandmarkModel, data: Data, cfg: TrainConfig, difficult: list[str], start: dict[str, float] | None,
              trained: list[str]) -> Summary:
     """The epoch's validation in mm: `infer.evaluate_split`, the code `evaluate` and `export` score with."""
-    device = next(model.parameters()).device
-    return evaluate_split(model, data.val, data.info.symbols, device, cfg, difficult, start, trained)[0]
+    return evaluate_split(model, data.val, data.info.symbols, device_of(model), cfg, difficult, start, trained)[0]
 
 
 # ---------------------------------------------------------------- checkpoints
@@ -342,13 +347,13 @@ class CheckpointSaver:
         _set_rng_state(state["rng"])
         return int(state["epoch"]) + 1, json.loads(state.get("history", "[]"))
 
-    def save(self, epoch: int, val_mre: float, model: LandmarkNet, optim: Optimisation,
+    def save(self, epoch: int, val_mre: float, model: LandmarkModel, optim: Optimisation,
              history: list[dict[str, Any]]) -> tuple[Path, bool]:
         """Write this epoch's checkpoint(s); returns last.pt's path and whether the epoch is the best so far."""
         improved = val_mre < self.best_mre
         if improved:
             self.best_mre, self.best_epoch = val_mre, epoch
-        state = {"model": model.state_dict(), "arch": arch_of(model), "symbols": self.symbols,
+        state = {"model": model.state_dict(), "arch": model.arch(), "symbols": self.symbols,
                  "config": self.cfg.to_dict(), "image_size": list(self.cfg.image_size), **optim.state_dict(),
                  "epoch": epoch, "rng": _rng_state(), "best_val_mre": self.best_mre, "best_epoch": self.best_epoch,
                  "difficult": self.difficult, "start_per_landmark": self.start, "val_mre": val_mre,
@@ -372,19 +377,18 @@ def seed_all(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _start_model(cfg: TrainConfig, symbols: list[str], device: torch.device) -> tuple[LandmarkNet, dict[str, Any] | None]:
-    """The model to train, placed on `device`, and the checkpoint when it is a last.pt (whose run this continues)."""
-    model = create_model(cfg.model, len(symbols), cfg.pretrained)
-    resume_state = None
-    if cfg.resume:
-        ckpt = read_checkpoint(cfg.resume)
-        load_weights(model, ckpt, cfg.resume, symbols)
-        if "optimizer" in ckpt and "epoch" in ckpt:  # a last.pt: continue that run
-            resume_state = ckpt
+def _start_model(cfg: TrainConfig, symbols: list[str], device: torch.device) -> tuple[LandmarkModel, dict[str, Any] | None]:
+    """The model to train, placed on `device`, and the checkpoint when it is a last.pt (whose run this continues):
+    the start checkpoint's own architecture (built-in or imported), else a new cfg.model."""
+    if not cfg.resume:
+        return place(create_model(cfg.model, len(symbols), cfg.pretrained), device), None
+    ckpt = read_checkpoint(cfg.resume)
+    model = from_checkpoint(ckpt, cfg.resume, symbols, cfg.model)
+    resume_state = ckpt if "optimizer" in ckpt and "epoch" in ckpt else None  # a last.pt: continue that run
     return place(model, device), resume_state
 
 
-def _start_per_landmark(cfg: TrainConfig, model: LandmarkNet, data: Data, resume_state: dict[str, Any] | None,
+def _start_per_landmark(cfg: TrainConfig, model: LandmarkModel, data: Data, resume_state: dict[str, Any] | None,
                         given: dict[str, float] | None) -> dict[str, float] | None:
     """The start model's validation errors, for choosing the difficult set and measuring drift: a continued
     run's own, else the caller's, else measured here (when there is a start model)."""
@@ -446,9 +450,9 @@ def train(cfg: TrainConfig, callback: Callback | None = None, start_per_landmark
     `start_per_landmark`: the start model's errors when the caller has them (a sweep measures them once for
     all trials). `scratch`: see CheckpointSaver. `cfg.progress` shows the per-epoch progress bar; the
     one-line summaries go to this module's logger."""
-    cfg.validate()
+    cfg = with_start_model(cfg.validate())
     if cfg.mode == "refine":  # refine.py sits above this module (it reuses the steps below), so it cannot be called here
-        raise ValueError("mode 'refine' trains the refinement stage: call tune_landmarks.refine.train_any (or "
+        raise ValueError("mode 'refine' trains the refinement stage: call tune_landmarks.stages.train_any (or "
                          "train_refine), which runs it with this module's steps")
     data = data or prepare_data(cfg, cfg.progress)
     symbols = data.info.symbols
@@ -468,7 +472,7 @@ def train(cfg: TrainConfig, callback: Callback | None = None, start_per_landmark
 
     teacher = make_teacher(model) if cfg.distill_weight > 0 and len(trained) < len(symbols) else None
     objective = Objective.from_config(cfg, weights, teacher)
-    frozen = freeze_stages(model, cfg.freeze_stages)
+    frozen = model.freeze(cfg.freeze_stages)
     opt = build_optimizer(model, cfg)
     ds = train_dataset(data.train, cfg)
     steps = steps_per_epoch(len(ds), cfg.batch_size, cfg.max_steps_per_epoch)
@@ -484,14 +488,14 @@ def train(cfg: TrainConfig, callback: Callback | None = None, start_per_landmark
                frozen=frozen, first_epoch=first_epoch, history=history, callback=callback)
 
 
-def fit(model: LandmarkNet, ds: Any, objective: Objective, optim: Optimisation, saver: CheckpointSaver,
-        cfg: TrainConfig, steps: int, score: Callable[[LandmarkNet], Summary], *, frozen: list[str] | None = None,
+def fit(model: LandmarkModel, ds: Any, objective: Objective, optim: Optimisation, saver: CheckpointSaver,
+        cfg: TrainConfig, steps: int, score: Callable[[LandmarkModel], Summary], *, frozen: list[str] | None = None,
         first_epoch: int = 0, history: list[dict[str, Any]] | None = None,
         callback: Callback | None = None) -> RunResult:
     """The epoch loop of every run (`train`, and the refinement stage in refine.py): `train_one_epoch` over `ds`
     (a Dataset with an albumentations `transform`, see epoch_loader), `score(model)` (the epoch's validation
     Summary), the saver's checkpoints, metrics.parquet, the log line and the callback."""
-    device = next(model.parameters()).device
+    device = device_of(model)
     history = history if history is not None else []
     out, symbols, difficult, start = saver.out, saver.symbols, saver.difficult, saver.start
     best = last = None

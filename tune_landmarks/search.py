@@ -1,4 +1,4 @@
-"""Sweeps, the Ray driver: Ray Tune runs the trials (each one `refine.train_any`), Optuna (TPE) samples them, ASHA
+"""Sweeps, the Ray driver: Ray Tune runs the trials (each one `stages.train_any`), Optuna (TPE) samples them, ASHA
 stops the weak ones early, and every arm (masked, weighted, all landmarks, refine) is searched alike with its own
 budget, so the verdict compares tuned arms.
 
@@ -54,12 +54,12 @@ REPORT_KEYS = ("val_mre", "best_val_mre", "val_mre_difficult", "val_mre_other", 
 # ---------------------------------------------------------------- the trial
 
 def trainable(config: dict[str, Any], sweep: Sweep) -> None:
-    """One Ray trial: `refine.train_any` (run.train, or the refinement stage for the refine arm) with a callback
+    """One Ray trial: `stages.train_any` (run.train, or the refinement stage for the refine arm) with a callback
     that reports each epoch and its checkpoint to Tune."""
     import torch
     from ray import tune
 
-    from .refine import train_any
+    from .stages import train_any
 
     cfg = sweep.trial_config(config, tune.get_context().get_trial_dir())
     cfg.threads = cfg.threads or max(1, int(round(float(sweep.base.get("threads") or 1))))
@@ -267,6 +267,7 @@ def prepare_sweep(space_file: str, base: TrainConfig, settings: SweepSettings) -
     """Everything that can fail before Ray starts: the settings and the space (every endpoint against its
     option's rule), the data (cached once for all trials), the start checkpoint's per-landmark errors
     (computed once, handed to every trial)."""
+    from .build import with_start_model
     from .infer import start_errors
     from .model import read_checkpoint
     from .run import prepare_data
@@ -285,6 +286,7 @@ def prepare_sweep(space_file: str, base: TrainConfig, settings: SweepSettings) -
         sub.check_against(own)
         from_dict(sub.defaults(), own).validate()
     read_checkpoint(base.resume)
+    base = with_start_model(base)  # an imported start model fixes how images are read (its spec)
     base.resume = str(Path(base.resume).resolve())
     base.dataset_path = str(Path(base.dataset_path).resolve())
     base.threads = max(1, int(settings.cpus_per_trial))
@@ -331,13 +333,20 @@ def prepare_crops(space: SearchSpace, base: TrainConfig, data: Any) -> None:
             physical_splits(data, mm_per_px, base)
 
 
-def init_ray(address: str | None) -> None:
+def init_ray(address: str | None, start_model: str | None = None) -> None:
+    """Ray for the sweep: a cluster at `address`, else a local Ray on loopback. An imported start model's code copy
+    travels to every worker as a runtime_env `py_modules` entry (no shared filesystem needed for it)."""
     import ray
+
+    from .build import code_modules, read_arch
 
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
     console = ray_setup.ray_init_options(ray_setup.verbosity())  # what reaches the console (ray_setup.py)
+    modules = code_modules(read_arch(start_model)) if start_model else []
+    if modules:
+        console["runtime_env"] = console.get("runtime_env", {}) | {"py_modules": modules}
     if address:
         ray.init(address=address, **console)
     else:
@@ -410,7 +419,7 @@ def run_search(space_file: str, base: TrainConfig, settings: SweepSettings) -> i
     exp.save_sweep(sweep)
     if exp.local is None:  # a new experiment: no local copies (journal, driver.log) left from an earlier one here
         shutil.rmtree(journal_copy(exp.uri).parent, ignore_errors=True)
-    init_ray(settings.address)
+    init_ray(settings.address, sweep.base["resume"])
     tuner, _ = build_tuner(sweep)
     with ray_setup.driver_console(exp):
         tuner.fit()

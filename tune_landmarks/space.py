@@ -41,7 +41,7 @@ _KEYS = {"loguniform": {"low", "high"}, "uniform": {"low", "high"}, "int": {"low
          "categorical": {"choices"}, "fixed": {"value"}}
 # options that belong to the sweep, not to a trial: a space may not change them
 DRIVER_OWNED = ("dataset_path", "format", "out", "resume", "cache_dir", "device", "progress", "train_split",
-                "val_split", "test_split", "image_size", "model", "annotator", "threads", "epochs")
+                "val_split", "test_split", "image_size", "resize", "interpolation", "model", "annotator", "threads", "epochs")
 
 
 class SpaceError(ValueError):
