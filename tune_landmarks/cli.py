@@ -51,14 +51,24 @@ def run_config(args: argparse.Namespace, base: TrainConfig | None = None) -> Tra
     given = {k: v for k, v in vars(args).items() if k in FIELDS}
     cfg = from_dict(given, cfg, source="command line")
     explicit = set(values) | set(given)
-    if cfg.resume and not {"model", "image_size"} <= explicit:
-        from .model import read_checkpoint
+    if cfg.resume:
+        from .build import fixed_options, read_arch
 
-        ckpt = read_checkpoint(cfg.resume)
-        if "model" not in explicit and ckpt.get("arch"):
-            cfg.model = ckpt["arch"]["model"]
-        if "image_size" not in explicit and ckpt.get("image_size"):
-            cfg.image_size = tuple(ckpt["image_size"])
+        arch = read_arch(cfg.resume)
+        fixed = fixed_options(arch)  # an imported model is read as its spec says
+        for k, v in fixed.items():
+            if k in explicit and getattr(cfg, k) != v:
+                raise ValueError(f"The value of `{k}` is {getattr(cfg, k)!r}, but {cfg.resume} is an imported model "
+                                 f"whose spec fixes it to {v!r}: leave --{k.replace('_', '-')} out")
+            setattr(cfg, k, v)
+        if not fixed and not {"model", "image_size"} <= explicit:
+            from .model import read_checkpoint
+
+            ckpt = read_checkpoint(cfg.resume)
+            if "model" not in explicit and ckpt.get("arch"):
+                cfg.model = ckpt["arch"]["model"]
+            if "image_size" not in explicit and ckpt.get("image_size"):
+                cfg.image_size = tuple(ckpt["image_size"])
     return cfg
 
 
@@ -185,6 +195,25 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_import_model(args: argparse.Namespace) -> int:
+    """Import a user's checkpoint and model class (imported.py); with a dataset, score it the spec's way so the user
+    can hold the figures against their own script's."""
+    from .imported import import_model
+
+    out = import_model(args.checkpoint, args.spec, args.out, args.trust_pickle)
+    print(f"imported {args.checkpoint} -> {out}: model.safetensors, model.json, code/ (usable wherever a checkpoint is: "
+          "evaluate, finetune --resume, search --resume, predict --model)")
+    if args.dataset_path:
+        from .infer import evaluate_checkpoint
+        from .metrics import format_landmark_sdr
+
+        ev = evaluate_checkpoint(out, args.dataset_path, args.split, fmt=args.format, annotator=args.annotator,
+                                 device=args.device, cache_dir=args.cache_dir, progress=True)
+        print(f"{args.split}: {len(ev.image_ids)} images, MRE {ev.summary.mre:.3f} mm, SDR@2mm {ev.summary.sdr[2.0]:.1f}%")
+        print(format_landmark_sdr(ev.errors, ev.symbols))
+    return 0
+
+
 def _sweep_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--space", required=True, help="search space YAML (search_spaces/*.yaml)")
     p.add_argument("--name", required=True, help="experiment name (a folder under --storage)")
@@ -304,6 +333,21 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default="auto")
     s.add_argument("--cache_dir", "--cache-dir", dest="cache_dir")
     s.set_defaults(func=cmd_evaluate)
+
+    s = sub.add_parser("import-model", help="your own model: a checkpoint and model class (spec YAML) as a model folder")
+    s.add_argument("checkpoint", help="the checkpoint your own script saved (.pth/.pt/.safetensors)")
+    s.add_argument("--spec", required=True, help="model spec YAML (README: Your own model)")
+    s.add_argument("--out", required=True, help="model folder to write (new or empty)")
+    s.add_argument("--trust-pickle", "--trust_pickle", action="store_true", dest="trust_pickle",
+                   help="read a checkpoint that holds pickled Python objects (e.g. argparse.Namespace): this runs code "
+                        "from the file, so only for files you trust")
+    s.add_argument("--dataset_path", "--dataset-path", dest="dataset_path", help="score the import on this dataset")
+    s.add_argument("--split", default="valid")
+    s.add_argument("--format", choices=("aariz", "isbi"))
+    s.add_argument("--annotator", default="mean", choices=("senior", "junior", "mean"))
+    s.add_argument("--device", default="auto")
+    s.add_argument("--cache_dir", "--cache-dir", dest="cache_dir")
+    s.set_defaults(func=cmd_import_model)
 
     s = sub.add_parser("search", help="Ray Tune + Optuna sweep of fine-tuning trials")
     _sweep_options(s)

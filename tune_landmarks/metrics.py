@@ -86,6 +86,19 @@ def format_table(summ: Summary, difficult: list[str] | None = None, start: dict[
     return "\n".join(lines)
 
 
+def format_landmark_sdr(errors: np.ndarray, symbols: list[str]) -> str:
+    """Per landmark, in the model's order: MRE +- SD and the SDR at each threshold (what a user's own evaluation
+    script prints, to hold an import against)."""
+    errors = np.asarray(errors, float)
+    head = "".join(f"{f'SDR@{t:g}':>10}" for t in SDR_THRESHOLDS_MM)
+    lines = [f"{'landmark':<9}{'MRE mm':>9}{'SD':>8}{head}"]
+    for i, s in enumerate(symbols):
+        e = errors[:, i]
+        sdr = "".join(f"{(e <= t).mean() * 100:>9.1f}%" for t in SDR_THRESHOLDS_MM)
+        lines.append(f"{s:<9}{e.mean():>9.3f}{e.std():>8.3f}{sdr}")
+    return "\n".join(lines)
+
+
 def predictions_table(image_ids: list[str], symbols: list[str], pred: np.ndarray, true: np.ndarray,
                       errors: np.ndarray) -> pa.Table:
     """One row per image x landmark (what `evaluate --out` writes)."""
