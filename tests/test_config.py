@@ -93,8 +93,7 @@ BAD = [
     ("dataset_path", "", "a dataset directory"),
     ("format", "dicom", "one of aariz, isbi"),
     ("annotator", "resident", "one of senior, junior, mean"),
-    ("image_size", (100, 64), "two multiples of 32 (width height), each >= 32"),
-    ("image_size", (0, 0), "two multiples of 32 (width height), each >= 32"),
+    ("image_size", (0, 0), "two sizes in pixels (width height), each >= 8"),
     ("epochs", 0, ">= 1"),
     ("batch_size", 0, ">= 1"),
     ("lr", -0.001, "> 0"),
@@ -144,6 +143,8 @@ def test_the_uniform_message_reaches_a_flag(parser) -> None:
 
 
 @pytest.mark.parametrize("changes, message", [
+    ({"image_size": (100, 64)}, "The value of `image_size` is (100, 64), but must be two multiples of 32 (width height), "
+                                "each >= 32 (the built-in models' stride)."),
     ({"difficult": ["UMT"], "difficult_threshold": 2.0},
      "The value of `difficult_threshold` is 2.0, but must be unset when `difficult` is given"),
     ({"warmup_epochs": 30.0, "epochs": 20}, "The value of `warmup_epochs` is 30.0, but must be <= epochs (20)."),

@@ -365,3 +365,18 @@ def test_a_sweep_of_the_imported_model_is_killed_resumed_exported_and_predicts_a
     refined = json.loads((moved / "model.json").read_text())["refine"]["refined"]
     others = [i for i, s in enumerate(ev.symbols) if s not in refined]
     assert np.array_equal(ev.pred[:, others], start.pred[:, others])
+
+
+def test_code_travels_as_a_package_when_its_folder_is_not_on_this_node(imported_heatmap, tmp_path, monkeypatch):
+    """A trial on another node of a Ray cluster finds the code copy where runtime_env py_modules put it: on sys.path,
+    under its package name (the recorded folder does not exist there); the sha256 checks still apply."""
+    from tune_landmarks.build import read_arch
+    from tune_landmarks.imported import build, code_dir
+
+    arch = read_arch(imported_heatmap)
+    shipped = tmp_path / "worker_modules"
+    shutil.copytree(arch["code"]["dir"], shipped / arch["code"]["package"])
+    monkeypatch.syspath_prepend(str(shipped))
+    remote = arch | {"code": arch["code"] | {"dir": str(tmp_path / "not" / "on" / "this" / "node")}}
+    assert code_dir(remote["code"]) == shipped / arch["code"]["package"]
+    assert build(remote).num_landmarks == 29

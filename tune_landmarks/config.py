@@ -93,7 +93,7 @@ def one_of(*choices: Any) -> Rule:
 
 
 def _image_size_ok(v: Any) -> bool:
-    return len(v) == 2 and all(int(x) >= 32 and int(x) % 32 == 0 for x in v)
+    return len(v) == 2 and all(int(x) >= 8 for x in v)
 
 
 def _device_ok(v: Any) -> bool:
@@ -119,7 +119,7 @@ class TrainConfig:
     test_split: str | None = None  # verdict; default: test (Aariz) / test1 (ISBI); never chosen on
     skip_bad: bool = False
     image_size: tuple[int, int] = opt((256, 256), Rule(test=_image_size_ok,  # width height of the network input
-                                                       text="two multiples of 32 (width height), each >= 32"))
+                                                       text="two sizes in pixels (width height), each >= 8"))
     resize: str = opt("stretch", one_of(*RESIZES))  # how an image reaches image_size (an imported model's spec sets it)
     interpolation: str = opt("auto", one_of(*INTERPOLATIONS))
     cache_dir: str | None = None
@@ -231,6 +231,15 @@ class Relation:
     check: Callable[[TrainConfig], tuple[str, str] | None]
 
 
+IMPORTED = "imported"  # `model` of a user's own model (imported.py): its spec fixes image_size
+
+
+def _built_in_size(c: TrainConfig) -> tuple[str, str] | None:
+    if c.model != IMPORTED and not all(int(x) >= 32 and int(x) % 32 == 0 for x in c.image_size):
+        return "image_size", "two multiples of 32 (width height), each >= 32 (the built-in models' stride)"
+    return None
+
+
 def _one_way_to_pick(c: TrainConfig) -> tuple[str, str] | None:
     if c.difficult and c.difficult_threshold is not None:
         return "difficult_threshold", "unset when `difficult` is given (choose one way to pick the difficult set)"
@@ -277,6 +286,7 @@ def _refine_has_a_start(c: TrainConfig) -> tuple[str, str] | None:
 
 
 RELATIONS: tuple[Relation, ...] = (
+    Relation(("image_size", "model"), _built_in_size),
     Relation(("difficult", "difficult_threshold"), _one_way_to_pick),
     Relation(("warmup_epochs", "epochs"), _warmup_within_epochs),
     Relation(("mode", "difficult", "difficult_threshold"), _mode_has_a_set),

@@ -28,7 +28,7 @@ import yaml
 
 from . import heatmap
 from .atomic import staged_dir
-from .config import DECODERS, INTERPOLATIONS, RESIZES
+from .config import DECODERS, IMPORTED, INTERPOLATIONS, RESIZES
 from .landmarks import AARIZ, ISBI2015, symbols
 from .model import (
     CheckpointError,
@@ -44,7 +44,7 @@ from .model import (
 )
 
 FORMAT_VERSION = 1
-KIND = "imported"
+KIND = IMPORTED
 CODE_DIR = "code"
 SOFT_ARGMAX = "soft-argmax"
 CATALOGUES = {"aariz": AARIZ, "isbi": ISBI2015}
