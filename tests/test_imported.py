@@ -167,7 +167,8 @@ def user_train_and_score(root: Path, work: Path, kind: str) -> tuple[Path, float
         out = torch.sigmoid(net(x))
         unit = soft_argmax(out) if kind == "heatmap" else out
     pred = unit.double().numpy() * sizes[:, None, :]
-    err = np.linalg.norm(pred - np.stack([r.keypoints for r in valid]), axis=-1) * np.array([r.spacing_mm for r in valid])[:, None]
+    spacing = np.array([r.spacing_mm for r in valid])[:, None]
+    err = np.linalg.norm(pred - np.stack([r.keypoints for r in valid]), axis=-1) * spacing
     ckpt = work / f"checkpoint_best_{kind}.pth"
     torch.save({"model_state_dict": net.state_dict(), "optimizer_state_dict": opt.state_dict(), "epoch": 60,
                 "args": argparse.Namespace(model="hrnet", image_size=[64, 64], lr=3e-3)}, ckpt)
@@ -198,6 +199,7 @@ def imported_heatmap(user_work, user_heatmap, tmp_path_factory) -> Path:
 
 # ---------------------------------------------------------------- import
 
+@pytest.mark.slow
 def test_import_reproduces_the_users_own_mre_and_refuses_pickle_without_the_flag(user_work, user_heatmap, synth_root,
                                                                                  tmp_path):
     ckpt, own_mre = user_heatmap
@@ -226,6 +228,7 @@ def test_import_reproduces_the_users_own_mre_and_refuses_pickle_without_the_flag
     assert bad.returncode == 1 and "model.py: changed since the model was imported" in bad.stderr
 
 
+@pytest.mark.slow
 def test_a_coordinate_regression_model_imports_and_scores_as_its_loop(user_work, synth_root, tmp_path):
     ckpt, own_mre = user_train_and_score(synth_root, user_work, "coords")
     p = cli("import-model", ckpt, "--spec", user_work / "coords.yaml", "--out", tmp_path / "c", "--trust-pickle", check=True)
@@ -279,6 +282,7 @@ def _finetune(root: Path, start: Path, out: Path, **kw):
     return train_any(cfg)
 
 
+@pytest.mark.slow
 def test_masked_finetune_of_the_imported_model_lowers_the_difficult_landmarks(imported_heatmap, synth_root, tmp_path):
     start = evaluate_checkpoint(imported_heatmap, synth_root, "valid")
     worst = sorted(start.summary.per_landmark, key=lambda s: -start.summary.per_landmark[s])[:4]
@@ -301,6 +305,7 @@ def test_masked_finetune_of_the_imported_model_lowers_the_difficult_landmarks(im
     assert np.abs(xy - ev.pred[0]).max() < 1e-3 and ev.summary.mre == pytest.approx(res.best.mre, abs=1e-6)
 
 
+@pytest.mark.slow
 def test_refine_stage_on_the_imported_model_keeps_the_others_bit_identical(imported_heatmap, synth_root, tmp_path):
     from tune_landmarks.refine import train_refine
 

@@ -281,3 +281,80 @@ def test_a_mismatched_refine_checkpoint_is_refused_before_any_work(isbi_small, i
     proc = cli("predict", "--model", isbi_refine, "--out", tmp_path / "p", isbi_small / "images" / "151.jpg",
                "--pixel-size", "0.6")
     assert proc.returncode == 1 and "`refine_mm_per_px` is 0.5, but must be >= 0.6 mm/px" in proc.stderr
+
+
+# ---------------------------------------------------------------- refinement from another detector's predictions
+
+@pytest.fixture(scope="module")
+def given_points(synth_root, start_ckpt, tmp_path_factory) -> Path:
+    """Another detector's points for every image of the synthetic set: `predict`'s JSON files (here the start model's,
+    written by `predict` as any detector's would be)."""
+    from tune_landmarks.predict import predict
+    from tune_landmarks.read import describe, load_split
+
+    info = describe(synth_root)
+    images = [r.image_path for split in info.splits for r in load_split(info, split).records]
+    out = tmp_path_factory.mktemp("given")
+    assert not predict(start_ckpt, images, out).failed
+    return out
+
+
+@pytest.mark.slow
+def test_a_refine_sweep_on_predictions_alone_judges_them_as_the_start(synth_root, given_points, tmp_path):
+    import ray
+
+    from tune_landmarks.experiment import SweepSettings
+    from tune_landmarks.read import describe, load_split, read_predictions
+    from tune_landmarks.search import run_search
+
+    (tmp_path / "space.yaml").write_text(REFINE_ARM_SPACE)
+    base = TrainConfig(dataset_path=str(synth_root), start_predictions=str(given_points), mode="refine", epochs=2,
+                       batch_size=4, max_steps_per_epoch=2, progress=False)
+    with pytest.raises(ValueError, match="`arms` is 'masked,refine', but must be 'refine' with --start-predictions"):
+        run_search(str(tmp_path / "space.yaml"), base, SweepSettings(name="no", storage=str(tmp_path / "s"),
+                                                                     arms=["masked", "refine"]))
+    settings = SweepSettings(name="given", storage=str(tmp_path / "s"), num_samples=1, max_concurrent=1,
+                             cpus_per_trial=1, arms=["refine"], seed=0)
+    try:
+        assert run_search(str(tmp_path / "space.yaml"), base, settings) == 0
+    finally:
+        ray.shutdown()
+    exp = tmp_path / "s" / "given"
+    verdict = json.loads((exp / "verdict.json").read_text())
+    assert {(c["a"], c["b"]) for c in verdict["comparisons"]} == {("best refine", "start")}
+    start = evaluate_checkpoint(given_points, synth_root, "test")  # the predictions, scored as they are
+    assert verdict["selection_mre_mm"]["start"] == pytest.approx(
+        evaluate_checkpoint(given_points, synth_root, "valid").summary.mre, abs=1e-9)
+    p = cli("export", exp, "--force", "--out", tmp_path / "stage", "--split", "test")
+    assert p.returncode == 0, p.stderr[-2000:]
+    meta = json.loads((tmp_path / "stage" / "model.json").read_text())
+    assert meta["refine"]["start"]["predictions"] == str(given_points) and not (tmp_path / "stage" / "start").exists()
+    ev = evaluate_checkpoint(tmp_path / "stage", synth_root, "test")
+    refined = [i for i, s in enumerate(ev.symbols) if s in meta["refine"]["refined"]]
+    others = [i for i in range(len(ev.symbols)) if i not in refined]
+    assert np.array_equal(ev.pred[:, others], start.pred[:, others])
+    assert not np.array_equal(ev.pred[:, refined], start.pred[:, refined])
+    # predict refines given points for new images; every other landmark is the given one, bit for bit
+    info = describe(synth_root)
+    images = [r.image_path for r in load_split(info, "test").records]
+    p = cli("predict", *images, "--model", tmp_path / "stage", "--start-predictions", given_points, "--out",
+            tmp_path / "p", "--pixel-size", "0.1")
+    assert p.returncode == 0, p.stderr
+    out = read_predictions(tmp_path / "p", [i.stem for i in images], info.symbols)
+    src = read_predictions(given_points, [i.stem for i in images], info.symbols)
+    assert np.array_equal(out[:, others], src[:, others]) and not np.array_equal(out[:, refined], src[:, refined])
+    # `finetune --mode refine --start-predictions`: a missing image or landmark is one error listing them, before
+    # any training
+    partial = tmp_path / "partial"
+    shutil.copytree(given_points, partial)
+    valid = [r.image_id for r in load_split(info, "valid").records]
+    missing, damaged = valid[:2], partial / f"{valid[2]}.json"
+    for image_id in missing:
+        (partial / f"{image_id}.json").unlink()
+    data = json.loads(damaged.read_text())
+    damaged.write_text(json.dumps(data | {"landmarks": data["landmarks"][1:]}))  # landmark A left out
+    p = cli("finetune", "--mode", "refine", "--start-predictions", partial, "--dataset_path", synth_root,
+            "--difficult", "Go", "--refine-mm-per-px", "0.15", "--refine-crop-mm", "9.6", "--out", tmp_path / "x")
+    assert p.returncode == 1 and f"no prediction for 2 image(s) the run uses: {', '.join(missing)}" in p.stderr
+    assert f"{damaged}: missing landmark symbol(s) A" in p.stderr
+    assert not (tmp_path / "x" / "last.pt").exists()

@@ -171,8 +171,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     base = TrainConfig(mode="masked") if args.command == "finetune" else TrainConfig()
     cfg = run_config(args, base)
     if args.command == "finetune":
-        if not cfg.resume and not cfg.pretrained:
-            return _fail("finetune needs --resume START_CHECKPOINT (use `train` to train from scratch)")
+        if not cfg.resume and not cfg.pretrained and not cfg.start_predictions:
+            return _fail("finetune needs --resume START_CHECKPOINT (or, for --mode refine, --start-predictions DIR; "
+                         "use `train` to train from scratch)")
         cfg = _finetune_defaults(cfg)
     res = train(cfg)
     print(f"best epoch {res.best_epoch}: val MRE {res.best.mre:.3f} mm; wrote {res.out}/best.pt, last.pt, "

@@ -252,7 +252,7 @@ def sweep_verdict(experiment: Experiment | str, n_boot: int = 2000, seed: int = 
     if not test:
         raise ValueError(f"{exp.uri_of(SWEEP_FILE)}: records no verdict split (a sweep of an earlier version)")
     winners = arm_winners(exp, sweep)
-    models = {"start": Path(sweep.base["resume"])} | {name: ckpt for name, (_, ckpt) in winners.items()}
+    models = {"start": Path(sweep.start)} | {name: ckpt for name, (_, ckpt) in winners.items()}
     base = sweep.base
     options = {"fmt": base.get("format"), "annotator": base.get("annotator", "mean"), "device": device,
                "cache_dir": base.get("cache_dir")}

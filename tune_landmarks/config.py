@@ -127,6 +127,7 @@ class TrainConfig:
     model: str = "hrnet"
     pretrained: str | None = None
     resume: str | None = None
+    start_predictions: str | None = None  # refine without a start model: another detector's predictions (a folder)
     out: str = "runs/run"
     # optimisation
     epochs: int = opt(20, ge(1))
@@ -280,8 +281,11 @@ def _crop_in_pixels(c: TrainConfig) -> tuple[str, str] | None:
 
 
 def _refine_has_a_start(c: TrainConfig) -> tuple[str, str] | None:
-    if c.mode == "refine" and not c.resume:
-        return "mode", "not 'refine' without a start model (--resume START): the refinement stage sits on top of it"
+    if c.mode == "refine" and not (c.resume or c.start_predictions):
+        return "mode", ("not 'refine' without a start model (--resume START) or its predictions (--start-predictions "
+                        "DIR): the refinement stage sits on top of it")
+    if c.start_predictions and c.mode != "refine":
+        return "start_predictions", "unset unless mode is 'refine' (the other modes fine-tune a start model)"
     return None
 
 
@@ -292,7 +296,7 @@ RELATIONS: tuple[Relation, ...] = (
     Relation(("mode", "difficult", "difficult_threshold"), _mode_has_a_set),
     Relation(("distill_weight", "resume", "pretrained"), _distill_has_a_teacher),
     Relation(("refine_crop_mm", "refine_mm_per_px"), _crop_in_pixels),
-    Relation(("mode", "resume"), _refine_has_a_start),
+    Relation(("mode", "resume", "start_predictions"), _refine_has_a_start),
 )
 
 

@@ -114,6 +114,11 @@ class Sweep:
     notes: list[str] = field(default_factory=list)
 
     @property
+    def start(self) -> str:
+        """What the trials start from: the start checkpoint, or (a refine-only sweep) the start detector's predictions."""
+        return self.base.get("resume") or self.base["start_predictions"]
+
+    @property
     def start_mre(self) -> float:
         """The start checkpoint's validation MRE (all landmarks have the same images, so the mean of means)."""
         return statistics.fmean(self.start_errors.values())

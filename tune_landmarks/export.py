@@ -163,13 +163,16 @@ def write_model(dest: Path, ckpt: dict[str, Any], cfg: TrainConfig, extra: dict[
     """`write_stage` for a plain checkpoint. A refinement stage is exported as its whole cascade: its start model
     as the complete model folder `dest/start` (itself usable by `predict`), and the refinement stage in `dest`,
     whose model.json's `refine` record names that folder and its sha256 (load_cascade checks it), keeping the
-    start checkpoint it was trained on as `source_path`/`source_sha256`. `predict` needs nothing else."""
-    from .infer import checked_start, config_of, is_refine
+    start checkpoint it was trained on as `source_path`/`source_sha256`. `predict` needs nothing else. A stage
+    trained on another detector's predictions is exported alone: `predict --start-predictions` gives its points."""
+    from .infer import checked_start, config_of, is_given, is_refine
     from .model import read_checkpoint, sha256_file
 
     if not is_refine(ckpt):
         return write_stage(dest, ckpt, cfg, extra)
     rec = ckpt["refine"]
+    if is_given(rec):
+        return write_stage(dest, ckpt, cfg, extra | {"refine": rec})
     source = checked_start(extra["source"]["checkpoint"], rec)  # both callers name the exported checkpoint
     start = read_checkpoint(source)
     write_stage(dest / START_DIR, start, config_of(start), {"source": {"path": str(source), "sha256": rec["start"]["sha256"]}})
@@ -185,18 +188,19 @@ def _write_model(dest: Path, sel: Selection, sweep: Sweep, exp: Experiment, sour
     import pyarrow.parquet as pq
     import yaml
 
-    from .model import read_checkpoint, sha256_file
+    from .infer import start_sha256
+    from .model import read_checkpoint
 
     ckpt = read_checkpoint(exp.local_file(sel.checkpoint, "checkpoint.pt"))
     cfg = sweep.trial_config(sel.trial.params, exp.trial_dir(sel.trial.trial_id))
     epoch = int(sel.epoch["epoch"])
     difficult = list(ckpt.get("difficult") or [])
-    start = Path(sweep.base["resume"])
+    start = Path(sweep.start)
     write_model(dest, ckpt, cfg, {
         "hyperparameters": sel.trial.params, "difficult": difficult,
         "metrics": _epoch_metrics(sel.epoch, sweep.symbols), "validation": source,
         "trial_id": sel.trial.trial_id, "epoch": epoch, "arm": sel.trial.arm,
-        "start_checkpoint": {"path": str(start), "sha256": sha256_file(start)},
+        "start_checkpoint": {"path": str(start), "sha256": start_sha256(start)},
         "source": {"experiment": exp.uri, "checkpoint": exp.uri_of(sel.checkpoint)},
     })
     (dest / "best_hyperparameters.yaml").write_text(
@@ -340,7 +344,7 @@ def export(experiment: Experiment | str | Path, out: str | Path, split: str | No
     source = _validation_source(sweep)
     if split is not None:
         _check_split(split, sweep, source)
-    start = Path(sweep.base["resume"])
+    start = Path(sweep.start)
     if not start.exists():
         raise FileNotFoundError(f"{start}: the sweep's start checkpoint is missing "
                                 "(its sha256 goes into the export)")

@@ -23,7 +23,7 @@ from .crops import CropGeometry, PhysicalSplit, build_physical_cache, check_geom
 from .device import autocast, device_of, place, resolve_device
 from .metrics import Summary, predictions_table, radial_errors_mm, summarize
 from .model import CheckpointError, LandmarkModel, input_size, read_checkpoint, sha256_file
-from .read import DatasetInfo, describe, load_split
+from .read import DatasetInfo, describe, load_split, predictions_sha256, read_predictions
 
 
 @torch.no_grad()
@@ -82,8 +82,11 @@ class HasValidation(Protocol):
 def start_errors(cfg: TrainConfig, data: HasValidation, model: LandmarkModel | None = None) -> Summary:
     """The start model's errors on the validation split: what the difficult set is chosen from and what drift
     is measured against. `model` is the start model when the caller holds it already (on its device); without
-    it, cfg.resume is loaded as cfg.model on cfg.device."""
+    it, cfg.resume is loaded as cfg.model on cfg.device, or (no start model) cfg.start_predictions are scored."""
     symbols = data.info.symbols
+    if model is None and not cfg.resume and cfg.start_predictions:
+        pred = read_predictions(cfg.start_predictions, list(data.val.image_ids), symbols)
+        return summarize(radial_errors_mm(pred, data.val.keypoints_orig, data.val.spacing_mm), symbols)
     if model is None:
         if not cfg.resume:
             raise ValueError("start_errors: no start model (neither `model` nor cfg.resume)")
@@ -157,15 +160,23 @@ def refine_points(model: LandmarkModel, images: Sequence[np.ndarray], scale: np.
 class Cascade:
     """A start model and the refinement stage of some of its landmarks: those come from crops around the start
     model's points; every other landmark is the start model's own prediction, bit for bit (the same call on the
-    same input as the start model alone)."""
+    same input as the start model alone). With `given` instead of a start model, the start points are another
+    detector's predictions read from that folder (read.read_predictions), copied as they are."""
 
-    start: LandmarkModel
+    start: LandmarkModel | None
     start_cfg: TrainConfig
     refine: LandmarkModel
     cfg: TrainConfig  # the refinement run's: crop settings, and the decoder and sigma of the crop heatmaps
     symbols: list[str]
     refined: list[str]  # the refinement model's channels, in order
     train_spacing_mm: tuple[float, float] = (0.0, 0.0)  # pixel spacings of the images it was trained on (min, max)
+    given: Path | None = None  # the start detector's predictions (a folder of JSON files), when no start model
+
+    def start_points(self, split: CachedSplit) -> np.ndarray:
+        """The start points (N, K, 2) in original px of a cached split's images."""
+        if self.given is not None:
+            return read_predictions(self.given, list(split.image_ids), self.symbols)
+        return predict_as_run(self.start, self.start_cfg, split)
 
     @property
     def geometry(self) -> CropGeometry:
@@ -194,7 +205,7 @@ class Cascade:
         if list(split.image_ids) != list(phys.image_ids):
             raise ValueError(f"{split.path} and {phys.path} hold different images")
         check_geometry(self.geometry, phys.spacing_mm, phys.orig_size, phys.image_ids)
-        return self.refine_coarse(predict_as_run(self.start, self.start_cfg, split), phys.images(), phys.scale)
+        return self.refine_coarse(self.start_points(split), phys.images(), phys.scale)
 
 
 def is_refine(ckpt: dict[str, Any]) -> bool:
@@ -217,27 +228,49 @@ def checked_start(path: str | Path, rec: dict[str, Any], start: str | Path | Non
     return start_path
 
 
+def is_given(rec: dict[str, Any]) -> bool:
+    """A refinement stage trained on another detector's predictions (its record names a folder, no start model)."""
+    return "predictions" in rec["start"]
+
+
 def load_cascade(path: str | Path, device: torch.device, symbols: list[str] | None = None,
-                 ckpt: dict[str, Any] | None = None, start: str | Path | None = None) -> Cascade:
+                 ckpt: dict[str, Any] | None = None, start: str | Path | None = None,
+                 given: str | Path | None = None) -> Cascade:
     """A refine checkpoint and the start model it records (`start` overrides the recorded path), both in eval
     mode on `device`. Refused before any work, naming both sides: a start model whose sha256 is not the
-    recorded one, or landmarks that differ from `symbols` (the dataset's) or from the start model's."""
+    recorded one, or landmarks that differ from `symbols` (the dataset's) or from the start model's. `given`: a
+    folder of start predictions to refine instead of the start model's (the recorded one for a stage trained on
+    predictions)."""
     ckpt = ckpt if ckpt is not None else read_checkpoint(path)
     if not is_refine(ckpt):
         raise CheckpointError(f"{path}: not a refinement-stage checkpoint (tune-landmarks finetune --mode refine writes one)")
     rec = ckpt["refine"]
-    start_path = checked_start(path, rec, start)
     own, refined = list(ckpt.get("symbols") or []), list(rec["refined"])
     if symbols is not None and own != list(symbols):
         raise CheckpointError(f"{path}: landmark symbols {own} differ from the dataset's {list(symbols)}")
     if not refined or not set(refined) <= set(own):
         raise CheckpointError(f"{path}: refines {refined}, which are not among its landmarks {own}")
+    refine = place(from_checkpoint(ckpt, path), device).eval()
+    keep = tuple(rec.get("train_spacing_mm") or (0.0, 0.0))
+    if given is not None or is_given(rec):
+        folder = Path(given or rec["start"]["predictions"])
+        return Cascade(None, config_of(ckpt), refine, config_of(ckpt), own, refined, keep, folder)
+    start_path = checked_start(path, rec, start)
     start_model, start_cfg, start_symbols = load_model(start_path, device)
     if start_symbols != own:
         raise CheckpointError(f"{path}: landmark symbols {own} differ from its start model's {start_symbols} ({start_path})")
-    refine = from_checkpoint(ckpt, path)
-    return Cascade(start_model, start_cfg, place(refine, device).eval(), config_of(ckpt), own, refined,
-                   tuple(rec.get("train_spacing_mm") or (0.0, 0.0)))
+    return Cascade(start_model, start_cfg, refine, config_of(ckpt), own, refined, keep)
+
+
+def is_predictions(path: str | Path) -> bool:
+    """A folder of per-image prediction JSON files (`predict`'s output), not a model folder."""
+    path = Path(path)
+    return path.is_dir() and not (path / "model.json").is_file() and any(path.glob("*.json"))
+
+
+def start_sha256(path: str | Path) -> str:
+    """The identity of what a run started from: a checkpoint's or model folder's sha256, or a predictions folder's."""
+    return predictions_sha256(path) if is_predictions(path) else sha256_file(path)
 
 
 @dataclass
@@ -257,7 +290,10 @@ def evaluate_checkpoint(checkpoint: str | Path, dataset_path: str | Path, split:
                         annotator: str = "mean", device: str = "auto", cache_dir: str | None = None,
                         start: str | Path | None = None, progress: bool = False) -> Evaluation:
     """Predict every image of `split` and score it; `start` adds per-landmark drift against that checkpoint.
-    A refine checkpoint is evaluated as its cascade (Cascade.predict_cached), checked against its start model first."""
+    A refine checkpoint is evaluated as its cascade (Cascade.predict_cached), checked against its start model first;
+    a folder of predictions (`predict`'s JSON files, e.g. another detector's) is scored as it is."""
+    if is_predictions(checkpoint):
+        return _evaluate_predictions(Path(checkpoint), dataset_path, split, fmt, annotator)
     ckpt = read_checkpoint(checkpoint)
     cfg = config_of(ckpt)
     info = describe(dataset_path, fmt)
@@ -284,6 +320,16 @@ def evaluate_checkpoint(checkpoint: str | Path, dataset_path: str | Path, split:
     err = radial_errors_mm(pred, cached.keypoints_orig, cached.spacing_mm)
     summ = summarize(err, info.symbols, difficult, start_pl, trained)
     return Evaluation(summ, list(cached.image_ids), info.symbols, pred, cached.keypoints_orig, err, difficult)
+
+
+def _evaluate_predictions(folder: Path, dataset_path: str | Path, split: str, fmt: str | None,
+                          annotator: str) -> Evaluation:
+    info = describe(dataset_path, fmt)
+    sp = load_split(info, split, annotator)
+    pred = read_predictions(folder, [r.image_id for r in sp.records], info.symbols)
+    true = np.stack([r.keypoints for r in sp.records])
+    err = radial_errors_mm(pred, true, np.array([r.spacing_mm for r in sp.records]))
+    return Evaluation(summarize(err, info.symbols), [r.image_id for r in sp.records], info.symbols, pred, true, err, [])
 
 
 def write_predictions(ev: Evaluation, path: str | Path) -> Path:

@@ -289,7 +289,8 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
                 "export": meta}
         if isinstance(meta.get("refine"), dict):  # an exported cascade: its start model is a folder inside it
             rec = meta["refine"]
-            ckpt["refine"] = rec | {"start": rec["start"] | {"path": str(path / rec["start"]["path"])}}
+            start = rec["start"] | ({"path": str(path / rec["start"]["path"])} if "path" in rec["start"] else {})
+            ckpt["refine"] = rec | {"start": start}
         return ckpt
     obj = load_file(path)
     if isinstance(obj, dict) and isinstance(obj.get("model"), dict) and "arch" in obj:

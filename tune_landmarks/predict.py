@@ -133,15 +133,18 @@ def _cascade_spacing(model_path: str | Path, cascade: Any, pixel_size: float | N
 
 
 def predict(model_path: str | Path, inputs: Sequence[str | Path], out: str | Path, integer: bool = False,
-            device: str = "auto", batch_size: int = 8, pixel_size: float | None = None) -> PredictReport:
+            device: str = "auto", batch_size: int = 8, pixel_size: float | None = None,
+            start_predictions: str | Path | None = None) -> PredictReport:
     """Predict every readable input and write its outputs to `out`; see the module docstring. A refinement
     checkpoint predicts with its cascade (the start model's points, then infer.Cascade.refine_coarse) at `pixel_size`
-    mm/px (see _cascade_spacing)."""
+    mm/px (see _cascade_spacing). `start_predictions`: a folder of another detector's predictions (one JSON per image,
+    same stem) whose points the cascade refines instead of its start model's; every other landmark is copied."""
     from .cache import decode_image, resize, to_original
     from .crops import check_geometry, physical_size
     from .device import resolve_device
     from .infer import is_refine, load_cascade, load_model, predict_batch
     from .model import read_checkpoint
+    from .read import read_predictions
 
     if batch_size < 1:
         raise ValueError(f"The value of `batch_size` is {batch_size}, but must be > 0.")
@@ -149,10 +152,15 @@ def predict(model_path: str | Path, inputs: Sequence[str | Path], out: str | Pat
     _check_names(images)
     dev = resolve_device(device)
     ckpt = read_checkpoint(model_path)
-    cascade = load_cascade(model_path, dev, ckpt=ckpt) if is_refine(ckpt) else None
+    if start_predictions is not None and not is_refine(ckpt):
+        raise ValueError(f"{model_path}: --start-predictions needs a refinement stage to refine them (this model is "
+                         "not one)")
+    cascade = load_cascade(model_path, dev, ckpt=ckpt, given=start_predictions) if is_refine(ckpt) else None
     if cascade is not None:  # the start model predicts as it would alone; the cascade then refines its points
         spacing = _cascade_spacing(model_path, cascade, pixel_size)
         model, cfg, symbols = cascade.start, cascade.start_cfg, cascade.symbols
+        if cascade.given is not None:  # every input's start points are there, or nothing is predicted
+            read_predictions(cascade.given, [p.stem for p in images], symbols)
     else:
         model, cfg, symbols = load_model(model_path, dev, ckpt=ckpt)
     out = Path(out)
@@ -172,8 +180,11 @@ def predict(model_path: str | Path, inputs: Sequence[str | Path], out: str | Pat
         if not batch:
             continue
         scale = np.stack([b[3] for b in batch])
-        pts = predict_batch(model, np.stack([b[2] for b in batch]), dev, cfg.decoder, cfg.sigma, cfg.mixed_precision, scale)
-        pts = to_original(pts, scale[:, None, :])
+        if model is None:  # a cascade on given start points
+            pts = read_predictions(cascade.given, [b[0].stem for b in batch], symbols)
+        else:
+            pts = to_original(predict_batch(model, np.stack([b[2] for b in batch]), dev, cfg.decoder, cfg.sigma,
+                                            cfg.mixed_precision, scale), scale[:, None, :])
         if cascade is not None:
             phys, scale = zip(*(resize(g, physical_size(g.shape[1], g.shape[0], spacing, cascade.geometry.mm_per_px))
                                 for _, g, *_ in batch))
@@ -187,7 +198,8 @@ def predict(model_path: str | Path, inputs: Sequence[str | Path], out: str | Pat
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    rep = predict(args.model, args.inputs, args.out, args.integer, args.device, args.batch_size, args.pixel_size)
+    rep = predict(args.model, args.inputs, args.out, args.integer, args.device, args.batch_size, args.pixel_size,
+                  args.start_predictions)
     if rep.predicted:
         print(f"predicted {len(rep.predicted)} image(s) -> {args.out}: one JSON and one {OVERLAY_SUFFIX} per "
               f"image, {CSV_NAME}")
@@ -210,4 +222,7 @@ def register_cli(sub: Any) -> None:
     p.add_argument("--pixel-size", "--pixel_size", type=float, dest="pixel_size", metavar="MM",
                    help="the images' pixel spacing (mm/px), for a refinement cascade (default: its training images' "
                         "spacing when they all share one)")
+    p.add_argument("--start-predictions", "--start_predictions", dest="start_predictions", metavar="DIR",
+                   help="with a refinement stage: refine these points (one JSON per image, as predict writes, matched by "
+                        "file stem) instead of its start model's; every other landmark is copied as it is")
     p.set_defaults(func=cmd_predict)

@@ -318,6 +318,39 @@ def _read_aariz_json(path: Path, known: list[str]) -> tuple[np.ndarray | None, l
     return np.array([found[s] for s in known], dtype=np.float64), []
 
 
+def read_predictions(folder: str | Path, image_ids: list[str], known: list[str]) -> np.ndarray:
+    """Another detector's points (N, K, 2) in original pixels, from a folder of Aariz-schema JSON files as `predict`
+    writes them, one per image (file stem = image id). Every missing image, unreadable file and missing landmark is
+    listed in one DatasetError."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DatasetError(folder, [f"{folder}: the start predictions folder does not exist"])
+    out, problems, absent = np.zeros((len(image_ids), len(known), 2)), [], []
+    for n, image_id in enumerate(image_ids):
+        path = folder / f"{image_id}.json"
+        if not path.is_file():
+            absent.append(image_id)
+            continue
+        pts, why = _read_aariz_json(path, known)
+        problems += why
+        if pts is not None:
+            out[n] = pts
+    if absent:
+        problems.insert(0, f"{folder}: no prediction for {len(absent)} image(s) the run uses: {', '.join(absent[:20])}"
+                           + (" ..." if len(absent) > 20 else ""))
+    if problems:
+        raise DatasetError(folder, problems)
+    return out
+
+
+def predictions_sha256(folder: str | Path) -> str:
+    """One digest of a predictions folder's JSON files (names and contents): what a refinement stage trained on."""
+    h = hashlib.sha256()
+    for f in sorted(Path(folder).glob("*.json")):
+        h.update(f.name.encode() + b"\0" + hashlib.sha256(f.read_bytes()).digest())
+    return h.hexdigest()
+
+
 def _read_aariz_split(info: DatasetInfo, split: str, annotator: str) -> Split:
     known = info.symbols
     sdir = _find_dir(info.root, split)

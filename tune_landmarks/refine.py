@@ -46,6 +46,7 @@ from .landmarks import parse_symbols
 from .loss import per_landmark, weighted_total
 from .metrics import Summary, radial_errors_mm, summarize
 from .model import CheckpointError, LandmarkModel, create_model, read_checkpoint, sha256_file
+from .read import predictions_sha256, read_predictions
 from .run import Callback, Data, Objective, RunResult
 
 log = logging.getLogger(__name__)
@@ -124,16 +125,23 @@ def crop_transform(cfg: TrainConfig) -> Any:
     return train_transform(AugmentConfig(cfg.aug_scale, cfg.aug_rotate, 0.0, cfg.aug_brightness_contrast, cfg.aug_clahe_p))
 
 
-def _start(cfg: TrainConfig, device: torch.device) -> tuple[Cascade | None, Path, dict[str, Any]]:
-    """(the cascade being continued or None, the start checkpoint, `cfg.resume` as read): a start checkpoint begins
-    a refinement run, a refinement run's last.pt continues it (its start model checked by sha256)."""
+def _start(cfg: TrainConfig, device: torch.device) -> tuple[Cascade | None, Path | None, dict[str, Any] | None]:
+    """(the cascade being continued or None, the start checkpoint or None, `cfg.resume` as read): a start checkpoint
+    begins a refinement run, `cfg.start_predictions` alone begins one on another detector's points, a refinement
+    run's last.pt continues it (its start model checked by sha256)."""
+    if not cfg.resume:
+        return None, None, None
     ckpt = read_checkpoint(cfg.resume)
     if not is_refine(ckpt):
+        if cfg.start_predictions:
+            raise ValueError(f"give either a start model (--resume {cfg.resume}) or its predictions (--start-predictions "
+                             f"{cfg.start_predictions}), not both")
         return None, Path(cfg.resume), ckpt
     if "optimizer" not in ckpt:
         raise CheckpointError(f"{cfg.resume}: a refinement stage's best.pt; continue a refine run from its last.pt, "
                               "or begin one with --resume START_CHECKPOINT")
-    return load_cascade(cfg.resume, device, ckpt=ckpt), Path(ckpt["refine"]["start"]["path"]), ckpt
+    start = ckpt["refine"]["start"]
+    return load_cascade(cfg.resume, device, ckpt=ckpt), Path(start["path"]) if "path" in start else None, ckpt
 
 
 def start_points(start: LandmarkModel, start_cfg: TrainConfig, start_sha: str, split: CachedSplit) -> np.ndarray:
@@ -181,25 +189,34 @@ def train_refine(cfg: TrainConfig, callback: Callback | None = None, start_per_l
     run.seed_all(cfg.seed)
     continued, start_path, read = _start(cfg, device)
     resume_state = read if continued is not None else None
+    given = None  # the start points as another detector's predictions (a folder), instead of a start model
     if continued is not None:
         start, start_cfg, start_symbols, model = continued.start, continued.start_cfg, continued.symbols, continued.refine
+        given = continued.given
+    elif start_path is None:
+        start, start_cfg, start_symbols, model = None, cfg, None, None
+        given = Path(cfg.start_predictions).resolve()
     else:
         (start, start_cfg, start_symbols), model = load_model(start_path, device, ckpt=read), None
-    for p in start.parameters():
+    for p in start.parameters() if start is not None else ():
         p.requires_grad_(False)
     cfg = dataclasses.replace(cfg, model=start_cfg.model, image_size=tuple(start_cfg.image_size),  # what the start reads
                               resize=start_cfg.resize, interpolation=start_cfg.interpolation)
     geometry = CropGeometry.from_mm(cfg.refine_crop_mm, cfg.refine_mm_per_px)
     data = data or run.prepare_data(cfg, cfg.progress)
     symbols = data.info.symbols
-    if start_symbols != symbols:
+    if start_symbols is not None and start_symbols != symbols:
         raise CheckpointError(f"{start_path}: landmark symbols {start_symbols} differ from the dataset's {symbols}")
     if cfg.difficult:
         parse_symbols(cfg.difficult, symbols)
     check_crops(geometry, data)
 
-    start_sha = sha256_file(start_path)
-    coarse_val, coarse_train = (start_points(start, start_cfg, start_sha, split) for split in (data.val, data.train))
+    if given is not None:  # every image of both roles must have its prediction (one error lists the missing)
+        start_rec = {"predictions": str(given), "sha256": predictions_sha256(given)}
+        coarse_val, coarse_train = (read_predictions(given, list(sp.image_ids), symbols) for sp in (data.val, data.train))
+    else:
+        start_rec = {"path": str(start_path.resolve()), "sha256": sha256_file(start_path)}
+        coarse_val, coarse_train = (start_points(start, start_cfg, start_rec["sha256"], sp) for sp in (data.val, data.train))
     start_pl = summarize(radial_errors_mm(coarse_val, data.val.keypoints_orig, data.val.spacing_mm), symbols).per_landmark
     difficult = run.choose_difficult(cfg, resume_state, start_per_landmark or start_pl)
     channels = [symbols.index(s) for s in difficult]
@@ -211,11 +228,11 @@ def train_refine(cfg: TrainConfig, callback: Callback | None = None, start_per_l
              ", ".join(f"{s} {d['rms_mm']:.2f}" for s, d in offsets.describe(difficult).items()))
     if model is None:
         model = place(create_model(cfg.refine_model, len(difficult)), device)
-    cascade = Cascade(start, start_cfg, model, cfg, symbols, difficult)
+    cascade = Cascade(start, start_cfg, model, cfg, symbols, difficult, given=given)
     out = Path(cfg.out).resolve()
     run.write_run_files(out, cfg, difficult, difficult, start_pl)
 
-    record = {"start": {"path": str(start_path.resolve()), "sha256": start_sha}, "refined": difficult,
+    record = {"start": start_rec, "refined": difficult,
               "crop_px": geometry.size, "mm_per_px": geometry.mm_per_px, "offsets": offsets.describe(difficult),
               "train_spacing_mm": [float(phys["train"].spacing_mm.min()), float(phys["train"].spacing_mm.max())]}
     objective = CropObjective.from_config(cfg, torch.ones(len(difficult)))

@@ -219,7 +219,7 @@ def report(experiment: Experiment | str, out: str | Path, *, storage: str | None
         page.parts.append(f"<h1>Sweep {html.escape(s.name)}</h1>")
         budgets = ", ".join(f"{arm} {s.budget(arm)} x {s.epochs_of(arm)} epochs" for arm in s.arms)
         page.text(f"{exp} — {len(rows)} trials (per arm: {budgets}); start checkpoint "
-                  f"{sweep.base.get('resume')}: {sel} MRE {sweep.start_mre:.3f} mm.")
+                  f"{sweep.start}: {sel} MRE {sweep.start_mre:.3f} mm.")
         for n in sweep.notes:
             page.note(n)
         if best is None or best["best_val_mre"] >= sweep.start_mre:

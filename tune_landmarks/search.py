@@ -275,8 +275,11 @@ def prepare_sweep(space_file: str, base: TrainConfig, settings: SweepSettings) -
     settings.validate()
     settings.storage = storage_uri(settings.storage)
     space = load_space(space_file)
-    if not base.resume:
+    if not (base.resume or base.start_predictions):
         raise ValueError("search needs --resume START_CHECKPOINT: trials fine-tune from it")
+    if base.start_predictions and settings.arms != ["refine"]:
+        raise ValueError(f"The value of `arms` is {','.join(settings.arms)!r}, but must be 'refine' with "
+                         "--start-predictions (the other arms fine-tune a start model).")
     if settings.epochs:
         base.epochs = settings.epochs
     settings.epochs = base.epochs
@@ -285,9 +288,12 @@ def prepare_sweep(space_file: str, base: TrainConfig, settings: SweepSettings) -
         own = dataclasses.replace(base, epochs=settings.epochs_of(arm))
         sub.check_against(own)
         from_dict(sub.defaults(), own).validate()
-    read_checkpoint(base.resume)
-    base = with_start_model(base)  # an imported start model fixes how images are read (its spec)
-    base.resume = str(Path(base.resume).resolve())
+    if base.resume:
+        read_checkpoint(base.resume)
+        base = with_start_model(base)  # an imported start model fixes how images are read (its spec)
+        base.resume = str(Path(base.resume).resolve())
+    else:
+        base.start_predictions = str(Path(base.start_predictions).resolve())
     base.dataset_path = str(Path(base.dataset_path).resolve())
     base.threads = max(1, int(settings.cpus_per_trial))
     data = prepare_data(base, progress=True)
@@ -299,7 +305,7 @@ def prepare_sweep(space_file: str, base: TrainConfig, settings: SweepSettings) -
     if "refine" in spaces:
         prepare_crops(spaces["refine"], base, data)
     summ = start_errors(base, data)
-    log.info(f"start checkpoint {base.resume}: {data.val_split} MRE {summ.mre:.3f} mm "
+    log.info(f"start {base.resume or base.start_predictions}: {data.val_split} MRE {summ.mre:.3f} mm "
              "(computed once, shared by all trials)")
     log.info("roles: " + ", ".join(f"{role} {v['spec']} ({len(v['image_ids'])} images)"
                                     for role, v in data.roles.ids().items()))
@@ -419,7 +425,7 @@ def run_search(space_file: str, base: TrainConfig, settings: SweepSettings) -> i
     exp.save_sweep(sweep)
     if exp.local is None:  # a new experiment: no local copies (journal, driver.log) left from an earlier one here
         shutil.rmtree(journal_copy(exp.uri).parent, ignore_errors=True)
-    init_ray(settings.address, sweep.base["resume"])
+    init_ray(settings.address, sweep.base.get("resume"))
     tuner, _ = build_tuner(sweep)
     with ray_setup.driver_console(exp):
         tuner.fit()

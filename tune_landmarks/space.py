@@ -40,7 +40,7 @@ TYPES = ("loguniform", "uniform", "int", "categorical", "fixed")
 _KEYS = {"loguniform": {"low", "high"}, "uniform": {"low", "high"}, "int": {"low", "high", "log"},
          "categorical": {"choices"}, "fixed": {"value"}}
 # options that belong to the sweep, not to a trial: a space may not change them
-DRIVER_OWNED = ("dataset_path", "format", "out", "resume", "cache_dir", "device", "progress", "train_split",
+DRIVER_OWNED = ("dataset_path", "format", "out", "resume", "start_predictions", "cache_dir", "device", "progress", "train_split",
                 "val_split", "test_split", "image_size", "resize", "interpolation", "model", "annotator", "threads", "epochs")
 
 
