@@ -280,6 +280,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(args.workdir, smoke=args.smoke_test)
 
 
+def _scoring_options(s: argparse.ArgumentParser) -> None:
+    """How `evaluate` and `import-model` score a model on a split."""
+    s.add_argument("--split", default="valid")
+    s.add_argument("--format", choices=("aariz", "isbi"))
+    s.add_argument("--annotator", default="mean", choices=("senior", "junior", "mean"))
+    s.add_argument("--device", default="auto")
+    s.add_argument("--cache_dir", "--cache-dir", dest="cache_dir")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tune-landmarks", description=__doc__.split("\n\n")[0])
     p.add_argument("-v", "--verbose", action="count", default=0, help="more output (debug lines, Ray's own)")
@@ -326,13 +335,9 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("evaluate", help="score a checkpoint on a split (mm), write per image x landmark Parquet")
     s.add_argument("--checkpoint", required=True, help="best.pt/last.pt, a weights file or an exported directory")
     s.add_argument("--dataset_path", "--dataset-path", required=True, dest="dataset_path")
-    s.add_argument("--split", default="valid")
     s.add_argument("--out", help="predictions Parquet file")
     s.add_argument("--start", help="start checkpoint, to report drift per landmark")
-    s.add_argument("--format", choices=("aariz", "isbi"))
-    s.add_argument("--annotator", default="mean", choices=("senior", "junior", "mean"))
-    s.add_argument("--device", default="auto")
-    s.add_argument("--cache_dir", "--cache-dir", dest="cache_dir")
+    _scoring_options(s)
     s.set_defaults(func=cmd_evaluate)
 
     s = sub.add_parser("import-model", help="your own model: a checkpoint and model class (spec YAML) as a model folder")
@@ -343,11 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="read a checkpoint that holds pickled Python objects (e.g. argparse.Namespace): this runs code "
                         "from the file, so only for files you trust")
     s.add_argument("--dataset_path", "--dataset-path", dest="dataset_path", help="score the import on this dataset")
-    s.add_argument("--split", default="valid")
-    s.add_argument("--format", choices=("aariz", "isbi"))
-    s.add_argument("--annotator", default="mean", choices=("senior", "junior", "mean"))
-    s.add_argument("--device", default="auto")
-    s.add_argument("--cache_dir", "--cache-dir", dest="cache_dir")
+    _scoring_options(s)
     s.set_defaults(func=cmd_import_model)
 
     s = sub.add_parser("search", help="Ray Tune + Optuna sweep of fine-tuning trials")
