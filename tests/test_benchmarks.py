@@ -29,6 +29,7 @@ EXPECTED = {
     "bench_refine.py": ["refine resnet18/masked hrnet_w18_small_v2 64px"],
     "bench_refine_heads.py": ["difficult MRE shared/per-landmark"],
     "bench_refine_passes.py": ["refined MRE chosen passes/1 pass on the verdict split"],
+    "bench_imported.py": ["tune_landmarks / plain loop"],
 }
 
 
