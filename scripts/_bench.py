@@ -352,18 +352,20 @@ def shared_optimiser(model: torch.nn.Module) -> tuple[torch.optim.Optimizer, Any
 
 def make_step(model: torch.nn.Module, x: torch.Tensor, kps: torch.Tensor, weights: torch.Tensor,
               optimiser: tuple[torch.optim.Optimizer, Any] | None = None, amp_dtype: torch.dtype | None = None,
-              frozen: Sequence[str] = (), bn_eval: bool = False, channels: Sequence[int] | None = None
-              ) -> Callable[[], float]:
+              frozen: Sequence[str] = (), bn_eval: bool = False, channels: Sequence[int] | None = None,
+              loss: str = "adaptive_wing") -> Callable[[], float]:
     """One call = one `run.train_step` on the batch (x, kps), with the Objective, optimiser, schedule, scaler
     and clip that run.train builds from `step_config()`; returns the loss. `weights` is the loss mode
     (landmark_weights); `amp_dtype` the autocast dtype (None = fp32); `frozen`/`bn_eval` as model.train_mode
     takes them (set once, as run.train does once per epoch); `optimiser` from `shared_optimiser`, else its own.
 
     `channels` (not what run.train does) computes the targets and the loss for those heatmaps only: the most
-    a masked loss could save by skipping the zero-weight landmarks instead of multiplying them by 0."""
+    a masked loss could save by skipping the zero-weight landmarks instead of multiplying them by 0. `loss`: the
+    run's --loss."""
     from tune_landmarks.run import Objective, Optimisation, train_step
 
     cfg = step_config()
+    cfg.loss = loss
     opt, sched = optimiser or shared_optimiser(model)
     optim = Optimisation.create(opt, sched, x.device, amp_dtype, cfg.grad_clip)
     model.train_mode(list(frozen), bn_eval)

@@ -5,6 +5,7 @@ with a spec as `import-model` does. Three steps on the same random batch, interl
 - `plain loop`: what the user's own script runs (3-channel [-1, 1] input, sigmoid, MSE on Gaussians at x / W, Adam);
 - `tune_landmarks`: run.train_step on the imported model (the same forward through the model interface, targets on
   the device, adaptive wing on the activated heatmaps, masked to the workflow's difficult landmarks, AdamW, clip);
+  and the same with `--loss mse` (the plain loop's loss), to tell the loss's cost from the rest;
 - `built-in`: run.train_step on the built-in --builtin model at the same size (stride-4 heatmaps).
 fp32, and bf16 autocast for the two tool steps on CUDA. Peak memory per step (CUDA: max allocated).
 
@@ -54,13 +55,12 @@ def plain_step(net: torch.nn.Module, x: torch.Tensor, kps: torch.Tensor) -> call
     opt = torch.optim.Adam(net.parameters(), lr=1e-6)
     size = x.shape[-1]
     grid = torch.arange(size, device=x.device).float()
-    c = kps / size * (size - 1)
-    target = torch.exp(-((grid.view(1, 1, 1, -1) - c[..., 0, None, None]) ** 2
-                         + (grid.view(1, 1, -1, 1) - c[..., 1, None, None]) ** 2) / (2 * 2.0 ** 2))
-    x3 = (x.expand(-1, 3, -1, -1) - 0.5) / 0.5
 
-    def step() -> float:
-        loss = ((torch.sigmoid(net(x3)) - target) ** 2).mean()
+    def step() -> float:  # targets and normalisation per batch, as the tool's step does them
+        c = kps / size * (size - 1)
+        target = torch.exp(-((grid.view(1, 1, 1, -1) - c[..., 0, None, None]) ** 2
+                             + (grid.view(1, 1, -1, 1) - c[..., 1, None, None]) ** 2) / (2 * 2.0 ** 2))
+        loss = ((torch.sigmoid(net((x.expand(-1, 3, -1, -1) - 0.5) / 0.5)) - target) ** 2).mean()
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -88,6 +88,7 @@ def main() -> None:
     builtin, opt = _bench.model_for_steps(args.builtin, len(syms), device)
     steps = {"plain loop": plain_step(plain, x, kps),
              "tune_landmarks": _bench.make_step(model, x, kps, weights),
+             "tune_landmarks --loss mse": _bench.make_step(model, x, kps, weights, loss="mse"),
              "built-in": _bench.make_step(builtin, x, kps, weights, opt)}
     if device.type == "cuda":
         steps["tune_landmarks bf16"] = _bench.make_step(model, x, kps, weights, amp_dtype=torch.bfloat16)

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# One GPU, end to end, sized to take under 8 minutes (not yet timed on a GPU; each step's seconds are printed):
-# the loss-mode, refinement-step, freeze and AMP benchmarks (fp32 vs fp16 with GradScaler vs bf16) with hrnet_w32 at
-# 512² and 768² (the refinement stage's step and memory against the masked step: issue 13's GPU rows);
+# One GPU, end to end, sized to take under 8 minutes (its benchmarks took 231 s on an H200; each step's seconds are printed):
+# the loss-mode, imported-model step, refinement-step, freeze and AMP benchmarks (fp32 vs fp16 with GradScaler vs bf16),
+# with hrnet_w32 at 512² and 768² (the refinement stage's step and memory against the masked step: issue 13's GPU rows);
 # a 4-trial sweep sharing the GPU (--gpus-per-trial 0.5, --mixed_precision) on a synthetic set at 512²; export and
 # predict. Prints a BENCHMARKS.md-ready record (device, peak GPU memory per loss mode, step times, ratios, the
 # sweep's epoch times and memory) and keeps it in OUT/gpu_check.md; paste it into BENCHMARKS.md by hand. Never
@@ -70,6 +70,7 @@ else
 fi
 stage "loss modes" "$PY" bench_loss_modes.py "${BENCH[@]}" "${MODEL[@]}" --sizes "${SIZES[@]}" \
     $([ "$SMOKE" = 1 ] || echo --batch-size 4)
+stage "imported model step" "$PY" bench_imported.py "${BENCH[@]}" $([ "$SMOKE" = 1 ] || echo --image-size 768 --batch-size 4)
 stage "refine step" "$PY" bench_refine.py "${BENCH[@]}" "${MODEL[@]}" --sizes "${SIZES[@]}" \
     $([ "$SMOKE" = 1 ] || echo --batch-size 4 --refine-models hrnet_w18_small resnet18)
 for size in "${SIZES[@]}"; do
@@ -79,6 +80,12 @@ for size in "${SIZES[@]}"; do
 done
 
 # ---------------------------------------------------------------- a sweep sharing the GPU, export, predict
+if ! "$PY" -c "import ray, optuna" 2>/dev/null; then  # e.g. a lent GPU machine that cannot fetch or carry Ray's wheel
+    echo "gpu_check.sh: Ray or Optuna is not importable here: the sweep, export and predict stage is skipped" >&2
+    echo "- the sweep, export and predict stage did not run: Ray or Optuna is not importable here" >> "$RECORD"
+    cat "$RECORD"
+    exit 0
+fi
 TL=("$PY" -m tune_landmarks)
 if [ "$SMOKE" = 1 ]; then
     NET=(--model hrnet_w18_small_v2 --image_size 64 64); N=16; PX=192; START_EPOCHS=2; EPOCHS=2; SAMPLES=4

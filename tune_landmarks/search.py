@@ -276,7 +276,8 @@ def prepare_sweep(space_file: str, base: TrainConfig, settings: SweepSettings) -
     settings.storage = storage_uri(settings.storage)
     space = load_space(space_file)
     if not (base.resume or base.start_predictions):
-        raise ValueError("search needs --resume START_CHECKPOINT: trials fine-tune from it")
+        raise ValueError("search needs --resume START_CHECKPOINT (trials fine-tune from it), or for `--arms refine` "
+                         "--start-predictions DIR (another detector's points)")
     if base.start_predictions and settings.arms != ["refine"]:
         raise ValueError(f"The value of `arms` is {','.join(settings.arms)!r}, but must be 'refine' with "
                          "--start-predictions (the other arms fine-tune a start model).")
