@@ -106,8 +106,10 @@ def test_metrics_against_hand_computed_values():
 
 def test_masked_finetune_improves_difficult_and_freezes_masked_channels(synth_root, start_ckpt, tmp_path):
     start = read_checkpoint(start_ckpt)
+    # lr 1e-3: at 2e-3 this fine-tune diverged on one torch thread (difficult 1.653 -> 1.678 mm) while it converged on
+    # two (1.650 -> 1.219); at 1e-3 both reach 0.68 mm
     cfg = TrainConfig(dataset_path=str(synth_root), resume=str(start_ckpt), out=str(tmp_path / "ft"), epochs=4,
-                      lr=2e-3, mode="masked", difficult_threshold=0.1, progress=False, **TINY)
+                      lr=1e-3, mode="masked", difficult_threshold=0.1, progress=False, **TINY)
     # threshold 0.1 mm picks every landmark whose start error is above it; restrict to the worst few instead
     first = train(dataclasses.replace(cfg, epochs=1, lr=1e-9, out=str(tmp_path / "probe")))
     worst = sorted(first.start_per_landmark, key=lambda s: -first.start_per_landmark[s])[:4]
