@@ -385,3 +385,38 @@ def test_code_travels_as_a_package_when_its_folder_is_not_on_this_node(imported_
     remote = arch | {"code": arch["code"] | {"dir": str(tmp_path / "not" / "on" / "this" / "node")}}
     assert code_dir(remote["code"]) == shipped / arch["code"]["package"]
     assert build(remote).num_landmarks == 29
+
+
+@pytest.mark.parametrize("output, shape, tol", [
+    ({"kind": "heatmap", "decode": "dark"}, (1, 2, 24, 32), 0.1),  # stride 2, the tool's centre-aligned frame
+    ({"kind": "heatmap", "decode": "soft-argmax"}, (1, 2, 24, 32), 0.05),  # u = sum p j / (w - 1), x = u W
+    ({"kind": "coords", "coords": "unit"}, (1, 2, 2), 1e-4),
+    ({"kind": "coords", "coords": "pixels"}, (1, 2, 2), 1e-4),
+])
+def test_each_outputs_targets_decode_back_to_the_points(output, shape, tol):
+    """What an imported model is trained towards (targets) is what it decodes back to: in every output convention
+    the points come back in the cached input frame (an image scaled by 0.3 x 0.25, pixel centres aligned)."""
+    from tune_landmarks.imported import ImportedModel, parse_spec
+
+    spec = parse_spec({"code": "m.py", "class": "X", "landmarks": ["A", "B"], "input": {"size": [64, 48]},
+                       "output": output}, "spec.yaml")
+    model = ImportedModel(torch.nn.Identity(), spec, {"code": {"entry": "m.py"}})
+    kps = torch.tensor([[[20.3, 17.8], [40.6, 25.1]]])
+    frame = torch.tensor([[0.3, 0.25, 0.1]])
+    target = model.targets(torch.zeros(shape), kps, frame, (64, 48), 1.5)
+    pred = target if output["kind"] == "heatmap" else target[..., :2]
+    assert (model.decode(pred, frame, (64, 48), "argmax", 1.5) - kps).abs().max() < tol
+    if output["kind"] == "coords":  # the loss's mm per unit: x_orig = x_corner / s, mm = px x spacing
+        px = (64, 48) if output["coords"] == "unit" else (1, 1)
+        assert torch.allclose(target[0, 0, 2:], torch.tensor([px[0] * 0.1 / 0.3, px[1] * 0.1 / 0.25]))
+
+
+def test_letterbox_keeps_the_aspect_pads_right_and_bottom_and_inverts_exactly():
+    from tune_landmarks.cache import resize, to_original, to_target
+
+    img = np.random.default_rng(0).integers(1, 255, (100, 200), dtype=np.uint8)
+    out, scale = resize(img, (64, 64), "letterbox", "area")
+    assert out.shape == (64, 64) and np.allclose(scale, [0.32, 0.32])
+    assert (out[32:] == 0).all() and (out[:32] > 0).all()  # content on top, zeros below
+    pts = np.array([[150.0, 80.0], [0.0, 99.0]])
+    assert np.allclose(to_original(to_target(pts, scale), scale), pts)

@@ -281,25 +281,28 @@ class ImportedModel(LandmarkModel):
     def activate(self, out: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(out) if self.spec.output.activation == "sigmoid" else out
 
-    def _unit(self, out: torch.Tensor) -> bool:
-        return self.kind == "coords" and self.spec.output.coords == "unit"
+    @property
+    def _tool_convention(self) -> bool:
+        """Heatmaps decoded by the tool's own decoders (dark, quarter, argmax): its centre-aligned frame applies."""
+        return self.kind == "heatmap" and self.spec.output.decode != SOFT_ARGMAX
 
-    def _per_unit(self, size: tuple[int, int], out: torch.Tensor) -> torch.Tensor:
-        """Input pixels per unit of the model's coordinates (x, y)."""
-        if self.kind == "coords" and not self._unit(out):
-            return torch.ones(2, device=out.device)
-        return torch.tensor(size, dtype=torch.float32, device=out.device)
+    def _px_per_unit(self, size: tuple[int, int], device: torch.device) -> torch.Tensor:
+        """Input pixels per unit of the model's own coordinates (x, y): the input size for soft-argmax and unit
+        coordinates, 1 for `coords: pixels`."""
+        if self.kind == "coords" and self.spec.output.coords == "pixels":
+            return torch.ones(2, device=device)
+        return torch.tensor(size, dtype=torch.float32, device=device)
 
     def targets(self, out: torch.Tensor, kps: torch.Tensor, frame: torch.Tensor, size: tuple[int, int],
                 sigma: float) -> torch.Tensor:
-        if self.kind == "heatmap" and self.spec.output.decode != SOFT_ARGMAX:
+        if self._tool_convention:
             return super().targets(out, kps, frame, size, sigma)
         corner = to_corner(kps.float(), frame)
+        per_unit = self._px_per_unit(size, out.device)
         if self.kind == "heatmap":  # u = x / W_in, at output pixel u (w - 1)
             h, w = out.shape[-2:]
-            at = corner / self._per_unit(size, out) * torch.tensor([w - 1, h - 1], device=out.device, dtype=torch.float32)
+            at = corner / per_unit * torch.tensor([w - 1, h - 1], device=out.device, dtype=torch.float32)
             return heatmap.encode(at, (h, w), sigma)
-        per_unit = self._per_unit(size, out)
         mm = per_unit * frame[:, None, 2:3].float() / frame[:, None, :2].float()  # mm per model unit, per axis
         return torch.cat([corner / per_unit, mm.expand_as(corner)], -1)
 
@@ -316,13 +319,13 @@ class ImportedModel(LandmarkModel):
     def decode(self, out: torch.Tensor, frame: torch.Tensor | None, size: tuple[int, int], decoder: str,
                sigma: float) -> torch.Tensor:
         """The spec's decoding (the `decoder` argument applies to built-in models only)."""
-        if self.kind == "heatmap" and self.spec.output.decode != SOFT_ARGMAX:
+        if self._tool_convention:
             hm = heatmap.decode(out.float(), self.spec.output.decode, sigma)
             return heatmap.to_input_frame(hm, measured_stride(out, size))
         unit = heatmap.soft_argmax(out.float()) if self.kind == "heatmap" else out.float()
         if frame is None:
             frame = torch.ones(out.shape[0], 3, device=out.device)
-        return from_corner(unit * self._per_unit(size, out), frame)
+        return from_corner(unit * self._px_per_unit(size, out.device), frame)
 
     def per_landmark_params(self) -> list[nn.Parameter]:
         """The last layer whose weight has one row per landmark (K for heatmaps, 2K for coordinates)."""
