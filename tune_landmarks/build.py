@@ -69,14 +69,14 @@ def fixed_options(arch: dict[str, Any] | None) -> dict[str, Any]:
     return imported.config_values(imported.parse_spec(arch["spec"], arch["code"]["entry"]))
 
 
-def with_start_model(cfg: TrainConfig) -> TrainConfig:
-    """`cfg` with the options its start model (`cfg.resume`) fixes: an imported model is read as its spec says."""
+def with_start_model(cfg: TrainConfig, ckpt: dict[str, Any] | None = None) -> TrainConfig:
+    """`cfg` with the options its start model (`cfg.resume`, or `ckpt` when the caller has read it) fixes: an
+    imported model is read as its spec says."""
     if not cfg.resume:
         return cfg
-    fixed = fixed_options(read_arch(cfg.resume))
-    changed = {k: v for k, v in fixed.items() if getattr(cfg, k) != v}
-    if changed:
-        log.debug("options fixed by the start model %s: %s", cfg.resume, changed)
+    fixed = fixed_options(ckpt.get("arch") if ckpt is not None else read_arch(cfg.resume))
+    if fixed:
+        log.debug("options fixed by the start model %s: %s", cfg.resume, fixed)
     return dataclasses.replace(cfg, **fixed) if fixed else cfg
 
 

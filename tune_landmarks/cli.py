@@ -52,19 +52,17 @@ def run_config(args: argparse.Namespace, base: TrainConfig | None = None) -> Tra
     cfg = from_dict(given, cfg, source="command line")
     explicit = set(values) | set(given)
     if cfg.resume:
-        from .build import fixed_options, read_arch
+        from .build import fixed_options
+        from .model import read_checkpoint
 
-        arch = read_arch(cfg.resume)
-        fixed = fixed_options(arch)  # an imported model is read as its spec says
+        ckpt = read_checkpoint(cfg.resume)
+        fixed = fixed_options(ckpt.get("arch"))  # an imported model is read as its spec says
         for k, v in fixed.items():
             if k in explicit and getattr(cfg, k) != v:
                 raise ValueError(f"The value of `{k}` is {getattr(cfg, k)!r}, but {cfg.resume} is an imported model "
                                  f"whose spec fixes it to {v!r}: leave --{k.replace('_', '-')} out")
             setattr(cfg, k, v)
-        if not fixed and not {"model", "image_size"} <= explicit:
-            from .model import read_checkpoint
-
-            ckpt = read_checkpoint(cfg.resume)
+        if not fixed:
             if "model" not in explicit and ckpt.get("arch"):
                 cfg.model = ckpt["arch"]["model"]
             if "image_size" not in explicit and ckpt.get("image_size"):

@@ -226,8 +226,8 @@ def code_dir(code: dict[str, Any]) -> Path:
                           "not importable here)")
 
 
-def load_code(code: dict[str, Any]) -> ModuleType:
-    """The user's module from the code copy, every file checked against its recorded sha256 first."""
+def checked_code(code: dict[str, Any]) -> Path:
+    """The code copy's folder, every file checked against its recorded sha256."""
     folder = code_dir(code)
     for name, sha in code["files"].items():
         f = folder / name
@@ -236,6 +236,12 @@ def load_code(code: dict[str, Any]) -> ModuleType:
         if _sha(f) != sha:
             raise CheckpointError(f"{f}: changed since the model was imported (sha256 {_sha(f)[:16]}..., recorded "
                                   f"{sha[:16]}...): re-import the model from its checkpoint and spec")
+    return folder
+
+
+def load_code(code: dict[str, Any]) -> ModuleType:
+    """The user's module from the code copy (checked_code first)."""
+    folder = checked_code(code)
     name = f"{code['package']}.{Path(code['entry']).stem}"
     if name in sys.modules:
         return sys.modules[name]
@@ -433,13 +439,10 @@ def import_model(checkpoint: str | Path, spec_path: str | Path, out: str | Path,
 
 
 def portable(arch: dict[str, Any], dest: Path) -> dict[str, Any]:
-    """An architecture record for a model folder `dest`: an imported model's code copied into it (checked first),
-    recorded relative, so the folder can be moved; a built-in record as it is."""
-    code = arch.get("code")
-    if not isinstance(code, dict):
-        return arch
-    load_code(code)  # the sha256 checks
-    src, folder = code_dir(code), dest / CODE_DIR / code["package"]
+    """An imported model's architecture record for a model folder `dest`: its code copied into it (checked first),
+    recorded relative, so the folder can be moved."""
+    code = arch["code"]
+    src, folder = checked_code(code), dest / CODE_DIR / code["package"]
     folder.mkdir(parents=True, exist_ok=True)
     for name in code["files"]:
         shutil.copyfile(src / name, folder / name)

@@ -43,10 +43,11 @@ def predict_batch(model: LandmarkModel, images: np.ndarray, device: torch.device
     return pts.cpu().numpy().astype(np.float64)
 
 
-def frame_of(scale: np.ndarray, spacing: np.ndarray | None = None) -> torch.Tensor:
-    """(N, 3) (sx, sy, spacing mm/px) per image: what a model needs to read its output in its own convention."""
-    spacing = np.zeros(len(scale)) if spacing is None else np.asarray(spacing, np.float64)
-    return torch.from_numpy(np.concatenate([np.asarray(scale, np.float64), spacing[:, None]], 1)).float()
+def frame_of(scale: np.ndarray) -> torch.Tensor:
+    """(N, 3) (sx, sy, spacing) per image, as augment.frame_item gives training: what a model needs to read its output
+    in its own convention (decoding needs no spacing: 0)."""
+    scale = np.asarray(scale, np.float64)
+    return torch.from_numpy(np.concatenate([scale, np.zeros((len(scale), 1))], 1)).float()
 
 
 @torch.no_grad()
@@ -253,8 +254,8 @@ def load_cascade(path: str | Path, device: torch.device, symbols: list[str] | No
     refine = place(from_checkpoint(ckpt, path), device).eval()
     keep = tuple(rec.get("train_spacing_mm") or (0.0, 0.0))
     if given is not None or is_given(rec):
-        folder = Path(given or rec["start"]["predictions"])
-        return Cascade(None, config_of(ckpt), refine, config_of(ckpt), own, refined, keep, folder)
+        cfg = config_of(ckpt)
+        return Cascade(None, cfg, refine, cfg, own, refined, keep, Path(given or rec["start"]["predictions"]))
     start_path = checked_start(path, rec, start)
     start_model, start_cfg, start_symbols = load_model(start_path, device)
     if start_symbols != own:

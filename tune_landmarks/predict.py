@@ -160,7 +160,7 @@ def predict(model_path: str | Path, inputs: Sequence[str | Path], out: str | Pat
         spacing = _cascade_spacing(model_path, cascade, pixel_size)
         model, cfg, symbols = cascade.start, cascade.start_cfg, cascade.symbols
         if cascade.given is not None:  # every input's start points are there, or nothing is predicted
-            read_predictions(cascade.given, [p.stem for p in images], symbols)
+            given = dict(zip((p.stem for p in images), read_predictions(cascade.given, [p.stem for p in images], symbols)))
     else:
         model, cfg, symbols = load_model(model_path, dev, ckpt=ckpt)
     out = Path(out)
@@ -181,7 +181,7 @@ def predict(model_path: str | Path, inputs: Sequence[str | Path], out: str | Pat
             continue
         scale = np.stack([b[3] for b in batch])
         if model is None:  # a cascade on given start points
-            pts = read_predictions(cascade.given, [b[0].stem for b in batch], symbols)
+            pts = np.stack([given[b[0].stem] for b in batch])
         else:
             pts = to_original(predict_batch(model, np.stack([b[2] for b in batch]), dev, cfg.decoder, cfg.sigma,
                                             cfg.mixed_precision, scale), scale[:, None, :])

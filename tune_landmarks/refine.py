@@ -125,23 +125,48 @@ def crop_transform(cfg: TrainConfig) -> Any:
     return train_transform(AugmentConfig(cfg.aug_scale, cfg.aug_rotate, 0.0, cfg.aug_brightness_contrast, cfg.aug_clahe_p))
 
 
-def _start(cfg: TrainConfig, device: torch.device) -> tuple[Cascade | None, Path | None, dict[str, Any] | None]:
-    """(the cascade being continued or None, the start checkpoint or None, `cfg.resume` as read): a start checkpoint
-    begins a refinement run, `cfg.start_predictions` alone begins one on another detector's points, a refinement
-    run's last.pt continues it (its start model checked by sha256)."""
+@dataclass
+class Start:
+    """Where a refinement run's start points come from: a frozen start model (`model`, read from `path`) or another
+    detector's predictions (`given`, a folder); with `refine` and `state`, the refinement run this one continues."""
+
+    model: LandmarkModel | None
+    cfg: TrainConfig  # what the start model reads (image size, resize, decoder)
+    symbols: list[str] | None
+    path: Path | None = None
+    given: Path | None = None
+    refine: LandmarkModel | None = None
+    state: dict[str, Any] | None = None  # the continued run's last.pt
+
+    def record(self) -> dict[str, str]:
+        """What the stage's checkpoint records of its start, with the sha256 that identifies it."""
+        if self.given is not None:
+            return {"predictions": str(self.given), "sha256": predictions_sha256(self.given)}
+        return {"path": str(self.path.resolve()), "sha256": sha256_file(self.path)}
+
+    def points(self, split: CachedSplit, symbols: list[str], sha: str) -> np.ndarray:
+        """The start points (original px) of a cached split; given predictions must cover every image of it."""
+        if self.given is not None:
+            return read_predictions(self.given, list(split.image_ids), symbols)
+        return start_points(self.model, self.cfg, sha, split)
+
+
+def _start(cfg: TrainConfig, device: torch.device) -> Start:
+    """A start checkpoint begins a refinement run, `cfg.start_predictions` alone begins one on another detector's
+    points, a refinement run's last.pt continues it (its start model checked by sha256)."""
     if not cfg.resume:
-        return None, None, None
+        return Start(None, cfg, None, given=Path(cfg.start_predictions).resolve())
     ckpt = read_checkpoint(cfg.resume)
     if not is_refine(ckpt):
         if cfg.start_predictions:
             raise ValueError(f"give either a start model (--resume {cfg.resume}) or its predictions (--start-predictions "
                              f"{cfg.start_predictions}), not both")
-        return None, Path(cfg.resume), ckpt
+        return Start(*load_model(cfg.resume, device, ckpt=ckpt), path=Path(cfg.resume))
     if "optimizer" not in ckpt:
         raise CheckpointError(f"{cfg.resume}: a refinement stage's best.pt; continue a refine run from its last.pt, "
                               "or begin one with --resume START_CHECKPOINT")
-    start = ckpt["refine"]["start"]
-    return load_cascade(cfg.resume, device, ckpt=ckpt), Path(start["path"]) if "path" in start else None, ckpt
+    c, rec = load_cascade(cfg.resume, device, ckpt=ckpt), ckpt["refine"]["start"]
+    return Start(c.start, c.start_cfg, c.symbols, Path(rec["path"]) if "path" in rec else None, c.given, c.refine, ckpt)
 
 
 def start_points(start: LandmarkModel, start_cfg: TrainConfig, start_sha: str, split: CachedSplit) -> np.ndarray:
@@ -187,38 +212,24 @@ def train_refine(cfg: TrainConfig, callback: Callback | None = None, start_per_l
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     run.seed_all(cfg.seed)
-    continued, start_path, read = _start(cfg, device)
-    resume_state = read if continued is not None else None
-    given = None  # the start points as another detector's predictions (a folder), instead of a start model
-    if continued is not None:
-        start, start_cfg, start_symbols, model = continued.start, continued.start_cfg, continued.symbols, continued.refine
-        given = continued.given
-    elif start_path is None:
-        start, start_cfg, start_symbols, model = None, cfg, None, None
-        given = Path(cfg.start_predictions).resolve()
-    else:
-        (start, start_cfg, start_symbols), model = load_model(start_path, device, ckpt=read), None
-    for p in start.parameters() if start is not None else ():
+    start = _start(cfg, device)
+    for p in start.model.parameters() if start.model is not None else ():
         p.requires_grad_(False)
-    cfg = dataclasses.replace(cfg, model=start_cfg.model, image_size=tuple(start_cfg.image_size),  # what the start reads
-                              resize=start_cfg.resize, interpolation=start_cfg.interpolation)
+    cfg = dataclasses.replace(cfg, model=start.cfg.model, image_size=tuple(start.cfg.image_size),  # what the start reads
+                              resize=start.cfg.resize, interpolation=start.cfg.interpolation)
     geometry = CropGeometry.from_mm(cfg.refine_crop_mm, cfg.refine_mm_per_px)
     data = data or run.prepare_data(cfg, cfg.progress)
     symbols = data.info.symbols
-    if start_symbols is not None and start_symbols != symbols:
-        raise CheckpointError(f"{start_path}: landmark symbols {start_symbols} differ from the dataset's {symbols}")
+    if start.symbols is not None and start.symbols != symbols:
+        raise CheckpointError(f"{start.path}: landmark symbols {start.symbols} differ from the dataset's {symbols}")
     if cfg.difficult:
         parse_symbols(cfg.difficult, symbols)
     check_crops(geometry, data)
 
-    if given is not None:  # every image of both roles must have its prediction (one error lists the missing)
-        start_rec = {"predictions": str(given), "sha256": predictions_sha256(given)}
-        coarse_val, coarse_train = (read_predictions(given, list(sp.image_ids), symbols) for sp in (data.val, data.train))
-    else:
-        start_rec = {"path": str(start_path.resolve()), "sha256": sha256_file(start_path)}
-        coarse_val, coarse_train = (start_points(start, start_cfg, start_rec["sha256"], sp) for sp in (data.val, data.train))
+    start_rec = start.record()
+    coarse_val, coarse_train = (start.points(sp, symbols, start_rec["sha256"]) for sp in (data.val, data.train))
     start_pl = summarize(radial_errors_mm(coarse_val, data.val.keypoints_orig, data.val.spacing_mm), symbols).per_landmark
-    difficult = run.choose_difficult(cfg, resume_state, start_per_landmark or start_pl)
+    difficult = run.choose_difficult(cfg, start.state, start_per_landmark or start_pl)
     channels = [symbols.index(s) for s in difficult]
     phys = physical_splits(data, geometry.mm_per_px, cfg)
     errors = (coarse_train - data.train.keypoints_orig)[:, channels] * data.train.spacing_mm[:, None, None]
@@ -226,9 +237,8 @@ def train_refine(cfg: TrainConfig, callback: Callback | None = None, start_per_l
     log.info("refine: %s on %d x %d px crops at %g mm/px (%.1f mm); training offsets (RMS mm): %s", cfg.refine_model,
              geometry.size, geometry.size, geometry.mm_per_px, geometry.field_mm,
              ", ".join(f"{s} {d['rms_mm']:.2f}" for s, d in offsets.describe(difficult).items()))
-    if model is None:
-        model = place(create_model(cfg.refine_model, len(difficult)), device)
-    cascade = Cascade(start, start_cfg, model, cfg, symbols, difficult, given=given)
+    model = start.refine or place(create_model(cfg.refine_model, len(difficult)), device)
+    cascade = Cascade(start.model, start.cfg, model, cfg, symbols, difficult, given=start.given)
     out = Path(cfg.out).resolve()
     run.write_run_files(out, cfg, difficult, difficult, start_pl)
 
@@ -243,8 +253,8 @@ def train_refine(cfg: TrainConfig, callback: Callback | None = None, start_per_l
                                     amp_dtype(device, cfg.mixed_precision), cfg.grad_clip)
     saver = run.CheckpointSaver(out, cfg, symbols, difficult, start_pl, scratch, extra={"refine": record})
     first_epoch, history = 0, []
-    if resume_state is not None:
-        first_epoch, history = saver.restore(resume_state, optim)
+    if start.state is not None:
+        first_epoch, history = saver.restore(start.state, optim)
         log.info("resumed %s at epoch %d", cfg.resume, first_epoch)
     val_images = phys["val"].images()
 

@@ -377,12 +377,12 @@ def seed_all(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _start_model(cfg: TrainConfig, symbols: list[str], device: torch.device) -> tuple[LandmarkModel, dict[str, Any] | None]:
+def _start_model(cfg: TrainConfig, symbols: list[str], device: torch.device,
+                 ckpt: dict[str, Any] | None) -> tuple[LandmarkModel, dict[str, Any] | None]:
     """The model to train, placed on `device`, and the checkpoint when it is a last.pt (whose run this continues):
-    the start checkpoint's own architecture (built-in or imported), else a new cfg.model."""
-    if not cfg.resume:
+    the start checkpoint's (`ckpt`, cfg.resume as read) own architecture (built-in or imported), else a new cfg.model."""
+    if ckpt is None:
         return place(create_model(cfg.model, len(symbols), cfg.pretrained), device), None
-    ckpt = read_checkpoint(cfg.resume)
     model = from_checkpoint(ckpt, cfg.resume, symbols, cfg.model)
     resume_state = ckpt if "optimizer" in ckpt and "epoch" in ckpt else None  # a last.pt: continue that run
     return place(model, device), resume_state
@@ -450,7 +450,8 @@ def train(cfg: TrainConfig, callback: Callback | None = None, start_per_landmark
     `start_per_landmark`: the start model's errors when the caller has them (a sweep measures them once for
     all trials). `scratch`: see CheckpointSaver. `cfg.progress` shows the per-epoch progress bar; the
     one-line summaries go to this module's logger."""
-    cfg = with_start_model(cfg.validate())
+    start = read_checkpoint(cfg.validate().resume) if cfg.resume else None  # read once: options, weights, state
+    cfg = with_start_model(cfg, start)
     if cfg.mode == "refine":  # refine.py sits above this module (it reuses the steps below), so it cannot be called here
         raise ValueError("mode 'refine' trains the refinement stage: call tune_landmarks.stages.train_any (or "
                          "train_refine), which runs it with this module's steps")
@@ -462,7 +463,7 @@ def train(cfg: TrainConfig, callback: Callback | None = None, start_per_landmark
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     seed_all(cfg.seed)
-    model, resume_state = _start_model(cfg, symbols, device)
+    model, resume_state = _start_model(cfg, symbols, device, start)
     start_per_landmark = _start_per_landmark(cfg, model, data, resume_state, start_per_landmark)
     difficult = choose_difficult(cfg, resume_state, start_per_landmark)
     weights = landmark_weights(symbols, difficult, cfg.mode, cfg.difficult_weight)

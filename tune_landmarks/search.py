@@ -290,8 +290,7 @@ def prepare_sweep(space_file: str, base: TrainConfig, settings: SweepSettings) -
         sub.check_against(own)
         from_dict(sub.defaults(), own).validate()
     if base.resume:
-        read_checkpoint(base.resume)
-        base = with_start_model(base)  # an imported start model fixes how images are read (its spec)
+        base = with_start_model(base, read_checkpoint(base.resume))  # an imported model's spec fixes how images are read
         base.resume = str(Path(base.resume).resolve())
     else:
         base.start_predictions = str(Path(base.start_predictions).resolve())
