@@ -104,7 +104,8 @@ def main() -> None:
         ray_init = time.perf_counter() - t
         common: dict[str, Any] = {"storage": str(work / "sweeps"), "num_samples": args.trials, "max_concurrent": 1,
                                   "cpus_per_trial": args.threads, "gpus_per_trial": gpus, "epochs": args.epochs,
-                                  "seed": args.seed, "arms": ["masked"], "grace_period": args.epochs}
+                                  "seed": args.seed, "arms": ["masked"], "grace_period": args.epochs,
+                                  "resource_policy": "fixed"}  # `distribute` never reuses actors (resources.py)
         arms = {"reuse": True, "no reuse": False} if can_choose else {"reuse": True}
         results = {}
         for arm, reuse in arms.items():

@@ -30,6 +30,7 @@ EXPECTED = {
     "bench_refine_heads.py": ["difficult MRE shared/per-landmark"],
     "bench_refine_passes.py": ["refined MRE chosen passes/1 pass on the verdict split"],
     "bench_imported.py": ["tune_landmarks / plain loop"],
+    "bench_resource_policy.py": ["wall distribute/fixed"],
 }
 
 

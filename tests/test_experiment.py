@@ -27,6 +27,26 @@ def test_sweep_round_trips_and_derives_its_figures(tmp_path):
     assert not list(tmp_path.glob("s1/.*")), "a temporary file was left behind"
 
 
+def test_the_resource_policy_is_recorded_and_older_sweeps_ran_fixed(tmp_path):
+    import json
+
+    exp = Experiment(str(tmp_path / "s1"))
+    exp.save_sweep(_sweep())
+    assert exp.load_sweep().settings.resource_policy == "distribute"  # the default, as written
+    assert not exp.load_sweep().settings.reuses_actors  # Ray's rule for resizable trials
+    d = json.loads((tmp_path / "s1" / SWEEP_FILE).read_text())
+    del d["settings"]["resource_policy"]  # a sweep.json of the version before the option
+    (tmp_path / "s1" / SWEEP_FILE).write_text(json.dumps(d))
+    old = exp.load_sweep().settings
+    assert old.resource_policy == "fixed" and old.reuses_actors  # what that version ran: a resume keeps it
+    with pytest.raises(ValueError, match=r"^The value of `resource_policy` is 'even', but must be one of distribute, "
+                                         r"fixed\.$"):
+        SweepSettings(name="s", resource_policy="even").validate()
+    with pytest.raises(ValueError, match=r"The value of `cpus_per_trial` is 0.5, but must be a whole number"):
+        SweepSettings(name="s", cpus_per_trial=0.5).validate()
+    SweepSettings(name="s", cpus_per_trial=0.5, resource_policy="fixed").validate()
+
+
 def test_the_same_experiment_by_path_file_uri_and_name(tmp_path, monkeypatch):
     Experiment(str(tmp_path / "store" / "s1")).save_sweep(_sweep())
     monkeypatch.chdir(tmp_path)

@@ -164,14 +164,17 @@ def test_resume_refuses_missing_and_foreign_directories(tmp_path):
 def test_asha_replay_rebuilds_the_rungs(tiny_sweep):
     finished = tiny_sweep
     from tune_landmarks.experiment import load_sweep
+    from tune_landmarks.ray_adapter import base_scheduler
     from tune_landmarks.results import collect
     from tune_landmarks.search import make_scheduler, replay_rungs
 
     sweep = load_sweep(finished)
     trials = collect(finished)
-    fresh = make_scheduler(sweep.search_space(), sweep.settings)
+    assert sweep.settings.resource_policy == "distribute"  # the default: ASHA inside ResourceChangingScheduler
+    wrapped = make_scheduler(sweep.search_space(), sweep.settings)
+    fresh = base_scheduler(wrapped)
     assert all(not r for s in fresh.by_arm.values() for _, r in s._brackets[0]._rungs)  # what Ray gives: empty rungs
-    n = replay_rungs(fresh, trials)
+    n = replay_rungs(wrapped, trials)
     searched = [t for t in trials if t.arm == "masked"]  # each arm's trials enter its own rungs
     assert {t.arm for t in trials} == {"masked", "all"}
     assert n == sum(len(t.epochs) for t in trials) > 0
@@ -192,5 +195,5 @@ def test_asha_replay_rebuilds_the_rungs(tiny_sweep):
     # a resumed trial below the rung's cut-off is stopped, one above it continues
     assert bracket.on_result(SimpleNamespace(trial_id="late-bad"), first, -(worst + 1.0)) == TrialScheduler.STOP
     assert bracket.on_result(SimpleNamespace(trial_id="late-good"), first, -(best - 1.0)) == TrialScheduler.CONTINUE
-    empty = make_scheduler(sweep.search_space(), sweep.settings).by_arm["masked"]._brackets[0]
+    empty = base_scheduler(make_scheduler(sweep.search_space(), sweep.settings)).by_arm["masked"]._brackets[0]
     assert empty.on_result(SimpleNamespace(trial_id="late-bad"), first, -(worst + 1.0)) == TrialScheduler.CONTINUE

@@ -24,8 +24,9 @@ def space():
 
 
 def _settings(**kw) -> SweepSettings:
+    """Settings whose scheduler is the per-arm ASHA itself (`fixed`; `distribute` wraps it, see test_resources.py)."""
     return SweepSettings(**{"name": "s", "num_samples": 3, "epochs": 4, "seed": 0, "arms": ["masked", "all"],
-                            "grace_period": 1, "reduction_factor": 2} | kw)
+                            "grace_period": 1, "reduction_factor": 2, "resource_policy": "fixed"} | kw)
 
 
 def test_arms_take_turns_each_with_its_own_study_and_space(space, tmp_path):

@@ -16,6 +16,7 @@ from typing import Any, Sequence
 
 from . import compare, export, predict, report, resume
 from .config import FIELDS, TrainConfig, from_dict, load_yaml
+from .experiment import RESOURCE_POLICIES
 from .landmarks import WORKFLOW_DIFFICULT
 
 _HELP = {
@@ -231,6 +232,11 @@ def _sweep_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gpus-per-trial", "--gpus_per_trial", type=float, default=None, dest="gpus_per_trial",
                    help="fractional shares a GPU; default 1 where CUDA is available, else 0")
     p.add_argument("--cpus-per-trial", "--cpus_per_trial", type=float, default=1.0, dest="cpus_per_trial")
+    p.add_argument("--resource-policy", "--resource_policy", choices=RESOURCE_POLICIES, default="distribute",
+                   dest="resource_policy",
+                   help="distribute (default): cores that finished trials leave go to the trials still running (a "
+                        "trial restarts from its checkpoint at its new size); fixed: every trial keeps "
+                        "--cpus-per-trial")
     p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray on 127.0.0.1)")
     p.add_argument("--max-failures", "--max_failures", type=int, default=0, dest="max_failures")
     p.add_argument("--reduction-factor", "--reduction_factor", type=float, default=2.0, dest="reduction_factor")
@@ -268,7 +274,7 @@ def cmd_search(args: argparse.Namespace) -> int:
                              arms=args.arms, arm_samples=args.arm_samples, arm_epochs=args.arm_epochs,
                              max_failures=args.max_failures,
                              reduction_factor=args.reduction_factor, grace_period=args.grace_period,
-                             keep_checkpoints=args.keep_checkpoints)
+                             keep_checkpoints=args.keep_checkpoints, resource_policy=args.resource_policy)
     return run_search(args.space, base, settings)
 
 

@@ -39,6 +39,7 @@ VERDICT_FILES = {"json": "verdict.json", "table": "verdict.parquet"}
 METRIC = "val_mre"  # what ASHA compares at each rung and what "best epoch" means
 TERMINAL = ("TERMINATED", "ERROR")
 DEFAULT_STORAGE = "./sweeps"
+RESOURCE_POLICIES = ("distribute", "fixed")
 
 
 def trial_dirname(trial_id: str) -> str:
@@ -65,6 +66,9 @@ class SweepSettings:
     grace_period: int | None = None  # default: max(1, ceil(largest warmup in the space))
     keep_checkpoints: int = 2
     reuse_actors: bool = True  # False starts a fresh trial process per trial (scripts/bench_ray_overhead.py)
+    # distribute: cores a finished trial leaves go to the trials still running (resources.py); fixed: each trial keeps
+    # --cpus-per-trial. sweep.json files written before the option existed ran fixed (from_json).
+    resource_policy: str = "distribute"
 
     def validate(self) -> SweepSettings:
         def need(ok: bool, name: str, rule: str) -> None:
@@ -87,11 +91,24 @@ class SweepSettings:
         need(self.max_failures >= 0, "max_failures", ">= 0")
         need(self.reduction_factor > 1, "reduction_factor", "> 1")
         need(self.keep_checkpoints >= 1, "keep_checkpoints", ">= 1")
+        need(self.resource_policy in RESOURCE_POLICIES, "resource_policy", f"one of {', '.join(RESOURCE_POLICIES)}")
+        need(self.resource_policy == "fixed" or float(self.cpus_per_trial).is_integer(), "cpus_per_trial",
+             "a whole number of CPUs with --resource-policy distribute (fixed takes fractions)")
         return self
+
+    @property
+    def reuses_actors(self) -> bool:
+        """Whether Ray reuses a trial's process for the next trial: not under `distribute`, where a trial whose share
+        changes restarts from its last checkpoint in a process of the new size (Ray's ResourceChangingScheduler)."""
+        return self.reuse_actors and self.resource_policy == "fixed"
 
     def budget(self, arm: str) -> int:
         """Trials an arm gets (the same for every arm unless --arm-samples says otherwise)."""
         return self.arm_samples.get(arm, self.num_samples)
+
+    @property
+    def total_trials(self) -> int:
+        return sum(self.budget(arm) for arm in self.arms)
 
     def epochs_of(self, arm: str) -> int | None:
         """Epochs a trial of `arm` runs (--epochs unless --arm-epochs says otherwise: a refinement epoch costs a
@@ -125,7 +142,7 @@ class Sweep:
 
     @property
     def total_trials(self) -> int:
-        return sum(self.settings.budget(arm) for arm in self.settings.arms)
+        return self.settings.total_trials
 
     def trial_config(self, sampled: dict[str, Any], trial_dir: str | Path) -> TrainConfig:
         cfg = trial_config(self.base, sampled, trial_dir)
@@ -144,7 +161,7 @@ class Sweep:
     def from_json(cls, text: str, source: str) -> Sweep:
         try:
             d = json.loads(text)
-            return cls(settings=SweepSettings(**d.pop("settings")), **d)
+            return cls(settings=SweepSettings(**{"resource_policy": "fixed"} | d.pop("settings")), **d)
         except (ValueError, TypeError, KeyError) as exc:
             raise ValueError(f"{source}: not a readable {SWEEP_FILE} of this version ({exc})") from None
 

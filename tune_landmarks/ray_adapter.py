@@ -1,6 +1,7 @@
 """The few private attributes of Ray Tune and Optuna this tool still needs, in one place.
 
-Ray saves neither ASHA's rungs nor a way to reach a restored Tuner's scheduler and callbacks; OptunaSearch exposes
+Ray saves neither ASHA's rungs nor a way to reach a restored Tuner's scheduler and callbacks, and restores a
+ResourceChangingScheduler that refuses the trials it resized; OptunaSearch exposes
 neither the Optuna trial behind a Ray trial nor its study, and restores them on the storage path they were saved
 with; Optuna has no public call that marks a trial that is not the caller's. Everything here was written against
 the versions below, and refuses to run on others with a message that says so, instead of failing somewhere deep
@@ -12,6 +13,9 @@ from functools import cache
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
+
+from ray.tune.execution.placement_groups import PlacementGroupFactory
+from ray.tune.schedulers import ResourceChangingScheduler
 
 WRITTEN_FOR = {"ray": "2.60.0", "optuna": "5.0.0"}
 
@@ -81,6 +85,31 @@ def asha_record(scheduler: Any, trial_id: str, iteration: int, value: float) -> 
     check_versions()
     bracket = scheduler._brackets[0]
     return bracket.on_result(SimpleNamespace(trial_id=trial_id), int(iteration), scheduler._metric_op * float(value))
+
+
+class RestorableResourceChanging(ResourceChangingScheduler):
+    """Ray's ResourceChangingScheduler, restorable by a resumed sweep. Ray keeps the scheduler only as pickled when
+    the sweep started (tuner.pkl), while each trial's resized share is saved with the trial: the restored scheduler
+    would take the first restored trial's share as every trial's base and refuse the others ("doesn't support trials
+    with varying base resources"). Here the base is the sweep's own (`base_resources`: --cpus-per-trial,
+    --gpus-per-trial), and a trial added with another share is one it resized."""
+
+    def __init__(self, base_scheduler: Any, policy: Any, base_resources: dict[str, float]):
+        check_versions()
+        super().__init__(base_scheduler, policy)
+        self._base_trial_resources = PlacementGroupFactory([base_resources])
+
+    def on_trial_add(self, tune_controller: Any, trial: Any, **kwargs: Any) -> Any:
+        if trial.placement_group_factory != self._base_trial_resources:
+            self._reallocated_trial_ids.add(trial.trial_id)
+        return super().on_trial_add(tune_controller, trial, **kwargs)
+
+
+def base_scheduler(scheduler: Any) -> Any:
+    """The scheduler inside a ResourceChangingScheduler (`--resource-policy distribute`), else `scheduler` itself:
+    Ray gives the wrapped one no public name."""
+    check_versions()
+    return scheduler._base_scheduler if isinstance(scheduler, ResourceChangingScheduler) else scheduler
 
 
 def saved_trials_created(exp: Any) -> int | None:

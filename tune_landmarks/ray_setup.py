@@ -164,10 +164,17 @@ class StorageSync(Callback):
 
 
 class _NoTracebacks(logging.Filter):
-    """Ray Tune's driver logs a failed trial's whole traceback; the console shows TrialLines' one line."""
+    """Ray Tune's driver logs a failed trial's whole traceback; the console shows TrialLines' one line. Also kept off
+    the console (they stay in driver.log): two warnings Ray gives about itself under `--resource-policy distribute`,
+    that its own ResourceChangingScheduler reads a restricted TrialRunner attribute, and that a resized trial's
+    logger, restarting, found no result.json to download yet (its results go on in the same file)."""
+
+    SELF_WARNINGS = ("You are trying to access _reuse_actors interface", "Remote file not found: ")
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not (record.name.startswith("ray.tune") and record.exc_info)
+        if not record.name.startswith("ray.tune"):
+            return True
+        return not (record.exc_info or str(record.msg).startswith(self.SELF_WARNINGS))
 
 
 @contextmanager

@@ -19,7 +19,8 @@ T = TypeVar("T")
 EPOCH_JSON = "epoch.json"  # written beside each reported checkpoint: which epoch it is, and its val MRE
 _SCALARS = ("epoch", "train_loss", "lr", "val_mre", "best_val_mre", "val_sd", "val_mre_difficult", "val_mre_other",
             "max_drift", "mean_drift", "sdr_2mm", "sdr_2_5mm", "sdr_3mm", "sdr_4mm", "epoch_seconds", "train_seconds",
-            "data_wait_seconds", "peak_memory_mb")
+            "validate_seconds", "checkpoint_seconds", "data_wait_seconds", "peak_memory_mb", "threads", "cpu_seconds",
+            "time_this_iter_s")
 
 
 def lowest(items: Iterable[T], value: Callable[[T], Any]) -> T | None:

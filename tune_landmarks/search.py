@@ -16,6 +16,7 @@ import os
 import pickle
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,7 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler  # noqa: E402
 from ray.tune.search import Searcher  # noqa: E402
 from ray.tune.search.optuna import OptunaSearch  # noqa: E402
 
-from . import ray_adapter, ray_setup  # noqa: E402
+from . import ray_adapter, ray_setup, resources  # noqa: E402
 from .config import TrainConfig, from_dict  # noqa: E402
 from .experiment import (  # noqa: E402
     ARM_KEY,
@@ -62,19 +63,21 @@ def trainable(config: dict[str, Any], sweep: Sweep) -> None:
     from .stages import train_any
 
     cfg = sweep.trial_config(config, tune.get_context().get_trial_dir())
-    cfg.threads = cfg.threads or max(1, int(round(float(sweep.base.get("threads") or 1))))
+    cfg.threads = resources.trial_threads()  # --cpus-per-trial, or the share --resource-policy distribute gave it
     torch.set_num_threads(cfg.threads)
     # every file the trial writes for itself; Ray stores what it reports
     scratch = trial_scratch(experiment_uri(sweep.settings.storage, sweep.settings.name), tune.get_context().get_trial_id())
     shutil.rmtree(scratch, ignore_errors=True)
     scratch.mkdir(parents=True)
     ckpt = tune.get_checkpoint()
-    if ckpt is not None:  # a restored trial continues from its last reported epoch, not from 0
+    if ckpt is not None:  # a restored (or resized) trial continues from its last reported epoch, not from 0
         with ckpt.as_directory() as d:
             shutil.copy(Path(d) / "checkpoint.pt", scratch / "resume.pt")
         cfg.resume = str(scratch / "resume.pt")
+    cpu = time.process_time()
 
     def report(metrics: dict[str, Any], checkpoint_file: Path) -> None:
+        nonlocal cpu
         d = scratch / "report"  # Ray copies it into the trial's storage before tune.report returns
         shutil.rmtree(d, ignore_errors=True)
         d.mkdir()
@@ -84,7 +87,12 @@ def trainable(config: dict[str, Any], sweep: Sweep) -> None:
             shutil.copy(checkpoint_file, d / "checkpoint.pt")
         (d / "epoch.json").write_text(json.dumps({"epoch": metrics["epoch"], "val_mre": metrics["val_mre"]}))
         (scratch / "resume.pt").unlink(missing_ok=True)  # a restored trial's start: loaded, and now superseded
+        # the threads the epoch ran with and the CPU seconds this process spent since the last report (the sweep's
+        # busy share, BENCHMARKS.md); then the next epoch's threads, from the share Ray gives the trial now
+        metrics |= {"threads": torch.get_num_threads(), "cpu_seconds": time.process_time() - cpu}
         tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(str(d)))
+        cpu = time.process_time()
+        torch.set_num_threads(resources.trial_threads())
 
     logging.getLogger("tune_landmarks").setLevel(logging.WARNING)  # the console is Ray's table
     try:
@@ -223,14 +231,15 @@ class ArmASHA(FIFOScheduler):
         return "\n".join(f"{arm}: {s.debug_string()}" for arm, s in self.by_arm.items())
 
 
-def replay_rungs(scheduler: ArmASHA, trials: list[TrialRecord]) -> int:
+def replay_rungs(scheduler: Any, trials: list[TrialRecord]) -> int:
     """Ray does not save ASHA's rungs with the experiment: a restored sweep starts with empty rungs and
     would let weak trials run to the end. Feed every trial's recorded per-epoch results back into its arm's
     rungs, in the order they happened, so the rungs are as they were before the interruption."""
     events = [(e.get("timestamp", 0), e.get("training_iteration", e.get("epoch")), t.trial_id, t.arm, e[METRIC])
               for t in trials for e in t.epochs if e.get(METRIC) is not None]
+    by_arm = ray_adapter.base_scheduler(scheduler).by_arm
     for _, it, tid, arm, value in sorted(events, key=lambda ev: (ev[0], ev[1])):
-        ray_adapter.asha_record(scheduler.by_arm[arm], tid, it, value)
+        ray_adapter.asha_record(by_arm[arm], tid, it, value)
     return len(events)
 
 
@@ -249,16 +258,22 @@ def make_searcher(space: SearchSpace, settings: SweepSettings, journal: Path) ->
     return ArmSearch(inners, {arm: settings.budget(arm) for arm in settings.arms}, journal)
 
 
-def make_scheduler(space: SearchSpace, settings: SweepSettings) -> ArmASHA:
+def make_scheduler(space: SearchSpace, settings: SweepSettings) -> Any:
     """ASHA on the epoch within each arm, up to the arm's epochs; the first rung is never before the largest
-    warmup any arm can draw ends."""
+    warmup any arm can draw ends. Under `--resource-policy distribute`, inside Ray's ResourceChangingScheduler
+    (resources.py): cores finished trials leave go to the trials still running."""
     grace = settings.grace_period or max(1, math.ceil(space.max_warmup()))
 
     def asha(epochs: int) -> ASHAScheduler:
         return ASHAScheduler(time_attr="training_iteration", metric=METRIC, mode="min", max_t=epochs,
                              grace_period=min(grace, epochs), reduction_factor=settings.reduction_factor)
 
-    return ArmASHA({arm: asha(int(settings.epochs_of(arm))) for arm in settings.arms})
+    epochs = {arm: int(settings.epochs_of(arm)) for arm in settings.arms}
+    by_arm = ArmASHA({arm: asha(n) for arm, n in epochs.items()})
+    if settings.resource_policy == "fixed":
+        return by_arm
+    return resources.make(by_arm, settings.cpus_per_trial, settings.gpus_per_trial, settings.max_concurrent,
+                          settings.total_trials, epochs, ARM_KEY)
 
 
 # ---------------------------------------------------------------- driver
@@ -392,7 +407,7 @@ def build_tuner(sweep: Sweep, restore: bool = False, restart_errored: bool = Fal
         fn,
         tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler,
                                     num_samples=sweep.total_trials,
-                                    max_concurrent_trials=s.max_concurrent, reuse_actors=s.reuse_actors,
+                                    max_concurrent_trials=s.max_concurrent, reuse_actors=s.reuses_actors,
                                     trial_dirname_creator=lambda trial: trial_dirname(trial.trial_id)),
         run_config=tune.RunConfig(
             name=s.name, storage_path=storage_uri(s.storage),
