@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import TINY_SPACE, run_sweep
 
-from tune_landmarks.experiment import ARM_KEY
+from tune_landmarks.experiment import ARM_KEY, SweepSettings
 from tune_landmarks.resources import PROCESS_START_SECONDS, ShareIdleCPUs
 
 EPOCHS = 36  # the long trial's: ~20 s of work left after its first epoch, enough to pay for a ~8 s restart here
@@ -50,11 +50,32 @@ def test_a_trial_grows_only_when_its_epochs_left_pay_for_the_restart():
     assert p.decide(grown, late, [grown], 4, cpus=2, gpus=0) is None  # already at its share
 
 
+def test_a_restored_sweep_takes_back_the_trials_it_resized():
+    """Ray restores a sweep's scheduler as pickled when it started and each trial with the share it had: the restored
+    scheduler must take the sweep's base share as the base, and a trial with another share as one it resized
+    (Ray's own would take the first restored trial's share as everyone's and refuse the rest)."""
+    from ray.tune.execution.placement_groups import PlacementGroupFactory
+
+    from tune_landmarks.search import make_scheduler
+    from tune_landmarks.space import space_from_dict
+
+    settings = SweepSettings(name="s", num_samples=2, epochs=4, arms=["masked", "all"]).validate()
+    sched = make_scheduler(space_from_dict({"lr": {"type": "loguniform", "low": 1e-5, "high": 1e-3}}, "s.yaml"), settings)
+
+    def restored(tid: str, cpus: int, arm: str) -> SimpleNamespace:
+        return SimpleNamespace(trial_id=tid, config={ARM_KEY: arm}, placement_group_factory=PlacementGroupFactory(
+            [{"CPU": cpus, "GPU": 0.0}]))
+
+    for t in (restored("grown", 2, "all"), restored("plain", 1, "masked")):  # the grown one first, as Ray may add it
+        sched.on_trial_add(None, t)
+    assert sched.base_trial_resources == PlacementGroupFactory([{"CPU": 1.0, "GPU": 0.0}])
+
+
 @pytest.mark.slow
 def test_a_trial_takes_the_core_a_finished_trial_leaves(synth_root, start_ckpt, tmp_path, caplog):
     """Two trials side by side on the two cores Ray has here: the masked one ends after 1 epoch, the other has
     epochs left and moves to both cores (a restart from its checkpoint) and records 2 threads from then on."""
-    with caplog.at_level(logging.INFO, logger="tune_landmarks"):  # the driver's INFO lines, as the CLI shows them
+    with caplog.at_level(logging.INFO, logger="tune_landmarks"):  # the driver's INFO lines into driver.log, as the CLI
         exp = run_sweep(tmp_path, TINY_SPACE, synth_root, start_ckpt, "share", ["masked", "all"], 0, num_samples=1,
                         arm_epochs={"masked": 1, "all": EPOCHS}, grace_period=1)
     epochs = pq.read_table(exp / "epochs.parquet").to_pandas()
@@ -64,5 +85,5 @@ def test_a_trial_takes_the_core_a_finished_trial_leaves(synth_root, start_ckpt, 
     assert list(long.threads) == sorted(long.threads)  # it grew once and never went back
     assert list(long.epoch) == list(range(1, EPOCHS + 1))  # each epoch once: the restart continued from its checkpoint
     assert (long.cpu_seconds > 0).all() and (long.checkpoint_seconds > 0).all()
-    grown = [r.message for r in caplog.records if "CPUs for its last" in r.message]
-    assert len(grown) == 1 and "1 -> 2 CPUs" in grown[0] and grown[0] in (exp / "driver.log").read_text()
+    grown = [ln for ln in (exp / "driver.log").read_text().splitlines() if "CPUs for its last" in ln]
+    assert len(grown) == 1 and "1 -> 2 CPUs for its last" in grown[0], grown

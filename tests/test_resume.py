@@ -130,7 +130,7 @@ def test_sigint_exits_130_with_the_resume_command_then_resume_finishes(synth_roo
     moved.rename(exp)
     p = cli("resume", exp, timeout=600)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    assert "ASHA rungs rebuilt from" in p.stdout
+    assert "ASHA rungs rebuilt from" in p.stdout and "resource policy distribute" in p.stdout  # the default, kept
     after = pq.read_table(exp / "trials.parquet").to_pandas().set_index("trial_id")
     for _, row in stopped.iterrows():  # a trial stopped before the interruption is not resumed
         assert after.loc[row.trial_id, "epochs_done"] == row.epochs_done

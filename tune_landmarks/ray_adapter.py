@@ -104,6 +104,15 @@ class RestorableResourceChanging(ResourceChangingScheduler):
             self._reallocated_trial_ids.add(trial.trial_id)
         return super().on_trial_add(tune_controller, trial, **kwargs)
 
+    def choose_trial_to_run(self, tune_controller: Any, **kwargs: Any) -> Any:
+        """Before a paused trial restarts at its new size, the experiment's storage is brought up to date: the
+        restarting trial's loggers copy its result.json back from the storage over the driver's own copy, and a
+        copy older than the results since Ray's last snapshot loses them (seen on ISBI: the trial's first epoch
+        was missing from result.json and from every table)."""
+        if any(t.status != t.RUNNING for t in self._trials_to_reallocate):
+            tune_controller.checkpoint(force=True, wait=True)
+        return super().choose_trial_to_run(tune_controller, **kwargs)
+
 
 def base_scheduler(scheduler: Any) -> Any:
     """The scheduler inside a ResourceChangingScheduler (`--resource-policy distribute`), else `scheduler` itself:

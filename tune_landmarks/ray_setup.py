@@ -166,10 +166,11 @@ class StorageSync(Callback):
 class _NoTracebacks(logging.Filter):
     """Ray Tune's driver logs a failed trial's whole traceback; the console shows TrialLines' one line. Also kept off
     the console (they stay in driver.log): two warnings Ray gives about itself under `--resource-policy distribute`,
-    that its own ResourceChangingScheduler reads a restricted TrialRunner attribute, and that a resized trial's
-    logger, restarting, found no result.json to download yet (its results go on in the same file)."""
+    that its ResourceChangingScheduler (ray_adapter.RestorableResourceChanging) reads a restricted TrialRunner
+    attribute, and that a resized trial's logger, restarting, found no result.json to download yet (its results go
+    on in the driver's own copy)."""
 
-    SELF_WARNINGS = ("You are trying to access _reuse_actors interface", "Remote file not found: ")
+    SELF_WARNINGS = ("You are trying to access ", "Remote file not found: ")
 
     def filter(self, record: logging.LogRecord) -> bool:
         if not record.name.startswith("ray.tune"):

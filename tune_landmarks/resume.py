@@ -53,7 +53,7 @@ def resume(experiment: str, storage: str = DEFAULT_STORAGE, restart_errored: boo
     tuner, scheduler = build_tuner(sweep, restore=True, restart_errored=restart_errored)
     n = replay_rungs(scheduler, trials)
     log.info(f"resuming {exp}: {unfinished(sweep, trials)} of {sweep.total_trials} trials unfinished; "
-             f"ASHA rungs rebuilt from {n} recorded results")
+             f"ASHA rungs rebuilt from {n} recorded results; resource policy {sweep.settings.resource_policy}")
     with driver_console(exp):
         tuner.fit()
         return finish(exp, sweep)
