@@ -83,7 +83,7 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--policies", default="fixed,distribute")
     p.add_argument("--name", default="policy")
-    smoke = {"arms": "masked,refine", "arm_epochs": "refine=4", "num_samples": 1, "epochs": 2, "batch_size": 2, "max_steps": 1}
+    smoke = {"arms": "refine", "arm_epochs": "refine=2", "num_samples": 1, "epochs": 2, "batch_size": 2, "max_steps": 1}
     p.add_argument("--model", default="hrnet_w18_small_v2", help="(--smoke-test) the start model's architecture")
     p.add_argument("--image-size", type=int, default=64, help="(--smoke-test)")
     p.add_argument("--num-images", type=int, default=12, help="(--smoke-test)")

@@ -32,7 +32,7 @@ def _search_args(space: Path, synth_root: Path, start_ckpt: Path, name: str, sto
     return ["search", "--space", str(space), "--dataset_path", str(synth_root), "--resume", str(start_ckpt),
             "--name", name, "--storage", storage, "--arms", "masked", "--num-samples", str(SAMPLES),
             "--max-concurrent", "1", "--epochs", str(EPOCHS), "--grace-period", str(EPOCHS), "--seed", "0",
-            "--batch_size", "4", *more]
+            "--batch_size", "4", "--resource-policy", "fixed", *more]  # one trial at a time: actors reused
 
 
 def _space(tmp_path: Path) -> Path:

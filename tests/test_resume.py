@@ -30,7 +30,8 @@ def _launch(synth_root, start_ckpt, tmp_path, name) -> subprocess.Popen:
     env = {**os.environ, "TUNE_GLOBAL_CHECKPOINT_S": "1", "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, "-m", "tune_landmarks", "search", "--space", str(space), "--dataset_path", str(synth_root),
            "--resume", str(start_ckpt), "--name", name, "--storage", str(tmp_path / "store"), "--num-samples",
-           str(SAMPLES), "--max-concurrent", "1", "--epochs", str(EPOCHS), "--grace-period", "1", "--batch_size", "4"]
+           str(SAMPLES), "--max-concurrent", "1", "--epochs", str(EPOCHS), "--grace-period", "1", "--batch_size", "4",
+           "--resource-policy", "fixed"]  # not the default: resume must keep what the sweep recorded
     with open(tmp_path / "search.log", "w") as log:  # a file, not a pipe nobody reads while the sweep runs
         return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True)
 
@@ -130,7 +131,7 @@ def test_sigint_exits_130_with_the_resume_command_then_resume_finishes(synth_roo
     moved.rename(exp)
     p = cli("resume", exp, timeout=600)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    assert "ASHA rungs rebuilt from" in p.stdout and "resource policy distribute" in p.stdout  # the default, kept
+    assert "ASHA rungs rebuilt from" in p.stdout and "resource policy fixed" in p.stdout  # kept, not the default
     after = pq.read_table(exp / "trials.parquet").to_pandas().set_index("trial_id")
     for _, row in stopped.iterrows():  # a trial stopped before the interruption is not resumed
         assert after.loc[row.trial_id, "epochs_done"] == row.epochs_done

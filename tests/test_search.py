@@ -42,7 +42,8 @@ def sweep(synth_root, start_ckpt, tmp_path_factory):
     space.write_text(SPACE)
     base = TrainConfig(dataset_path=str(synth_root), resume=str(start_ckpt), epochs=4, progress=False, **TINY)
     settings = SweepSettings(name="s1", storage=str(tmp / "store"), num_samples=4, max_concurrent=1, cpus_per_trial=1,
-                             seed=2, arms=["masked", "all"], grace_period=1, reduction_factor=2)  # 1 lr=1e30 per arm
+                             seed=2, arms=["masked", "all"], grace_period=1, reduction_factor=2,  # 1 lr=1e30 per arm
+                             resource_policy="fixed")  # one trial at a time: nothing to share, actors reused
     ray_tmp, saved = tempfile.mkdtemp(prefix="s", dir=os.environ["RAY_TMPDIR"]), os.environ["RAY_TMPDIR"]
     os.environ["RAY_TMPDIR"] = ray_tmp  # this sweep's own Ray folders (session, trial working folders)
     try:

@@ -420,7 +420,7 @@ def _peak_memory_mb(device: torch.device) -> float:
 def _epoch_record(epoch: int, train_loss: float, optim: Optimisation, summ: Summary, epoch_seconds: float,
                   train_seconds: float, wait: float, device: torch.device) -> dict[str, Any]:
     """One entry of the run's history: a metrics.parquet row group and (less per_landmark) a report.
-    `epoch_seconds` = training + validation; checkpoint_seconds (written after it) is added by `fit`."""
+    `epoch_seconds` = training + validation; the checkpoint's seconds (known after it is written) go to the report."""
     return {"epoch": epoch + 1, "train_loss": train_loss, "lr": optim.opt.param_groups[0]["lr"], **summ.flat(),
             "epoch_seconds": epoch_seconds, "train_seconds": train_seconds,
             "validate_seconds": epoch_seconds - train_seconds, "data_wait_seconds": wait,
@@ -514,10 +514,10 @@ def fit(model: LandmarkModel, ds: Any, objective: Objective, optim: Optimisation
         last_path, improved = saver.save(epoch, last.mre, model, optim, history)
         best = last if improved else best
         _write_metrics(out, history, difficult, start)
-        rec["checkpoint_seconds"] = time.perf_counter() - t1  # known once written: not in this epoch's own last.pt
+        written = time.perf_counter() - t1  # reported, not in the history: last.pt holds the history it was written with
         log.info(_epoch_line(rec, last, cfg.epochs, difficult, improved))
         if callback is not None:
-            callback(_reported(rec, last, saver.best_mre, difficult), last_path)
+            callback(_reported(rec, last, saver.best_mre, difficult) | {"checkpoint_seconds": written}, last_path)
         saver.release(last_path)
     last = last or _recorded(history[-1], symbols, difficult)  # None: resumed a run that had already finished
     best = best or _recorded(history[saver.best_epoch], symbols, difficult)
@@ -529,7 +529,7 @@ def _write_metrics(out: Path, history: list[dict[str, Any]], difficult: list[str
                    start: dict[str, float] | None) -> None:
     """metrics.parquet: one row per epoch x landmark, the epoch's scalars repeated on each row."""
     rows: dict[str, list] = {"epoch": [], "symbol": [], "mre_mm": [], "start_mre_mm": [], "difficult": []}
-    scalars = list(dict.fromkeys(k for rec in history for k in rec if k not in ("per_landmark", "epoch")))
+    scalars = [k for k in history[0] if k not in ("per_landmark", "epoch")]
     for k in scalars:
         rows[k] = []
     for rec in history:
@@ -540,5 +540,5 @@ def _write_metrics(out: Path, history: list[dict[str, Any]], difficult: list[str
             rows["start_mre_mm"].append(start.get(s) if start else None)
             rows["difficult"].append(s in difficult)
             for k in scalars:
-                rows[k].append(rec.get(k))  # an epoch run before this process resumed has no checkpoint_seconds
+                rows[k].append(rec[k])
     write_parquet(pa.table(rows), out / "metrics.parquet")
