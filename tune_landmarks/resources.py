@@ -12,8 +12,8 @@ start and a data load), and a grown trial waiting for its larger share can keep 
 share here counts the trials still to come: it is the cluster's CPUs over the trials that will run side by side
 (`--max-concurrent`, the trials left in the budget, what fits), and a trial grows only when the epochs it has left
 would save more than a restart costs (a process start plus the trials' own measured start; the saving assumes
-three quarters of a linear speed-up). GPUs are not
-redistributed: a trial trains on one device, and a larger share of it would only keep the next trial off it.
+three quarters of a linear speed-up). GPUs are not redistributed: a trial trains on one device, and a larger
+share of it would only keep the next trial off it.
 """
 from __future__ import annotations
 
@@ -74,11 +74,10 @@ class ShareIdleCPUs:
             return want
         left = self.epochs.get(trial.config.get(self.arm_key), 0) - it
         per_epoch = result.get("time_this_iter_s" if result.get("iterations_since_restore", 0) > 1 else "epoch_seconds")
-        saved = left * float(per_epoch or 0.0) * (1 - have / want) * SCALING
-        if saved <= self.restart_seconds():  # a restart is worth it only when its epochs left save more
+        saved, cost = left * float(per_epoch or 0.0) * (1 - have / want) * SCALING, self.restart_seconds()
+        if saved <= cost:  # a restart is worth it only when its epochs left save more
             return None
-        log.info(f"trial {trial.trial_id}: {have} -> {want} CPUs for its last {left} epochs "
-                 f"(a restart costs ~{self.restart_seconds():.0f} s)")
+        log.info(f"trial {trial.trial_id}: {have} -> {want} CPUs for its last {left} epochs (a restart costs ~{cost:.0f} s)")
         return want
 
     def __call__(self, tune_controller: Any, trial: Any, result: dict[str, Any], scheduler: Any) -> Any:
