@@ -85,6 +85,22 @@ def isbi_model(isbi_small, tmp_path_factory) -> Path:
     return out / "best.pt"
 
 
+REFINED = ["Go", "Ar"]  # the landmarks the ISBI cascade refines
+CROP = {"refine_model": "resnet18", "refine_mm_per_px": 0.5, "refine_crop_mm": 32.0}  # 64-px crops
+
+
+@pytest.fixture(scope="session")
+def isbi_refine(isbi_small, isbi_model, tmp_path_factory) -> Path:
+    """A refinement cascade on `isbi_model`, by `tune-landmarks finetune --mode refine` as a user runs it (the refine
+    and DICOM tests predict with it)."""
+    out = tmp_path_factory.mktemp("isbi_refine_run")
+    cli("finetune", "--dataset_path", isbi_small, "--resume", isbi_model, "--mode", "refine", "--difficult",
+        ",".join(REFINED), "--refine-model", CROP["refine_model"], "--refine-mm-per-px", CROP["refine_mm_per_px"],
+        "--refine-crop-mm", CROP["refine_crop_mm"], "--epochs", 1, "--max-steps-per-epoch", 2, "--batch_size", 4,
+        "--no-progress", "--out", out, check=True)
+    return out / "best.pt"
+
+
 @pytest.fixture(scope="session")
 def aariz_meta() -> Path:
     return _need(SHARED / "aariz")

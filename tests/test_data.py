@@ -174,7 +174,7 @@ def _break_dataset(root: Path) -> dict[str, str]:
     expected = {}
     # 1 missing image
     imgs[0].unlink()
-    expected["missing image"] = f"{imgs[0].parent / imgs[0].stem}.<png|jpg|jpeg|bmp>: image is missing (annotated in"
+    expected["missing image"] = f"{imgs[0].parent / imgs[0].stem}.<png|jpg|jpeg|bmp|dcm>: image is missing (annotated in"
     # 2 unreadable image
     imgs[1].write_bytes(b"not an image")
     expected["unreadable"] = f"{imgs[1]}: image is missing or unreadable"

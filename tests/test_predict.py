@@ -42,7 +42,8 @@ def test_predict_writes_json_csv_and_overlays_and_lists_the_corrupt_file(isbi_mo
     for name in GOOD:
         h, w = cv2.imread(str(inputs / name), cv2.IMREAD_UNCHANGED).shape[:2]
         ann = json.loads((out / f"{Path(name).stem}.json").read_text())
-        assert set(ann) == {"ceph_id", "landmarks"} and ann["ceph_id"] == Path(name).stem
+        assert set(ann) == {"ceph_id", "landmarks", "pixel_size_mm", "pixel_size_source"} and ann["ceph_id"] == Path(name).stem
+        assert ann["pixel_size_mm"] is None and ann["pixel_size_source"] is None  # no spacing given, none in a JPEG
         assert [lm["symbol"] for lm in ann["landmarks"]] == ISBI_SYMBOLS
         for i, lm in enumerate(ann["landmarks"]):
             assert set(lm) == {"landmark_id", "symbol", "title", "value"}
@@ -82,7 +83,8 @@ def test_bad_inputs_are_named(isbi_model, inputs, tmp_path):
     images, failed = find_images([inputs, tmp_path / "empty", inputs / "a151.jpg"])
     # a file given twice counts once
     assert sorted(p.name for p in images) == sorted((*GOOD, "d_corrupt.jpg"))
-    assert failed == [(str(tmp_path / "empty"), "folder holds no images (.png, .jpg, .jpeg, .bmp)")]
+    assert failed == [(str(tmp_path / "empty"), "folder holds no images (.png, .jpg, .jpeg, .bmp, .dcm, "
+                                                         "or suffix-less DICOM files)")]
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "a151.png").write_bytes((inputs / "b152.png").read_bytes())
     with pytest.raises(ValueError, match=r"would overwrite each other .*a151\.jpg, .*a151\.png"):

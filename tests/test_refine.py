@@ -11,7 +11,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from conftest import TINY, cli, run_sweep
+from conftest import REFINED, TINY, cli, run_sweep
 
 from tune_landmarks.cache import to_target
 from tune_landmarks.config import TrainConfig
@@ -24,8 +24,6 @@ from tune_landmarks.read import Record
 from tune_landmarks.refine import CropObjective, train_refine
 
 ISBI_SYMBOLS = symbols(ISBI2015)
-REFINED = ["Go", "Ar"]
-CROP = {"refine_model": "resnet18", "refine_mm_per_px": 0.5, "refine_crop_mm": 32.0}  # 64-px crops
 
 
 # ---------------------------------------------------------------- geometry
@@ -216,17 +214,6 @@ def test_the_refine_arms_winner_exports_as_a_cascade_that_reproduces_its_metrics
 
 
 # ---------------------------------------------------------------- the cascade on real ISBI images
-
-@pytest.fixture(scope="module")
-def isbi_refine(isbi_small, isbi_model, tmp_path_factory) -> Path:
-    """`tune-landmarks finetune --mode refine`, as a user runs it."""
-    out = tmp_path_factory.mktemp("isbi_refine_run")
-    cli("finetune", "--dataset_path", isbi_small, "--resume", isbi_model, "--mode", "refine", "--difficult",
-        ",".join(REFINED), "--refine-model", CROP["refine_model"], "--refine-mm-per-px", CROP["refine_mm_per_px"],
-        "--refine-crop-mm", CROP["refine_crop_mm"], "--epochs", 1, "--max-steps-per-epoch", 2, "--batch_size", 4,
-        "--no-progress", "--out", out, check=True)
-    return out / "best.pt"
-
 
 def test_cascade_predicts_all_19_and_leaves_every_other_landmark_bit_identical(isbi_small, isbi_model, isbi_refine,
                                                                                 tmp_path):

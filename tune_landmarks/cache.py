@@ -26,6 +26,7 @@ import pyarrow.ipc as ipc
 from tqdm import tqdm
 
 from .atomic import staged_dir
+from .dicom import PREAMBLE_END, decode_dicom, is_dicom
 from .read import DatasetError, Record, completeness_problem
 
 CACHE_VERSION = 1
@@ -47,7 +48,8 @@ def to_original(points: np.ndarray, scale: np.ndarray) -> np.ndarray:
 
 
 def decode_image(path: str | Path) -> np.ndarray:
-    """Any png/jpg/bmp, grey or 3-channel, as a 2-D uint8 array; OSError if it does not decode completely.
+    """Any png/jpg/bmp, grey or 3-channel, or a DICOM file (dicom.decode_dicom), as a 2-D uint8 array; OSError if
+    it does not decode completely.
 
     The file's structure is checked before decoding because cv2.imread returns a cut JPEG with its missing
     rows grey; the bytes are read once and decoded from memory."""
@@ -55,6 +57,8 @@ def decode_image(path: str | Path) -> np.ndarray:
         data = Path(path).read_bytes()
     except OSError:
         raise OSError(f"{path}: image is missing or unreadable") from None
+    if is_dicom(path, data[:PREAMBLE_END]):
+        return decode_dicom(path, data)
     why = completeness_problem(data)
     if why:
         raise OSError(f"{path}: image is truncated or corrupt ({why})")

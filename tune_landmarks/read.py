@@ -18,11 +18,12 @@ from pathlib import Path
 
 import numpy as np
 
+from .dicom import header_spacing, is_dicom, read_header, size_of
 from .landmarks import AARIZ, ISBI2015, Landmark, symbols
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".dcm")
 ANNOTATORS = ("senior", "junior", "mean")
 AARIZ_SPLITS = ("train", "valid", "test")
 ISBI_SPLITS = ("train", "test1", "test2")
@@ -244,10 +245,21 @@ def completeness_problem(data: bytes) -> str | None:
     return None
 
 
+def is_image_file(path: Path) -> bool:
+    """An image by its suffix, or a suffix-less file with the DICOM preamble (as PACS exports name them)."""
+    return path.is_file() and (path.suffix.lower() in IMAGE_SUFFIXES or (not path.suffix and is_dicom(path)))
+
+
 def inspect_image(path: Path) -> tuple[tuple[int, int] | None, str | None]:
     """((width, height) from the header, problem) without decoding pixels, so reading a split stays cheap
     (about 0.04 ms per ISBI image, as the old header read): a file cut short is found from its structure,
-    so --skip-bad can drop it before the cache build; the full decode comes later, once."""
+    so --skip-bad can drop it before the cache build; the full decode comes later, once. A DICOM file's size
+    is its header's, and what makes it no radiograph (another object, several frames) is found there too."""
+    if is_dicom(path):
+        try:
+            return size_of(read_header(path)), None
+        except OSError as exc:
+            return None, str(exc)
     try:
         data = Path(path).read_bytes()
     except OSError:
@@ -359,9 +371,7 @@ def _read_aariz_split(info: DatasetInfo, split: str, annotator: str) -> Split:
     mapping_path = info.root / MAPPING_CSV
     problems: list[str] = []
     mapping: dict[str, tuple[float, str]] = {}
-    if not mapping_path.is_file():
-        problems.append(f"{mapping_path}: pixel-size table is missing")
-    else:
+    if mapping_path.is_file():
         try:
             mapping = read_mapping(mapping_path)
         except DatasetError as exc:
@@ -374,15 +384,15 @@ def _read_aariz_split(info: DatasetInfo, split: str, annotator: str) -> Split:
     records, bad = [], set()
     whos = ("senior", "junior") if annotator == "mean" else (annotator,)
     annotations: dict[str, dict[str, np.ndarray]] = {who: {} for who in whos}
-    images = sorted(p for p in img_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    images = sorted(p for p in img_dir.iterdir() if is_image_file(p))
     if not images:
-        problems.append(f"{img_dir}: no images (.png/.jpg/.jpeg/.bmp)")
+        problems.append(f"{img_dir}: no images ({'/'.join(IMAGE_SUFFIXES)})")
     stems = {p.stem for p in images}
     for who in whos:
         sub = _find_dir(lm_dir, _AARIZ_ANNOTATOR_DIRS[who]) if lm_dir else None
         for j in sorted(sub.glob("*.json")) if sub else []:
             if j.stem not in stems:
-                problems.append(f"{img_dir / j.stem}.<png|jpg|jpeg|bmp>: image is missing (annotated in {j})")
+                problems.append(f"{img_dir / j.stem}.<png|jpg|jpeg|bmp|dcm>: image is missing (annotated in {j})")
                 stems.add(j.stem)  # report once, not once per annotator
     for img in images:
         iid = img.stem
@@ -403,18 +413,38 @@ def _read_aariz_split(info: DatasetInfo, split: str, annotator: str) -> Split:
             if kps is not None:
                 own.extend(_check_points(str(jpath), kps, img, size, known))
             per_annot[who] = kps
-        if iid not in mapping and mapping_path.is_file():
-            own.append(f"{img}: no pixel_size row for {iid!r} in {mapping_path}")
+        spacing, why = mapping.get(iid), None
+        if spacing is None and not image_problem:
+            try:
+                spacing = _header_spacing(img)
+            except OSError as exc:
+                why = str(exc)
+        if why:
+            own.append(why)
+        elif spacing is None and not image_problem:
+            own.append(f"{img}: no pixel_size row for {iid!r} in {mapping_path}" if mapping_path.is_file() else
+                       f"{img}: no pixel size: {mapping_path} (the pixel-size table) is missing"
+                       + (" and the DICOM header gives none" if is_dicom(img) else ""))
         kps = _combine(per_annot.get("senior"), per_annot.get("junior"), annotator)
-        if own or kps is None:
+        if own or kps is None or spacing is None:
             problems.extend(own)
             bad.add(iid)
             continue
-        ps, machine = mapping[iid]
-        records.append(Record(iid, img, kps, ps, machine))
+        records.append(Record(iid, img, kps, *spacing))
         for who in whos:
             annotations[who][iid] = per_annot[who]
     return Split(split, records, problems, bad, annotations)
+
+
+def _header_spacing(img: Path) -> tuple[float, str] | None:
+    """(pixel size, machine) from a DICOM image's own header, for an image the pixel-size table does not list (the
+    table wins where it has a row: the archive's curated value)."""
+    if not is_dicom(img):
+        return None
+    ds = read_header(img)
+    spacing = header_spacing(ds, img)
+    machine = " ".join(str(ds.get(t) or "") for t in ("Manufacturer", "ManufacturerModelName")).strip()
+    return (spacing.mm, machine) if spacing else None
 
 
 def _read_isbi_csv(path: Path, k: int) -> tuple[dict[str, tuple[int, np.ndarray]], list[str]]:
