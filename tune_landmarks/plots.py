@@ -1,6 +1,6 @@
 """Every figure the tool draws (matplotlib's object API, no global state, so it is safe in threads and
-never opens a window): the verdict's forest plots and the report's landmark, history, importance,
-parallel-coordinate and epoch figures."""
+never opens a window): the verdict's per-landmark and forest plots and the report's landmark, history,
+importance, parallel-coordinate and epoch figures."""
 from __future__ import annotations
 
 import io
@@ -42,6 +42,45 @@ def forest_figure(rows: Sequence[PairedDiff], title: str) -> Any:
                   "red: difficult landmarks; * interval excludes 0; below the line: landmark sets")
     ax.set_title(title, fontsize=10)
     ax.grid(axis="x", alpha=0.3)
+    return fig
+
+
+def verdict_landmarks_figure(by_model: dict[str, Sequence[PairedDiff]], title: str) -> Any:
+    """Per landmark, in the order given (the landmark sets after a line): the start model's MRE (hollow) and
+    each arm's winner's beside it, whose whisker is its paired interval of the change from the start placed on
+    the start's value, so a whisker that misses the hollow dot is a change the images support. Difficult
+    landmarks are shaded: the paper figure of what fine-tuning changed where."""
+    from matplotlib.patches import Patch
+
+    first = next(iter(by_model.values()))
+    width = 0.8 / (len(by_model) + 1)
+    fig, ax = _figure(10, 3.9)
+    x = np.arange(len(first)) + np.array([r.is_group for r in first]) * 0.6  # a gap before the sets
+    for xi, r in zip(x, first):
+        if r.difficult:
+            ax.axvspan(xi - 0.45, xi + 0.45, color=DIFFICULT_COLOR, alpha=0.08, lw=0)
+    offset = (np.arange(len(by_model) + 1) - len(by_model) / 2) * width
+    ax.plot(x + offset[0], [r.ref_mre_mm for r in first], "o", mfc="white", mec="dimgrey", ms=5, label="start")
+    for (name, rows), dx, color in zip(by_model.items(), offset[1:], ARM_COLORS):
+        cand = np.array([r.cand_mre_mm for r in rows])
+        low = np.array([r.ref_mre_mm + r.diff_low_mm for r in rows])
+        high = np.array([r.ref_mre_mm + r.diff_high_mm for r in rows])
+        ax.errorbar(x + dx, cand, yerr=[np.maximum(cand - low, 0), np.maximum(high - cand, 0)], fmt="o", ms=4,
+                    color=color, capsize=1.5, lw=1, label=name)
+    if any(r.is_group for r in first):
+        ax.axvline(x[[r.is_group for r in first].index(True)] - 0.8, color="grey", lw=0.6)
+    ax.set_xticks(x, [r.landmark for r in first], rotation=90, fontsize=8)
+    for tick, r in zip(ax.get_xticklabels(), first):
+        tick.set_color(DIFFICULT_COLOR if r.difficult else "black")
+        tick.set_fontweight("bold" if r.is_group else "normal")
+    ax.set_xlim(x[0] - 0.6, x[-1] + 0.6)
+    ax.set_ylim(bottom=0)
+    ax.set_ylabel("mean radial error (mm)")
+    ax.set_title(title, fontsize=10, loc="left")
+    ax.grid(axis="y", alpha=0.3)
+    handles = [*ax.get_legend_handles_labels()[0], Patch(color=DIFFICULT_COLOR, alpha=0.15, label="difficult")]
+    ax.legend(handles=handles, fontsize=8, ncols=len(handles), loc="lower right", bbox_to_anchor=(1, 1),
+              frameon=False)
     return fig
 
 

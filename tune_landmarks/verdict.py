@@ -133,8 +133,10 @@ def aligned(ref: Scored, other: Scored) -> np.ndarray:
     return other.errors[np.ix_([rows[v] for v in ref.image_ids], [cols[v] for v in ref.symbols])]
 
 
-def _interval(value: float, low: float, high: float, unit: str, digits: int) -> str:
-    return f"{value:+.{digits}f} {unit} [{low:+.{digits}f}, {high:+.{digits}f}]"
+def change_text(r: PairedDiff, unit: str = " mm") -> str:
+    """candidate - reference in mm with its interval, as the sentences and the report write it (a table whose
+    header names the unit leaves it out)."""
+    return f"{r.diff_mm:+.3f}{unit} [{r.diff_low_mm:+.3f}, {r.diff_high_mm:+.3f}]"
 
 
 def _judge_words(r: PairedDiff) -> str:
@@ -187,8 +189,7 @@ def verdict_sentences(comparisons: Sequence[Comparison], split: str, selection: 
             g = c.group(name)
             if g is None:
                 continue
-            lines.append(f"{c.a} vs {c.b}, {name} landmarks: {_judge_words(g)} "
-                         f"({_interval(g.diff_mm, g.diff_low_mm, g.diff_high_mm, 'mm', 3)}).")
+            lines.append(f"{c.a} vs {c.b}, {name} landmarks: {_judge_words(g)} ({change_text(g)}).")
         g = c.group("all")
         if g is not None and c.a in selection and c.b in selection:
             said = selection[c.a] - selection[c.b]
@@ -199,6 +200,48 @@ def verdict_sentences(comparisons: Sequence[Comparison], split: str, selection: 
     lines.append("Per-landmark intervals are exploratory (many comparisons); the headline is the difficult set "
                  "and all landmarks.")
     return lines
+
+
+def others_unchanged(c: Comparison) -> bool:
+    """Every landmark outside the difficult set scores the same in both models: equal MRE and SDR and a [0, 0]
+    paired interval, which is what bit-identical errors give (a refinement stage leaves those points alone).
+    The verdict keeps no per-image errors, so this is read from its per-landmark rows."""
+    others = [r for r in c.rows if not r.is_group and not r.difficult]
+    return bool(others) and all(r.diff_mm == r.diff_low_mm == r.diff_high_mm == 0 and r.cand_mre_mm == r.ref_mre_mm
+                                and r.cand_sdr_2mm == r.ref_sdr_2mm for r in others)
+
+
+def verdict_headline(comparisons: Sequence[Comparison], split: str) -> str:
+    """The report's first sentence: which model to use and what it changes. An arm's winner qualifies only when
+    its paired interval against the start lies below 0 on the difficult set (the set a sweep exists to improve;
+    all landmarks when there is none) and all landmarks are not clearly worse; of those, the largest gain wins, else
+    "keep the start model"."""
+    vs_start = [c for c in comparisons if c.b == "start"]
+    group = "difficult" if any(c.group("difficult") is not None for c in vs_start) else "all"
+    where = "the difficult landmarks" if group == "difficult" else "all landmarks"
+    scored = [(c, g) for c in vs_start if (g := c.group(group)) is not None]
+    better = sorted(((c, g) for c, g in scored if g.significant and g.diff_mm < 0), key=lambda cg: cg[1].diff_mm)
+    harmful = [(c, a) for c, _ in better if group == "difficult" and (a := c.group("all")) is not None
+               and a.significant and a.diff_mm > 0]  # a gain bought with the healthy landmarks is no answer
+    better = [(c, g) for c, g in better if c not in [h for h, _ in harmful]]
+    if not better and harmful:
+        return (f"Keep the start model: {harmful[0][0].a} beat it on {where} of {split} but made all landmarks worse "
+                f"({change_text(harmful[0][1])}).")
+    if not better:
+        said = "; ".join(f"{c.a} {change_text(g)}, {_judge_words(g)}" for c, g in scored)
+        return (f"Keep the start model: nothing beat it on {where} of {split} "
+                f"({f'{scored[0][1].n_images} images; {said}' if scored else 'no arm had a scored trial'}).")
+    (c, g), others = better[0], better[1:]
+    parts = [f"{where} {change_text(g)}"]
+    if group == "difficult" and (a := c.group("all")) is not None:
+        parts.append(f"all landmarks {change_text(a)} ({_judge_words(a)})")
+    text = (f"Use {c.a}: against the start model on {split} ({g.n_images} images, paired {CONFIDENCE:.0%} "
+            f"intervals), {', '.join(parts)}")
+    if group == "difficult" and others_unchanged(c):
+        text += "; the other landmarks unchanged"
+    for o, og in others:
+        text += f"; {o.a} also beat it there ({change_text(og)})"
+    return text + "."
 
 
 def verdict_record(comparisons: Sequence[Comparison], split: str, image_ids: Sequence[str],
