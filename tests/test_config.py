@@ -77,7 +77,7 @@ def test_an_empty_yaml_is_no_options(tmp_path: Path) -> None:
     ("mixed_precision", "maybe", "bool"), ("image_size", [64, 64, 64], "tuple"), ("image_size", "big", "tuple"),
 ])
 def test_a_value_of_the_wrong_type_says_so(name: str, value: object, kind: str) -> None:
-    with pytest.raises(ValueError, match=re.escape(f"The value of `{name}` is {value!r}, which is not a valid {kind}.")):
+    with pytest.raises(ValueError, match=re.escape(f"The value of `{name}` is {value!r}, but must be a valid {kind}.")):
         coerce(name, value)
 
 

@@ -36,7 +36,7 @@ def test_overlapping_roles_are_refused_naming_both(isbi_root):
         load_roles(info, val="train:0.2", test="train:0.1")
     with pytest.raises(ValueError, match="share 150 image"):
         load_roles(info, val="test1", test="test1")
-    with pytest.raises(ValueError, match=r"split spec 'train:1.5' is not valid, but must be NAME or NAME:FRACTION"):
+    with pytest.raises(ValueError, match=r"The value of `split` is 'train:1.5', but must be NAME or NAME:FRACTION"):
         parse_split("train:1.5")
     # a verdict split carved from train also leaves training
     roles = load_roles(info, val="test1", test="train:0.1")

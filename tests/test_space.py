@@ -108,7 +108,7 @@ def test_max_warmup_of_each_entry_type(tmp_path: Path) -> None:
     ("distill_weight: {type: categorical, choices: [0.0, -1.0]}",
      "`distill_weight`: The value of `distill_weight` is -1.0, but must be >= 0."),
     ("batch_size: {type: categorical, choices: [2, 2.5]}",
-     "`batch_size`: The value of `batch_size` is 2.5, which is not a valid int."),
+     "`batch_size`: The value of `batch_size` is 2.5, but must be a valid int."),
     # the shape of a range
     ("lr: {type: loguniform, low: 0, high: 0.1}", "`lr`: a log range needs low > 0 (got 0)"),
     ("lr: {type: loguniform, low: -1, high: 0.1}", "`lr`: a log range needs low > 0 (got -1)"),

@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from .config import rule_error
 from .experiment import DEFAULT_STORAGE, SWEEP_FILE, VERDICT_FILES, Experiment, Sweep
 from .results import best_row, kept_checkpoints
 from .verdict import (
@@ -156,12 +157,11 @@ def compare(inputs: Sequence[str | Path], out: str | Path, dataset_path: str | P
     from .plots import forest_figure, png_bytes
 
     if len(inputs) < 2:
-        raise ValueError(f"The value of `inputs` has {len(inputs)} model(s), but must have >= 2 "
-                         "(a reference and a candidate).")
+        raise rule_error("inputs", [str(p) for p in inputs], "two or more models (a reference and a candidate)")
     if n_boot < 1:
-        raise ValueError(f"The value of `bootstrap` is {n_boot}, but must be > 0.")
+        raise rule_error("bootstrap", n_boot, "> 0")
     if seed < 0:
-        raise ValueError(f"The value of `seed` is {seed}, but must be >= 0.")
+        raise rule_error("seed", seed, ">= 0")
     paths = [Path(p) for p in inputs]
     for p in paths:
         if not p.exists():

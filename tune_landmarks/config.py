@@ -301,8 +301,16 @@ RELATIONS: tuple[Relation, ...] = (
 
 
 def rule_message(name: str, value: Any, must: str) -> str:
-    """The one wording of a broken rule, for every option and setting in the package."""
+    """The one wording of a broken rule, for every option, argument and setting in the package (Optuna's), so a user
+    learns one sentence. A numpy scalar reads as the plain number it is."""
+    if getattr(value, "ndim", None) == 0 and hasattr(value, "item"):
+        value = value.item()
     return f"The value of `{name}` is {value!r}, but must be {must}."
+
+
+def rule_error(name: str, value: Any, must: str) -> ValueError:
+    """`raise rule_error("lr", lr, "> 0")`: the one wording as the ValueError the command line reports."""
+    return ValueError(rule_message(name, value, must))
 
 
 def check_field(name: str, value: Any) -> Any:
@@ -344,7 +352,7 @@ def coerce(name: str, value: Any) -> Any:
             return int(value)
         return option.type(value)
     except (TypeError, ValueError):
-        raise ValueError(f"The value of `{name}` is {value!r}, which is not a valid {option.type.__name__}.") from None
+        raise rule_error(name, value, f"a valid {option.type.__name__}") from None
 
 
 def from_dict(values: dict[str, Any], base: TrainConfig | None = None, source: str = "config") -> TrainConfig:

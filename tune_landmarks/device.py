@@ -11,13 +11,15 @@ from typing import Any
 
 import torch
 
+from .config import rule_error
+
 
 def resolve_device(name: str) -> torch.device:
     """`auto` is CUDA where there is one; naming CUDA where there is none is an error, not a silent CPU run."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"The value of `device` is {name!r}, but no CUDA device is available here.")
+        raise rule_error("device", name, "auto or cpu: no CUDA device is available here")
     return torch.device(name)
 
 

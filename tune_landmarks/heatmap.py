@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .config import DECODERS
+from .config import DECODERS, rule_error
 
 
 def to_heatmap_frame(points: torch.Tensor, stride: float) -> torch.Tensor:
@@ -74,7 +74,7 @@ def soft_argmax(heatmaps: torch.Tensor) -> torch.Tensor:
 def decode(heatmaps: torch.Tensor, method: str = "dark", sigma: float = 2.0) -> torch.Tensor:
     """(B, K, H, W) -> (B, K, 2) sub-pixel peak positions in heatmap pixels (x, y)."""
     if method not in DECODERS:
-        raise ValueError(f"The value of `decoder` is {method!r}, but must be one of {', '.join(DECODERS)}.")
+        raise rule_error("decoder", method, f"one of {', '.join(DECODERS)}")
     hm = heatmaps.detach().float()
     peak = _argmax(hm)
     x, y = peak[..., 0], peak[..., 1]

@@ -28,7 +28,7 @@ import yaml
 
 from . import heatmap
 from .atomic import staged_dir
-from .config import DECODERS, IMPORTED, INTERPOLATIONS, RESIZES
+from .config import DECODERS, IMPORTED, INTERPOLATIONS, RESIZES, rule_message
 from .landmarks import AARIZ, ISBI2015, symbols
 from .model import (
     CheckpointError,
@@ -98,7 +98,7 @@ class ModelSpec:
 
 
 def _must(where: str, name: str, value: Any, what: str) -> SpecError:
-    return SpecError(f"{where}: the value of `{name}` is {value!r}, but must be {what}.")
+    return SpecError(f"{where}: {rule_message(name, value, what)}")
 
 
 def _unknown(where: str, section: str, given: dict[str, Any], known: set[str]) -> None:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .config import LOSSES, MODES
+from .config import LOSSES, MODES, rule_error
 
 
 @dataclass(frozen=True)
@@ -26,11 +26,11 @@ class AWingParams:
     def __post_init__(self) -> None:
         for name in ("omega", "theta", "epsilon"):
             if not getattr(self, name) > 0:
-                raise ValueError(f"The value of `awing_{name}` is {getattr(self, name)}, but must be > 0.")
+                raise rule_error(f"awing_{name}", getattr(self, name), "> 0")
         if not self.alpha > 1:
-            raise ValueError(f"The value of `awing_alpha` is {self.alpha}, but must be > 1.")
+            raise rule_error("awing_alpha", self.alpha, "> 1")
         if self.weight < 0:
-            raise ValueError(f"The value of `awing_weight` is {self.weight}, but must be >= 0.")
+            raise rule_error("awing_weight", self.weight, ">= 0")
 
 
 def adaptive_wing(pred: torch.Tensor, target: torch.Tensor, p: AWingParams) -> torch.Tensor:
@@ -58,13 +58,13 @@ def per_landmark(pred: torch.Tensor, target: torch.Tensor, kind: str, p: AWingPa
     elif kind == "adaptive_wing":
         el = adaptive_wing(pred, target, p) * loss_map_weight(target, p.weight)
     else:
-        raise ValueError(f"The value of `loss` is {kind!r}, but must be one of {', '.join(LOSSES)}.")
+        raise rule_error("loss", kind, f"one of {', '.join(LOSSES)}")
     return el.mean(dim=(0, 2, 3))
 
 
 def landmark_weights(symbols: list[str], difficult: list[str], mode: str, difficult_weight: float) -> torch.Tensor:
     if mode not in MODES:
-        raise ValueError(f"The value of `mode` is {mode!r}, but must be one of {', '.join(MODES)}.")
+        raise rule_error("mode", mode, f"one of {', '.join(MODES)}")
     hard = torch.tensor([s in difficult for s in symbols], dtype=torch.float32)
     if mode == "all":
         return torch.ones(len(symbols))

@@ -30,6 +30,7 @@ import torch.nn as nn
 
 from . import heatmap
 from .atomic import atomic_path
+from .config import rule_error
 
 log = logging.getLogger(__name__)
 
@@ -169,7 +170,7 @@ class LandmarkNet(LandmarkModel):
         if not set(HRNET_STEM) <= names or not all(set(s) <= names for s in HRNET_STAGES):
             raise ValueError(f"--freeze-stages applies to timm HRNet backbones; {self.backbone_name!r} has no HRNet stages")
         if n > len(HRNET_STAGES):
-            raise ValueError(f"The value of `freeze_stages` is {n}, but must be <= {len(HRNET_STAGES)}.")
+            raise rule_error("freeze_stages", n, f"<= {len(HRNET_STAGES)}")
         frozen = [f"backbone.{m}" for m in list(HRNET_STEM) + [m for stage in HRNET_STAGES[:n] for m in stage]]
         for name in frozen:
             for p in self.get_submodule(name).parameters():
@@ -186,15 +187,14 @@ class LandmarkNet(LandmarkModel):
 def resolve_name(name: str) -> str:
     name = ALIASES.get(name, name)
     if not timm.is_model(name):
-        raise ValueError(f"The value of `model` is {name!r}, but must be a timm model name (e.g. hrnet_w18_small_v2, "
-                         f"hrnet_w32) or 'hrnet'.")
+        raise rule_error("model", name, "a timm model name (e.g. hrnet_w18_small_v2, hrnet_w32) or 'hrnet'")
     return name
 
 
 def create_model(name: str, num_landmarks: int, pretrained: str | None = None) -> LandmarkNet:
     """Build the model; `pretrained` is a local timm weights file (nothing is downloaded)."""
     if num_landmarks < 1:
-        raise ValueError(f"The value of `num_landmarks` is {num_landmarks}, but must be > 0.")
+        raise rule_error("num_landmarks", num_landmarks, "> 0")
     model = LandmarkNet(resolve_name(name), num_landmarks)
     if pretrained:
         load_pretrained_backbone(model, pretrained)

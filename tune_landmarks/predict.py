@@ -24,6 +24,7 @@ import cv2
 import numpy as np
 
 from .atomic import write_bytes
+from .config import rule_error
 from .dicom import Spacing, header_spacing, is_dicom, read_header
 from .landmarks import title_of
 from .read import IMAGE_SUFFIXES, is_image_file, read_mapping
@@ -161,9 +162,9 @@ def predict(model_path: str | Path, inputs: Sequence[str | Path], out: str | Pat
     from .read import read_predictions
 
     if batch_size < 1:
-        raise ValueError(f"The value of `batch_size` is {batch_size}, but must be > 0.")
+        raise rule_error("batch_size", batch_size, "> 0")
     if pixel_size is not None and not pixel_size > 0:
-        raise ValueError(f"The value of `pixel_size` is {pixel_size}, but must be > 0 (mm/px).")
+        raise rule_error("pixel_size", pixel_size, "> 0 (mm/px)")
     table = read_mapping(pixel_size_csv) if pixel_size_csv is not None else {}
     images, failed = find_images(inputs)
     _check_names(images)

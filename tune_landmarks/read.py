@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .config import rule_error
 from .dicom import header_spacing, is_dicom, read_header, size_of
 from .landmarks import AARIZ, ISBI2015, Landmark, symbols
 
@@ -134,7 +135,7 @@ def describe(root: str | Path, fmt: str | None = None) -> DatasetInfo:
         aroot = _aariz_root(root)
         present = tuple(s for s in AARIZ_SPLITS if _find_dir(aroot, s) is not None)
         return DatasetInfo(aroot, "aariz", AARIZ, present)
-    raise ValueError(f"The value of `format` is {fmt!r}, but must be one of 'aariz', 'isbi'.")
+    raise rule_error("format", fmt, "one of 'aariz', 'isbi'")
 
 
 def _combine(senior: np.ndarray | None, junior: np.ndarray | None, annotator: str) -> np.ndarray | None:
@@ -150,7 +151,7 @@ def _combine(senior: np.ndarray | None, junior: np.ndarray | None, annotator: st
 
 def _check_annotator(annotator: str) -> None:
     if annotator not in ANNOTATORS:
-        raise ValueError(f"The value of `annotator` is {annotator!r}, but must be one of {', '.join(ANNOTATORS)}.")
+        raise rule_error("annotator", annotator, f"one of {', '.join(ANNOTATORS)}")
 
 
 def _check_points(source: str, kps: np.ndarray, image: Path, size: tuple[int, int] | None, syms: list[str]) -> list[str]:
@@ -553,8 +554,7 @@ def parse_split(spec: str) -> tuple[str, float | None]:
     except ValueError:
         fraction = math.nan
     if not 0 < fraction < 1:
-        raise ValueError(f"The value of split spec {spec!r} is not valid, but must be NAME or NAME:FRACTION with "
-                         "0 < FRACTION < 1 (e.g. train:0.2).")
+        raise rule_error("split", spec, "NAME or NAME:FRACTION with 0 < FRACTION < 1 (e.g. train:0.2)")
     return name, fraction
 
 

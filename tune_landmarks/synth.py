@@ -15,6 +15,7 @@ import cv2
 import numpy as np
 
 from .atomic import staged_dir
+from .config import rule_error
 from .landmarks import AARIZ, WORKFLOW_DIFFICULT
 from .read import MAPPING_CSV
 
@@ -117,9 +118,9 @@ def make_synthetic(out: str | Path, num_images: int = 30, seed: int = 0, size: i
                    splits: tuple[float, float, float] = (0.6, 0.2, 0.2)) -> Path:
     """Write a complete Aariz-layout dataset to `out` (atomically: a temp dir renamed at the end)."""
     if num_images < 3:
-        raise ValueError(f"The value of `num_images` is {num_images}, but must be >= 3.")
+        raise rule_error("num_images", num_images, ">= 3")
     if size < 64:
-        raise ValueError(f"The value of `size` is {size}, but must be >= 64.")
+        raise rule_error("size", size, ">= 64")
     out = Path(out).resolve()
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out}: exists and is not empty; choose another --out")
