@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .config import rule_error
 from .experiment import JOURNAL_FILE, VERDICT_FILES, Experiment, Sweep
 from .plots import (
     epochs_figure,
@@ -375,9 +376,9 @@ def report(experiment: Experiment | str, out: str | Path, *, storage: str | None
     from .atomic import staged_dir
 
     if n_boot < 1:
-        raise ValueError(f"The value of `bootstrap` is {n_boot}, but must be > 0.")
+        raise rule_error("bootstrap", n_boot, "> 0")
     if seed < 0:
-        raise ValueError(f"The value of `seed` is {seed}, but must be >= 0.")
+        raise rule_error("seed", seed, ">= 0")
     exp = experiment if isinstance(experiment, Experiment) else Experiment.find(experiment, storage)
     out = Path(out).resolve()
     if out.is_dir() and any(out.iterdir()) and not (out / "index.html").is_file():

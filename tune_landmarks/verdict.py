@@ -15,6 +15,8 @@ from typing import Any
 
 import numpy as np
 
+from .config import rule_error
+
 SDR_MM = 2.0
 CONFIDENCE = 0.95
 GROUPS = ("difficult", "other", "all")
@@ -73,20 +75,20 @@ def paired_bootstrap(errors_ref: np.ndarray, errors_cand: np.ndarray, symbols: S
     if a.ndim != 2 or a.shape != b.shape:
         raise ValueError(f"The shapes of `errors_ref` {a.shape} and `errors_cand` {b.shape} must be equal (N, K).")
     if a.shape[0] < 1:
-        raise ValueError("The value of `errors_ref` has 0 images, but must have > 0.")
+        raise rule_error("len(errors_ref)", 0, "> 0 (images)")
     if len(symbols) != a.shape[1]:
-        raise ValueError(f"The value of `symbols` has {len(symbols)} names, but the errors have {a.shape[1]} columns.")
+        raise rule_error("len(symbols)", len(symbols), f"{a.shape[1]}, the errors' columns")
     if not (np.isfinite(a).all() and np.isfinite(b).all()):
         raise ValueError("The errors contain non-finite values, but must all be finite.")
     unknown = [s for s in difficult if s not in symbols]
     if unknown:
-        raise ValueError(f"The value of `difficult` names {unknown}, but must be a subset of `symbols`.")
+        raise rule_error("difficult", list(difficult), f"a subset of `symbols` ({unknown} are not)")
     if n_boot < 1:
-        raise ValueError(f"The value of `n_boot` is {n_boot}, but must be > 0.")
+        raise rule_error("n_boot", n_boot, "> 0")
     if not 0 < confidence < 1:
-        raise ValueError(f"The value of `confidence` is {confidence}, but must be in (0, 1).")
+        raise rule_error("confidence", confidence, "in (0, 1)")
     if seed < 0:
-        raise ValueError(f"The value of `seed` is {seed}, but must be >= 0.")
+        raise rule_error("seed", seed, ">= 0")
 
     hard = [i for i, s in enumerate(symbols) if s in difficult]
     rest = [i for i in range(len(symbols)) if i not in hard]
