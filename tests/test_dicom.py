@@ -117,6 +117,7 @@ def test_predict_reads_dicom_as_png_and_records_the_spacing(isbi_model, encoding
     assert all(s["pixel_size_mm"] == pytest.approx(0.1) for n, s in sources.items() if n != "png")
 
 
+@pytest.mark.slow
 def test_a_cascade_crops_at_each_files_own_spacing_and_the_table_wins(isbi_refine, film, encodings, tmp_path):
     """A refinement cascade crops in mm: a DICOM file predicts as the PNG given --pixel-size of its header's spacing;
     a --pixel-size-csv row beats the header; and the spacing changes the refined points, so it was used."""

@@ -6,14 +6,16 @@ distance has little left to gain. A pair far beyond the usual spread is more lik
 """
 from __future__ import annotations
 
+import argparse
 import logging
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from .cache import decode_pass
+from .options import add_dataset_options, flag
 from .read import DatasetInfo, Record, Split, read_split
 
 log = logging.getLogger(__name__)
@@ -118,3 +120,90 @@ def format_summary(summary: pa.Table, max_mm: float) -> str:
         lines.append(f"{row['landmark']:<9}{row['pairs']:>6}{row['mean_mm']:>7.2f}{row['median_mm']:>8.2f}{row['p95_mm']:>7.2f}"
                      f"{row['max_mm']:>7.2f}  {row['max_image']:<16}{row['over_max']:>9}")
     return "\n".join(lines)
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    """Read every split, decode every image once, measure the annotators' disagreement; exit 1 on any problem
+    (and on pairs beyond --max-disagreement-mm with --strict)."""
+    from .atomic import write_parquet
+    from .read import describe, spacing_range
+
+    info = describe(args.path, args.format)
+    print(f"{info.root}: {info.format} layout, {len(info.symbols)} landmarks, splits: {', '.join(info.splits)}")
+    problems: list[str] = []
+    pair_tables = [PAIR_SCHEMA.empty_table()]
+    for split in info.splits:
+        sp = read_split(info, split, args.annotator)
+        broken, sizes = decode_check(sp.records, split, args.progress)
+        problems += sp.problems + broken
+        pair_tables.append(pair_distances(sp, info.symbols))
+        ws, hs = [s[0] for s in sizes], [s[1] for s in sizes]
+        lo, hi = spacing_range(sp.records)
+        bad = len(sp.bad_images) + len(broken)
+        print(f"  {split:<6} {len(sizes):>5} images  {len(info.symbols)} landmarks  "
+              + (f"size {min(ws)}-{max(ws)} x {min(hs)}-{max(hs)} px  spacing {lo:g}-{hi:g} mm/px" if ws else "")
+              + (f"  ({bad} with problems)" if bad else ""))
+    _print_roles(info, args)
+    pairs = pa.concat_tables(pair_tables)
+    limit = args.max_disagreement_mm
+    summary = summarise(pairs, info.symbols, limit)
+    if args.report:
+        if pairs.num_rows:
+            print(f"senior-junior distance per landmark, mm ({pairs.num_rows // len(info.symbols)} images):")
+            print(format_summary(summary, limit))
+        else:
+            print("no senior-junior distances: both annotators' files are needed (--annotator mean)")
+    for out, table in ((args.report_out, summary), (args.pairs_out, pairs)):
+        if out:
+            print(f"wrote {write_parquet(table, out)}")
+    far = [f"{r['split']} {r['image_id']} {r['landmark']}: senior ({r['senior_x']:g}, {r['senior_y']:g}) and junior "
+           f"({r['junior_x']:g}, {r['junior_y']:g}) are {r['distance_mm']:.1f} mm apart (> {limit:g} mm)"
+           for r in far_pairs(pairs, limit).to_pylist()]
+    if args.strict:
+        problems += far
+    elif far:
+        print(f"{len(far)} warning(s): annotators disagree beyond --max-disagreement-mm (--strict makes these errors):")
+        for w in far:
+            print(f"  - {w}")
+    if problems:
+        print(f"{len(problems)} problem(s):")
+        for p in problems:
+            print(f"  - {p}")
+        return 1
+    print("ok")
+    return 0
+
+
+def _print_roles(info: Any, args: argparse.Namespace) -> None:
+    """The images of each role a run or sweep would use with these split specs (images with problems left out)."""
+    from .read import load_roles
+
+    try:
+        roles = load_roles(info, args.train_split, args.val_split, args.test_split, args.annotator, skip_bad=True)
+    except ValueError as exc:
+        print(f"roles: refused — {str(exc).splitlines()[0]}")
+        return
+    names = {"train": "training", "val": "selection (--val-split)", "test": "verdict (--test-split)"}
+    print("roles a run or sweep would use: " + ", ".join(f"{names[role]} {v['spec']} {len(v['image_ids'])} images"
+                                                          for role, v in roles.ids().items()))
+
+
+def register_cli(sub: Any) -> None:
+    s = sub.add_parser("check-dataset", help="list a dataset's splits and every problem in it; decodes every image")
+    s.add_argument("path")
+    add_dataset_options(s, required=None, annotator_help="whose points to check (mean: both files, and their disagreement)")
+    s.add_argument("--report", action="store_true",
+                   help="list per landmark the senior-junior distance in mm: mean, median, 95th percentile, max and where")
+    s.add_argument(*flag("report_out"), dest="report_out", metavar="FILE", help="write that per-landmark table as Parquet")
+    s.add_argument(*flag("pairs_out"), dest="pairs_out", metavar="FILE",
+                   help="write every image x landmark senior-junior distance as Parquet")
+    s.add_argument(*flag("max_disagreement_mm"), dest="max_disagreement_mm", type=float,
+                   default=DEFAULT_MAX_DISAGREEMENT_MM, metavar="MM",
+                   help=f"warn about senior-junior pairs farther apart than MM (default {DEFAULT_MAX_DISAGREEMENT_MM:g}: "
+                        "on ISBI 2015 above the largest distance of 16 of the 19 landmarks, 10 of 5,700 pairs beyond it)")
+    s.add_argument("--strict", action="store_true", help="pairs beyond --max-disagreement-mm are errors (exit 1)")
+    s.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bar while decoding")
+    for role in ("train", "val", "test"):
+        s.add_argument(*flag(f"{role}_split"), dest=f"{role}_split",
+                       help=f"{role} split spec for the roles shown (NAME or NAME:FRACTION; default per layout)")
+    s.set_defaults(func=cmd_check)

@@ -3,9 +3,11 @@ fine-tuning, the refinement stage) -> the verdict -> the best trial exported -> 
 Minutes on 2 CPU cores; `--smoke-test` makes every step tiny."""
 from __future__ import annotations
 
+import argparse
 import logging
 import time
 from pathlib import Path
+from typing import Any
 
 from .config import TrainConfig
 from .experiment import SweepSettings
@@ -69,3 +71,14 @@ def _after(exp: Path, work: Path) -> int:
     report(exp, work / "report")
     log.info(f"report: {work / 'report' / 'index.html'}")
     return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    return run_demo(args.workdir, smoke=args.smoke_test)
+
+
+def register_cli(sub: Any) -> None:
+    s = sub.add_parser("demo", help="synthetic data -> start model -> sweep -> best trial (CPU, minutes)")
+    s.add_argument("--workdir", default="demo_run")
+    s.add_argument("--smoke-test", "--smoke_test", action="store_true", dest="smoke_test", help="tiny and fast")
+    s.set_defaults(func=cmd_demo)

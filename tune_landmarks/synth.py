@@ -7,9 +7,11 @@ local marker, lying along an edge), so a trained model shows a real spread of pe
 """
 from __future__ import annotations
 
+import argparse
 import csv
 import json
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -157,3 +159,18 @@ def make_synthetic(out: str | Path, num_images: int = 30, seed: int = 0, size: i
             wr.writerows(rows)
         (tmp / "Readme.txt").write_text(f"Synthetic Aariz-format dataset made by tune_landmarks (seed {seed}).\n")
     return out
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    out = make_synthetic(args.out, args.num_images, args.seed, args.size)
+    print(f"wrote a synthetic Aariz-format dataset with {args.num_images} images to {out}")
+    return 0
+
+
+def register_cli(sub: Any) -> None:
+    s = sub.add_parser("synth", help="write a synthetic Aariz-format dataset")
+    s.add_argument("--out", required=True)
+    s.add_argument("--num-images", "--num_images", type=int, default=30, dest="num_images")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--size", type=int, default=512, help="approximate image width in pixels")
+    s.set_defaults(func=cmd_synth)

@@ -1,0 +1,100 @@
+"""Options shared by several subcommands, typed once: the run options (one flag per TrainConfig field, in both
+spellings, as the workflow being replaced wrote them), the dataset and scoring options, and the small parsers.
+
+Every subcommand registers itself with `register_cli(sub)` in its own module and takes its shared options from
+here, so a flag means the same thing, with the same help, wherever it appears. Nothing here imports torch or Ray.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from typing import Any
+
+from .config import FIELDS, TrainConfig, from_dict, load_yaml, rule_error
+from .read import ANNOTATORS
+
+_HELP = {
+    "dataset_path": "dataset root (Aariz or ISBI 2015 layout)", "image_size": "network input WIDTH HEIGHT",
+    "resume": "start checkpoint: a weights file starts a fine-tune, a last.pt continues that run",
+    "difficult": "comma-separated symbols, e.g. UMT,UPM,R", "difficult_threshold": "difficult = start MRE above MM",
+    "mode": "all | weighted | masked", "model": "hrnet (= hrnet_w32) or any timm features_only backbone",
+    "mixed_precision": "autocast: fp16/bf16 on CUDA, bf16 on CPU", "distill_weight": "drift guard: teacher weight",
+    "freeze_stages": "freeze the stem and the first N HRNet stages", "bn_eval": "freeze BatchNorm running statistics",
+}
+
+
+def flag(name: str) -> list[str]:
+    """`--dataset_path` and `--dataset-path`: both spellings of an option, the workflow's first."""
+    return [f"--{name}"] + ([f"--{name.replace('_', '-')}"] if "_" in name else [])
+
+
+def add_run_options(p: argparse.ArgumentParser) -> None:
+    """One flag per TrainConfig field, in both spellings; unset flags stay unset (SUPPRESS)."""
+    p.add_argument("--config", help="YAML file of run options (flags override it)")
+    for name, f in FIELDS.items():
+        kw: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS, "help": _HELP.get(name)}
+        default = f.default if f.default is not dataclasses.MISSING else None
+        if isinstance(default, bool):
+            p.add_argument(*flag(name), action=argparse.BooleanOptionalAction, **kw)
+        elif name == "image_size":
+            p.add_argument(*flag(name), nargs=2, type=int, metavar=("W", "H"), **kw)
+        else:
+            p.add_argument(*flag(name), **kw)
+
+
+def run_config(args: argparse.Namespace, base: TrainConfig | None = None) -> TrainConfig:
+    """Defaults, then --config YAML, then flags. A start checkpoint supplies the architecture and image
+    size unless they are given, so `finetune --resume X` needs no --model to match X."""
+    values = load_yaml(args.config) if getattr(args, "config", None) else {}
+    cfg = from_dict(values, base, source=str(getattr(args, "config", "config")))
+    given = {k: v for k, v in vars(args).items() if k in FIELDS}
+    cfg = from_dict(given, cfg, source="command line")
+    explicit = set(values) | set(given)
+    if cfg.resume:
+        from .build import fixed_options
+        from .model import read_checkpoint
+
+        ckpt = read_checkpoint(cfg.resume)
+        fixed = fixed_options(ckpt.get("arch"))  # an imported model is read as its spec says
+        for k, v in fixed.items():
+            if k in explicit and getattr(cfg, k) != v:
+                raise rule_error(k, getattr(cfg, k), f"{v!r}: {cfg.resume} is an imported model whose spec fixes it "
+                                                     f"(leave --{k.replace('_', '-')} out)")
+            setattr(cfg, k, v)
+        if not fixed:
+            if "model" not in explicit and ckpt.get("arch"):
+                cfg.model = ckpt["arch"]["model"]
+            if "image_size" not in explicit and ckpt.get("image_size"):
+                cfg.image_size = tuple(ckpt["image_size"])
+    return cfg
+
+
+def add_dataset_options(p: argparse.ArgumentParser, required: bool | None = True, annotator_help: str | None = None) -> None:
+    """Which dataset, in which layout, whose points: the options every command that reads a dataset shares
+    (`required=None`: the command names its dataset otherwise, e.g. as a positional path)."""
+    if required is not None:
+        p.add_argument(*flag("dataset_path"), dest="dataset_path", required=required, help=_HELP["dataset_path"])
+    p.add_argument("--format", choices=("aariz", "isbi"), help="dataset layout (default: detected)")
+    p.add_argument("--annotator", default="mean", choices=ANNOTATORS,
+                   help=annotator_help or "whose points are the truth (mean: both annotators' average)")
+
+
+def add_scoring_options(p: argparse.ArgumentParser, dataset_required: bool = True) -> None:
+    """How `evaluate` and `import-model` score a model on a split."""
+    add_dataset_options(p, dataset_required)
+    p.add_argument("--split", default="valid")
+    p.add_argument("--device", default="auto")
+    p.add_argument(*flag("cache_dir"), dest="cache_dir")
+
+
+def names(text: str) -> list[str]:
+    """`masked, all` -> ["masked", "all"]."""
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def budgets(text: str) -> dict[str, int]:
+    """`masked=8,all=4` -> {"masked": 8, "all": 4}."""
+    try:
+        return {k.strip(): int(v) for k, v in (item.split("=") for item in names(text))}
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not ARM=N[,ARM=N...]") from None
