@@ -16,7 +16,7 @@ from conftest import TINY, cli
 
 from tune_landmarks.config import FIELDS
 from tune_landmarks.experiment import Experiment
-from tune_landmarks.export import ALL_WON, TOLERANCE_MM, checkpoint_for_epoch, choose, export
+from tune_landmarks.export import ALL_WON, TOLERANCE_MM, checkpoint_for_epoch, choice_words, choose, export, select
 from tune_landmarks.model import sha256_file
 
 pytestmark = pytest.mark.slow  # every test here needs a real Ray sweep
@@ -120,6 +120,24 @@ def test_selection_takes_each_trials_best_epoch_not_its_last(trials, experiment)
         for d in trial_dir.glob("checkpoint_*"):
             e = json.loads((d / "epoch.json").read_text())["epoch"]
             assert experiment / checkpoint_for_epoch(Experiment(str(experiment)), t.trial_id, e) == d
+
+
+def test_export_words_follow_the_choice_actually_made(trials, experiment):
+    """`--arm all` when another arm won names that arm; the overall winner's own arm says it is also the best."""
+    exp = Experiment(str(experiment))
+    best, epoch = choose(trials)
+    other = next(a for a in ("masked", "all") if a != best.arm)
+    sel = select([t for t in trials if t.arm == other], exp)
+    words = choice_words(sel, (best, epoch), other)
+    assert words == (f"--arm {other}: exported that arm's winner as asked; the best trial on the selection split is of "
+                     f"arm '{best.arm}' (trial {best.trial_id}, {epoch['val_mre']:.3f} mm against "
+                     f"{sel.epoch['val_mre']:.3f} mm).")
+    assert ALL_WON not in words
+    own = select([t for t in trials if t.arm == best.arm], exp)
+    assert choice_words(own, (best, epoch), best.arm) == (f"--arm {best.arm}: its winner is also the best trial of "
+                                                         "every arm on the selection split.")
+    overall = select(trials, exp)
+    assert (choice_words(overall, None, None) == f"The best trial is of arm 'all': {ALL_WON}.") == (best.arm == "all")
 
 
 def test_a_dropped_best_checkpoint_fails_clearly(experiment, trials, tmp_path):

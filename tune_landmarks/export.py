@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .atomic import staged_dir, write_bytes
+from .config import rule_error
 from .experiment import DEFAULT_STORAGE, Experiment, Sweep
 from .metrics import finite_or_none
 from .results import TrialRecord, best_trial, collect, kept_checkpoints
@@ -81,6 +82,19 @@ def select(trials: list[TrialRecord], exp: Experiment) -> Selection:
     return Selection(trial, epoch, checkpoint_for_epoch(exp, trial.trial_id, int(epoch["epoch"])))
 
 
+def choice_words(sel: Selection, overall: tuple[TrialRecord, dict[str, Any]] | None, arm: str | None) -> str | None:
+    """What the export says about the arm it took, following the choice actually made: with `--arm`, whether that
+    arm's winner is also the best trial of the sweep (`overall`) or which arm's is; without, that plain fine-tuning on
+    all landmarks won, when it did (the masked arms exist to beat it)."""
+    if arm is None:
+        return f"The best trial is of arm 'all': {ALL_WON}." if sel.trial.arm == "all" else None
+    best, epoch = overall
+    if best.trial_id == sel.trial.trial_id:
+        return f"--arm {arm}: its winner is also the best trial of every arm on the selection split."
+    return (f"--arm {arm}: exported that arm's winner as asked; the best trial on the selection split is of arm "
+            f"'{best.arm}' (trial {best.trial_id}, {epoch['val_mre']:.3f} mm against {sel.epoch['val_mre']:.3f} mm).")
+
+
 def _validation_source(sweep: Sweep) -> dict[str, Any]:
     """Where the sweep measured val MRE: the data, annotator and selection split the proof must use."""
     from .read import describe
@@ -111,8 +125,8 @@ def _check_split(split: str, sweep: Sweep, source: dict[str, Any]) -> None:
         why = "it holds no image" if not ids else "; ".join(
             f"{len(v)} image(s) of the {'training' if r == 'train' else 'selection'} split {sweep.roles[r]['spec']!r}"
             for r, v in clash.items())
-        raise ValueError(f"The value of `split` is {split!r}, but must be images neither trained on nor used to choose "
-                         f"(e.g. the sweep's verdict split {sweep.roles.get('test', {}).get('spec')!r}): {why}.")
+        raise rule_error("split", split, "images neither trained on nor used to choose (e.g. the sweep's verdict split "
+                                         f"{sweep.roles.get('test', {}).get('spec')!r}): {why}")
 
 
 def landmark_rows(sweep: Sweep, epoch: dict[str, Any], difficult: list[str]) -> list[dict[str, Any]]:
@@ -333,13 +347,16 @@ def export(experiment: Experiment | str | Path, out: str | Path, split: str | No
     choice to that arm's trials (e.g. the refine arm's winner, exported as its cascade). When the chosen trial did
     not improve on the start model on the selection split, nothing is exported unless `force`."""
     if confirm < 0:
-        raise ValueError(f"The value of `confirm_seeds` is {confirm}, but must be >= 0.")
+        raise rule_error("confirm_seeds", confirm, ">= 0")
     exp = Experiment.of(experiment)
     out = Path(out).resolve()
     sweep = exp.load_sweep()
     if arm is not None and arm not in sweep.settings.arms:
-        raise ValueError(f"The value of `arm` is {arm!r}, but must be one of this sweep's arms "
-                         f"({', '.join(sweep.settings.arms)}).")
+        raise rule_error("arm", arm, f"one of this sweep's arms ({', '.join(sweep.settings.arms)})")
+    if sweep.settings.mlflow:  # a sweep tracked in MLflow: its tracking server answers before any work (tracking.py)
+        from .tracking import connect
+
+        connect(sweep.settings.mlflow)
     _check_out(out)
     source = _validation_source(sweep)
     if split is not None:
@@ -357,8 +374,9 @@ def export(experiment: Experiment | str | Path, out: str | Path, split: str | No
                          "export the best trial anyway")
     log.info(f"best {sel.trial.arm} (trial {sel.trial.trial_id}): {source['split']} MRE {b['val_mre']:.3f} mm at epoch "
              f"{int(b['epoch'])} of {len(sel.trial.epochs)} ({exp.uri_of(sel.checkpoint)})")
-    if sel.trial.arm == "all":
-        log.info(f"The best trial is of arm 'all': {ALL_WON}.")
+    words = choice_words(sel, choose(trials) if arm is not None else None, arm)
+    if words:
+        log.info(words)
     if b["val_mre"] >= sweep.start_mre:
         log.info(f"note: --force: no trial improved on the start model ({sweep.start_mre:.3f} mm); exported anyway")
     with staged_dir(out) as tmp:
@@ -375,6 +393,10 @@ def export(experiment: Experiment | str | Path, out: str | Path, split: str | No
     log.info(f"exported {out}: {WEIGHTS}, {MODEL_JSON}{cascade}, best_hyperparameters.yaml, landmarks.parquet/.md, "
              "verification.json" + (", test_metrics.json" if split else "")
              + (", confirm_seeds.json" if confirm else ""))
+    if sweep.settings.mlflow:
+        from .tracking import export_logged
+
+        export_logged(exp, sweep, out, sel.trial.trial_id)
     return out
 
 
