@@ -20,7 +20,8 @@ from typing import Any
 import numpy as np
 
 from .config import rule_error
-from .experiment import DEFAULT_STORAGE, SWEEP_FILE, VERDICT_FILES, Experiment, Sweep
+from .experiment import SWEEP_FILE, VERDICT_FILES, Experiment, Sweep
+from .options import add_bootstrap_options, add_dataset_options, add_device_options, add_experiment_options
 from .results import best_row, kept_checkpoints
 from .verdict import (
     CONFIDENCE,
@@ -307,23 +308,17 @@ def register_cli(sub: Any) -> None:
     s = sub.add_parser("compare", help="paired bootstrap comparison of models on the same images (mm, SDR)")
     s.add_argument("reference", help=f"the reference (e.g. the start model): {_KINDS}")
     s.add_argument("candidates", nargs="+", help="one or more candidates, each of the same kinds")
-    s.add_argument("--dataset_path", "--dataset-path", dest="dataset_path",
-                   help="dataset root (needed when an input is a model rather than a Parquet file)")
-    s.add_argument("--split", help="split to score models on (default: the dataset's validation split)")
+    add_dataset_options(s, required=False)
+    s.add_argument("--split", help="split to score models on (default: the dataset's validation split); a dataset is "
+                                   "needed when an input is a model rather than a Parquet file")
     s.add_argument("--out", required=True, help="folder for compare.parquet and the forest plots")
     s.add_argument("--difficult", help="comma-separated symbols (default: the candidate checkpoint's difficult set)")
-    s.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples of the images")
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--format", choices=("aariz", "isbi"))
-    s.add_argument("--annotator", default="mean", choices=("senior", "junior", "mean"))
-    s.add_argument("--device", default="auto")
-    s.add_argument("--cache_dir", "--cache-dir", dest="cache_dir")
+    add_bootstrap_options(s)
+    add_device_options(s, cache=True)
     s.set_defaults(func=cmd_compare)
 
     s = sub.add_parser("verdict", help="each arm's winner vs the start and each other, on the sweep's verdict split")
-    s.add_argument("experiment", help="experiment path or URI, or a name under --storage")
-    s.add_argument("--storage", default=DEFAULT_STORAGE)
-    s.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples of the images")
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--device", default="auto")
+    add_experiment_options(s)
+    add_bootstrap_options(s)
+    add_device_options(s)
     s.set_defaults(func=cmd_verdict)

@@ -22,8 +22,9 @@ from typing import TYPE_CHECKING, Any
 
 from .atomic import staged_dir, write_bytes
 from .config import rule_error
-from .experiment import DEFAULT_STORAGE, Experiment, Sweep
+from .experiment import Experiment, Sweep
 from .metrics import finite_or_none
+from .options import add_device_options, add_experiment_options
 from .results import TrialRecord, best_trial, collect, kept_checkpoints
 
 if TYPE_CHECKING:
@@ -442,9 +443,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def register_cli(sub: Any) -> None:
     p = sub.add_parser("export", help="export the best trial's best epoch as a verified model folder")
-    p.add_argument("experiment", nargs="?", help="experiment path or URI, or a name under --storage")
+    add_experiment_options(p, optional=True)
     p.add_argument("--out", help="export folder (an earlier export there is replaced)")
-    p.add_argument("--storage", default=DEFAULT_STORAGE)
     p.add_argument("--split", help="held-out split spec scored once after the choice (e.g. test, or the sweep's "
                    "verdict split); refused if it shares an image with the training or selection split")
     p.add_argument("--confirm-seeds", "--confirm_seeds", type=int, default=0, dest="confirm_seeds",
@@ -457,5 +457,5 @@ def register_cli(sub: Any) -> None:
     p.add_argument("--arm", help="export the best trial of this arm (default: the best of all arms)")
     p.add_argument("--force", action="store_true",
                    help="export the best trial even when no trial improved on the start model")
-    p.add_argument("--device", default="auto")
+    add_device_options(p)
     p.set_defaults(func=cmd_export)

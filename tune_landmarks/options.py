@@ -11,6 +11,7 @@ import dataclasses
 from typing import Any
 
 from .config import FIELDS, TrainConfig, from_dict, load_yaml, rule_error
+from .experiment import DEFAULT_STORAGE
 from .read import ANNOTATORS
 
 _HELP = {
@@ -79,12 +80,32 @@ def add_dataset_options(p: argparse.ArgumentParser, required: bool | None = True
                    help=annotator_help or "whose points are the truth (mean: both annotators' average)")
 
 
+def add_device_options(p: argparse.ArgumentParser, cache: bool = False) -> None:
+    """Where models run, and (`cache`) where decoded images are kept."""
+    p.add_argument("--device", default="auto", help="auto (CUDA when available, else CPU), cpu, cuda or cuda:N")
+    if cache:
+        p.add_argument(*flag("cache_dir"), dest="cache_dir",
+                       help="decoded-image cache (default $TUNE_LANDMARKS_CACHE, else ~/.cache/tune_landmarks)")
+
+
 def add_scoring_options(p: argparse.ArgumentParser, dataset_required: bool = True) -> None:
     """How `evaluate` and `import-model` score a model on a split."""
     add_dataset_options(p, dataset_required)
-    p.add_argument("--split", default="valid")
-    p.add_argument("--device", default="auto")
-    p.add_argument(*flag("cache_dir"), dest="cache_dir")
+    p.add_argument("--split", default="valid", help="split spec to score (NAME or NAME:FRACTION)")
+    add_device_options(p, cache=True)
+
+
+def add_experiment_options(p: argparse.ArgumentParser, optional: bool = False) -> None:
+    """Which sweep: a path or URI, or a name under --storage (experiment.Experiment.find)."""
+    p.add_argument("experiment", nargs="?" if optional else None, help="experiment path or URI, or a name under --storage")
+    p.add_argument("--storage", default=DEFAULT_STORAGE,
+                   help=f"where an experiment's name is looked up: a folder or a URI (default {DEFAULT_STORAGE})")
+
+
+def add_bootstrap_options(p: argparse.ArgumentParser, when: str = "") -> None:
+    """The paired bootstrap of every comparison: resamples of the images, and its seed."""
+    p.add_argument("--bootstrap", type=int, default=2000, help=f"bootstrap resamples of the images{when}")
+    p.add_argument("--seed", type=int, default=0, help="the bootstrap's seed")
 
 
 def names(text: str) -> list[str]:

@@ -27,6 +27,7 @@ from .atomic import write_bytes
 from .config import rule_error
 from .dicom import Spacing, header_spacing, is_dicom, read_header
 from .landmarks import title_of
+from .options import add_device_options
 from .read import IMAGE_SUFFIXES, is_image_file, read_mapping
 
 CSV_NAME = "predictions.csv"
@@ -241,7 +242,7 @@ def register_cli(sub: Any) -> None:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--integer", action="store_true",
                    help="round coordinates to whole pixels (default: floats)")
-    p.add_argument("--device", default="auto")
+    add_device_options(p)
     p.add_argument("--batch-size", "--batch_size", type=int, default=8, dest="batch_size")
     p.add_argument("--pixel-size", "--pixel_size", type=float, dest="pixel_size", metavar="MM",
                    help="pixel spacing (mm/px) of images that have none of their own (a DICOM header's, or a row of "

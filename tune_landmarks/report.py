@@ -20,6 +20,7 @@ from typing import Any
 
 from .config import rule_error
 from .experiment import JOURNAL_FILE, VERDICT_FILES, Experiment, Sweep
+from .options import add_bootstrap_options, add_device_options, add_experiment_options
 from .plots import (
     epochs_figure,
     forest_figure,
@@ -410,11 +411,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def register_cli(sub: Any) -> None:
     s = sub.add_parser("report", help="HTML report of a sweep: the verdict, plots and tables")
-    s.add_argument("experiment", help="experiment path or URI, or its name under --storage")
+    add_experiment_options(s)
     s.add_argument("--out", required=True, help="folder for index.html and its PNGs")
-    s.add_argument("--storage", help="where the experiment's name is looked up (default ./sweeps)")
-    s.add_argument("--bootstrap", type=int, default=2000,
-                   help="bootstrap resamples of the images, when the sweep recorded no verdict.json")
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--device", default="auto")
+    add_bootstrap_options(s, when=", when the sweep recorded no verdict.json")
+    add_device_options(s)
     s.set_defaults(func=cmd_report)
