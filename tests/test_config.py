@@ -10,7 +10,7 @@ import pytest
 
 from tune_landmarks.cli import build_parser
 from tune_landmarks.config import FIELDS, MODES, OPTIONS, TrainConfig, check_field, coerce, from_dict, load_yaml
-from tune_landmarks.options import run_config
+from tune_landmarks.stages import run_config
 
 
 @pytest.fixture(scope="module")

@@ -28,6 +28,7 @@ import yaml
 
 ANNOTATORS = ("senior", "junior", "mean")
 FORMATS = ("aariz", "isbi")
+DEFAULT_STORAGE = "./sweeps"  # where a sweep's experiment goes, and where a name alone is looked up
 LOSSES = ("adaptive_wing", "mse")
 MODES = ("all", "weighted", "masked", "refine")
 DECODERS = ("dark", "quarter", "argmax")

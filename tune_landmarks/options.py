@@ -1,8 +1,10 @@
 """Options shared by several subcommands, typed once: the run options (one flag per TrainConfig field, in both
-spellings, as the workflow being replaced wrote them), the dataset and scoring options, and the small parsers.
+spellings, as the workflow being replaced wrote them), the dataset, scoring, device, experiment and bootstrap
+options, and the small parsers.
 
 Every subcommand registers itself with `register_cli(sub)` in its own module and takes its shared options from
-here, so a flag means the same thing, with the same help, wherever it appears. Nothing here imports torch or Ray.
+here, so a flag means the same thing, with the same help, wherever it appears. Only argparse, config and read:
+any command module may use it, however low in the data's way.
 """
 from __future__ import annotations
 
@@ -10,9 +12,7 @@ import argparse
 import dataclasses
 from typing import Any
 
-from .config import FIELDS, TrainConfig, from_dict, load_yaml, rule_error
-from .experiment import DEFAULT_STORAGE
-from .read import ANNOTATORS
+from .config import ANNOTATORS, DEFAULT_STORAGE, FIELDS, FORMATS
 
 _HELP = {
     "dataset_path": "dataset root (Aariz or ISBI 2015 layout)", "image_size": "network input WIDTH HEIGHT",
@@ -43,39 +43,12 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
             p.add_argument(*flag(name), **kw)
 
 
-def run_config(args: argparse.Namespace, base: TrainConfig | None = None) -> TrainConfig:
-    """Defaults, then --config YAML, then flags. A start checkpoint supplies the architecture and image
-    size unless they are given, so `finetune --resume X` needs no --model to match X."""
-    values = load_yaml(args.config) if getattr(args, "config", None) else {}
-    cfg = from_dict(values, base, source=str(getattr(args, "config", "config")))
-    given = {k: v for k, v in vars(args).items() if k in FIELDS}
-    cfg = from_dict(given, cfg, source="command line")
-    explicit = set(values) | set(given)
-    if cfg.resume:
-        from .build import fixed_options
-        from .model import read_checkpoint
-
-        ckpt = read_checkpoint(cfg.resume)
-        fixed = fixed_options(ckpt.get("arch"))  # an imported model is read as its spec says
-        for k, v in fixed.items():
-            if k in explicit and getattr(cfg, k) != v:
-                raise rule_error(k, getattr(cfg, k), f"{v!r}: {cfg.resume} is an imported model whose spec fixes it "
-                                                     f"(leave --{k.replace('_', '-')} out)")
-            setattr(cfg, k, v)
-        if not fixed:
-            if "model" not in explicit and ckpt.get("arch"):
-                cfg.model = ckpt["arch"]["model"]
-            if "image_size" not in explicit and ckpt.get("image_size"):
-                cfg.image_size = tuple(ckpt["image_size"])
-    return cfg
-
-
 def add_dataset_options(p: argparse.ArgumentParser, required: bool | None = True, annotator_help: str | None = None) -> None:
     """Which dataset, in which layout, whose points: the options every command that reads a dataset shares
     (`required=None`: the command names its dataset otherwise, e.g. as a positional path)."""
     if required is not None:
         p.add_argument(*flag("dataset_path"), dest="dataset_path", required=required, help=_HELP["dataset_path"])
-    p.add_argument("--format", choices=("aariz", "isbi"), help="dataset layout (default: detected)")
+    p.add_argument("--format", choices=FORMATS, help="dataset layout (default: detected)")
     p.add_argument("--annotator", default="mean", choices=ANNOTATORS,
                    help=annotator_help or "whose points are the truth (mean: both annotators' average)")
 

@@ -18,14 +18,13 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import rule_error
+from .config import ANNOTATORS, rule_error
 from .dicom import header_spacing, is_dicom, read_header, size_of
 from .landmarks import AARIZ, ISBI2015, Landmark, symbols
 
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".dcm")
-ANNOTATORS = ("senior", "junior", "mean")
 AARIZ_SPLITS = ("train", "valid", "test")
 ISBI_SPLITS = ("train", "test1", "test2")
 ISBI_SPACING_MM = 0.1

@@ -9,9 +9,9 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .config import TrainConfig
+from .config import FIELDS, TrainConfig, from_dict, load_yaml, rule_error
 from .landmarks import WORKFLOW_DIFFICULT
-from .options import add_run_options, run_config
+from .options import add_run_options
 
 if TYPE_CHECKING:
     from .run import Callback, Data, RunResult
@@ -24,6 +24,33 @@ def train_any(cfg: TrainConfig, callback: Callback | None = None, start_per_land
 
     train = refine.train_refine if cfg.mode == "refine" else run.train
     return train(cfg, callback, start_per_landmark, data, scratch)
+
+
+def run_config(args: argparse.Namespace, base: TrainConfig | None = None) -> TrainConfig:
+    """Defaults, then --config YAML, then flags. A start checkpoint supplies the architecture and image
+    size unless they are given, so `finetune --resume X` needs no --model to match X."""
+    values = load_yaml(args.config) if getattr(args, "config", None) else {}
+    cfg = from_dict(values, base, source=str(getattr(args, "config", "config")))
+    given = {k: v for k, v in vars(args).items() if k in FIELDS}
+    cfg = from_dict(given, cfg, source="command line")
+    explicit = set(values) | set(given)
+    if cfg.resume:
+        from .build import fixed_options
+        from .model import read_checkpoint
+
+        ckpt = read_checkpoint(cfg.resume)
+        fixed = fixed_options(ckpt.get("arch"))  # an imported model is read as its spec says
+        for k, v in fixed.items():
+            if k in explicit and getattr(cfg, k) != v:
+                raise rule_error(k, getattr(cfg, k), f"{v!r}: {cfg.resume} is an imported model whose spec fixes it "
+                                                     f"(leave --{k.replace('_', '-')} out)")
+            setattr(cfg, k, v)
+        if not fixed:
+            if "model" not in explicit and ckpt.get("arch"):
+                cfg.model = ckpt["arch"]["model"]
+            if "image_size" not in explicit and ckpt.get("image_size"):
+                cfg.image_size = tuple(ckpt["image_size"])
+    return cfg
 
 
 def _finetune_defaults(cfg: TrainConfig) -> TrainConfig:
