@@ -16,7 +16,8 @@ from typing import Sequence
 from . import check, compare, demo, evaluate, export, import_model, predict, report, resume, stages, synth
 from .config import TrainConfig
 from .experiment import RESOURCE_POLICIES
-from .options import add_run_options, budgets, names, run_config
+from .options import add_run_options, budgets, names
+from .stages import run_config
 
 
 def _fail(msg: str, code: int = 2) -> int:
@@ -53,6 +54,9 @@ def _sweep_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--grace-period", "--grace_period", type=int, default=None, dest="grace_period",
                    help="ASHA's first rung (default: the largest warmup in the space, at least 1)")
     p.add_argument("--keep-checkpoints", "--keep_checkpoints", type=int, default=2, dest="keep_checkpoints")
+    p.add_argument("--mlflow", metavar="URI",
+                   help="track the sweep in MLflow at this tracking URI: a parent run, a run per trial, the verdict "
+                        "(needs pip install 'tune_landmarks[mlflow]'; credentials from MLFLOW_TRACKING_USERNAME/PASSWORD)")
 
 
 def cmd_search(args: argparse.Namespace) -> int:
@@ -72,7 +76,8 @@ def cmd_search(args: argparse.Namespace) -> int:
                              arms=args.arms, arm_samples=args.arm_samples, arm_epochs=args.arm_epochs,
                              max_failures=args.max_failures,
                              reduction_factor=args.reduction_factor, grace_period=args.grace_period,
-                             keep_checkpoints=args.keep_checkpoints, resource_policy=args.resource_policy)
+                             keep_checkpoints=args.keep_checkpoints, resource_policy=args.resource_policy,
+                             mlflow=args.mlflow)
     return run_search(args.space, base, settings)
 
 

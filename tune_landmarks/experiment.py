@@ -10,6 +10,7 @@ Layout of an experiment `<storage>/<name>/`:
     optuna_journal.log    the Optuna study (open it with `optuna-dashboard optuna_journal.log`)
     trial_<id>/           Ray's trial folders, each with result.json and up to `keep` checkpoints
     trials.parquet, epochs.parquet, landmarks.parquet   written at the end (and by resume)
+    mlflow_runs.jsonl     with `--mlflow`: the sweep's MLflow experiment, parent run and trial -> run map (tracking.py)
 """
 from __future__ import annotations
 
@@ -22,6 +23,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pyarrow.fs as pafs
+
+from .config import DEFAULT_STORAGE
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -38,7 +41,7 @@ DEFAULT_ARMS = ("masked", "all")
 VERDICT_FILES = {"json": "verdict.json", "table": "verdict.parquet"}
 METRIC = "val_mre"  # what ASHA compares at each rung and what "best epoch" means
 TERMINAL = ("TERMINATED", "ERROR")
-DEFAULT_STORAGE = "./sweeps"
+MLFLOW_FILE = "mlflow_runs.jsonl"  # tracking.py: resume continues the same MLflow runs (Ray keeps its map in memory)
 RESOURCE_POLICIES = ("distribute", "fixed")
 
 
@@ -69,6 +72,9 @@ class SweepSettings:
     # distribute: cores a finished trial leaves go to the trials still running (resources.py); fixed: each trial keeps
     # --cpus-per-trial. sweep.json files written before the option existed ran fixed (from_json).
     resource_policy: str = "distribute"
+    # the MLflow tracking URI the sweep logs to (tracking.py), without credentials; None: not tracked (and in
+    # sweep.json files written before the option existed)
+    mlflow: str | None = None
 
     def validate(self) -> SweepSettings:
         def need(ok: bool, name: str, rule: str) -> None:

@@ -17,10 +17,11 @@ from .metrics import finite_or_none
 
 T = TypeVar("T")
 EPOCH_JSON = "epoch.json"  # written beside each reported checkpoint: which epoch it is, and its val MRE
-_SCALARS = ("epoch", "train_loss", "lr", "val_mre", "best_val_mre", "val_sd", "val_mre_difficult", "val_mre_other",
-            "max_drift", "mean_drift", "sdr_2mm", "sdr_2_5mm", "sdr_3mm", "sdr_4mm", "epoch_seconds", "train_seconds",
-            "validate_seconds", "checkpoint_seconds", "data_wait_seconds", "peak_memory_mb", "threads", "cpu_seconds",
-            "time_this_iter_s")
+# what a trial reports at each epoch: the columns of epochs.parquet, and its MLflow run's metrics (tracking.py)
+EPOCH_SCALARS = ("epoch", "train_loss", "lr", "val_mre", "best_val_mre", "val_sd", "val_mre_difficult",
+                 "val_mre_other", "max_drift", "mean_drift", "sdr_2mm", "sdr_2_5mm", "sdr_3mm", "sdr_4mm", "epoch_seconds",
+                 "train_seconds", "validate_seconds", "checkpoint_seconds", "data_wait_seconds", "peak_memory_mb", "threads",
+                 "cpu_seconds", "time_this_iter_s")
 
 
 def lowest(items: Iterable[T], value: Callable[[T], Any]) -> T | None:
@@ -117,7 +118,7 @@ def write_tables(experiment: Experiment | str, sweep: Sweep, trials: list[TrialR
                                               "stopped_early", "best_epoch", "error", "path")}
     for k in names:
         trow[f"param_{k}"] = []
-    at_best = [k for k in _SCALARS if k not in ("epoch", "best_val_mre")]
+    at_best = [k for k in EPOCH_SCALARS if k not in ("epoch", "best_val_mre")]
     for k in at_best:
         trow[f"best_{k}"] = []
     for t in trials:
@@ -136,14 +137,14 @@ def write_tables(experiment: Experiment | str, sweep: Sweep, trials: list[TrialR
             trow[f"param_{k}"].append(None if v is None else (v if isinstance(v, (int, float, bool)) else str(v)))
         for k in at_best:
             trow[f"best_{k}"].append(finite_or_none(b.get(k)))
-    erow: dict[str, list] = {"trial_id": [], "arm": []} | {k: [] for k in _SCALARS}
+    erow: dict[str, list] = {"trial_id": [], "arm": []} | {k: [] for k in EPOCH_SCALARS}
     lrow: dict[str, list] = {k: [] for k in ("trial_id", "arm", "symbol", "start_mre_mm", "best_mre_mm",
                                              "change_mm", "difficult")}
     for t in trials:
         for e in t.epochs:
             erow["trial_id"].append(t.trial_id)
             erow["arm"].append(t.arm)
-            for k in _SCALARS:
+            for k in EPOCH_SCALARS:
                 erow[k].append(finite_or_none(e.get(k)))
         b = t.best
         if not b:

@@ -3,7 +3,8 @@ early-stopping decisions.
 
 Ray restores the trials (each continues from its last checkpoint) and the searcher (the Optuna study
 goes on; orphans of a hard kill are failed, see search.ArmSearch). Ray does not restore ASHA's rungs:
-they are rebuilt from the recorded results (search.replay_rungs) before anything runs.
+they are rebuilt from the recorded results (search.replay_rungs) before anything runs. A sweep tracked in
+MLflow continues its runs (tracking.py: the trial -> run map is kept in the experiment).
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ def resume(experiment: str, storage: str = DEFAULT_STORAGE, restart_errored: boo
     from .ray_setup import driver_console
     from .results import collect, unfinished
     from .search import build_tuner, finish, init_ray, journal_path, replay_rungs
+    from .tracking import Tracker, connect
 
     exp = Experiment.find(experiment, storage)
     sweep = exp.load_sweep()
@@ -49,6 +51,8 @@ def resume(experiment: str, storage: str = DEFAULT_STORAGE, restart_errored: boo
     sweep.settings.storage, sweep.settings.name = exp.storage, exp.name
     if exp.local is None:  # the study goes on from the journal in the experiment's storage (search.journal_path)
         exp.pull_journal(journal_path(exp))
+    if sweep.settings.mlflow:  # the same runs, continued; the tracking server must answer before Ray starts
+        Tracker(exp, connect(sweep.settings.mlflow)).open(sweep)
     init_ray(address or sweep.settings.address, sweep.base.get("resume"))
     tuner, scheduler = build_tuner(sweep, restore=True, restart_errored=restart_errored)
     n = replay_rungs(scheduler, trials)

@@ -29,7 +29,7 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler  # noqa: E402
 from ray.tune.search import Searcher  # noqa: E402
 from ray.tune.search.optuna import OptunaSearch  # noqa: E402
 
-from . import ray_adapter, ray_setup, resources  # noqa: E402
+from . import ray_adapter, ray_setup, resources, tracking  # noqa: E402
 from .config import TrainConfig, from_dict  # noqa: E402
 from .experiment import (  # noqa: E402
     ARM_KEY,
@@ -390,6 +390,8 @@ def build_tuner(sweep: Sweep, restore: bool = False, restart_errored: bool = Fal
     resources = {"cpu": s.cpus_per_trial, "gpu": s.gpus_per_trial}
     fn = tune.with_resources(tune.with_parameters(trainable, sweep=sweep), resources)
     console = ray_setup.run_config_options(exp, journal, {a: s.epochs_of(a) for a in s.arms}, ray_setup.verbosity())
+    if s.mlflow:  # each trial's MLflow run (tracking.py)
+        console["callbacks"].append(tracking.TrialRuns(s.mlflow, exp.uri))
     if restore:
         tuner = tune.Tuner.restore(exp.uri, trainable=fn, resume_unfinished=True, resume_errored=not restart_errored,
                                    restart_errored=restart_errored)
@@ -436,8 +438,12 @@ def run_search(space_file: str, base: TrainConfig, settings: SweepSettings) -> i
     if exp.exists(SWEEP_FILE):
         raise FileExistsError(f"{exp}: an experiment of that name exists; resume it with "
                               f"`tune-landmarks resume {exp}` or choose another --name")
+    if settings.mlflow:  # the tracking server answers; sweep.json keeps its URI without credentials
+        settings.mlflow = tracking.connect(settings.mlflow)
     sweep, _ = prepare_sweep(space_file, base, settings)
     exp.save_sweep(sweep)
+    if settings.mlflow:
+        tracking.Tracker(exp, settings.mlflow).open(sweep)
     if exp.local is None:  # a new experiment: no local copies (journal, driver.log) left from an earlier one here
         shutil.rmtree(journal_copy(exp.uri).parent, ignore_errors=True)
     init_ray(settings.address, sweep.base.get("resume"))
@@ -449,7 +455,8 @@ def run_search(space_file: str, base: TrainConfig, settings: SweepSettings) -> i
 
 def finish(exp: Experiment, sweep: Sweep) -> int:
     """After fit(): tables, the summary on the selection split, and exit 130 with the resume command if trials
-    are unfinished; else the verdict on the verdict split (verdict.json, verdict.parquet)."""
+    are unfinished; else the verdict on the verdict split (verdict.json, verdict.parquet). With `--mlflow`, the runs
+    brought up to date and the verdict logged to the parent run (tracking.sweep_ended)."""
     from .compare import sweep_verdict, verdict_text
 
     exp.push_journal(journal_path(exp))  # a remote experiment's journal, in its storage (a local one is there)
@@ -461,6 +468,9 @@ def finish(exp: Experiment, sweep: Sweep) -> int:
     if left > 0:
         log.warning(f"interrupted: {left} of {sweep.total_trials} trials unfinished — resume with: "
                     f"tune-landmarks resume {exp}")
+        tracking.sweep_ended(exp, sweep, trials, None)
         return 130
-    log.info(verdict_text(sweep_verdict(exp, n_boot=1000)))
+    record = sweep_verdict(exp, n_boot=1000)
+    log.info(verdict_text(record))
+    tracking.sweep_ended(exp, sweep, trials, record)
     return 0
