@@ -211,7 +211,7 @@ def test_search_joins_a_real_cluster(synth_root, start_ckpt, tmp_path):
     ("epochs: {type: uniform, low: 1, high: 5}", "`epochs`: set by the search command"),
     ("batch_size: {type: uniform, low: 1, high: 5}", "`batch_size`: option is an integer; use type int"),
     ("mode: {type: categorical, choices: [masked, half]}", "`mode`: The value of `mode`"),
-    ("lr: {type: int, low: 0.5, high: 3}", "`lr`: `low` is 0.5, but must be an integer"),
+    ("lr: {type: int, low: 0.5, high: 3}", "`lr`: The value of `low` is 0.5, but must be an integer."),
     ("loss: {type: uniform, low: 0, high: 1}", "`loss`: option is not numeric"),
     ("lr: {type: uniform, low: 1.0e-4, choices: [1]}", "`lr`: key(s) choices do not belong to type uniform"),
     ("lr: 0.1", "`lr`: must be a mapping with `type`"),

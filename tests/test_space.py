@@ -86,19 +86,21 @@ def test_max_warmup_of_each_entry_type(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("text, message", [
     # endpoints against the option's rule
-    ("lr: {type: uniform, low: -1.0e-3, high: 1.0e-2}", "`lr`: `low` is -0.001, but must be > 0"),
-    ("lr: {type: uniform, low: -1.0e-2, high: -1.0e-3}", "`lr`: `low` is -0.01, but must be > 0"),
-    ("weight_decay: {type: uniform, low: -0.1, high: 0.1}", "`weight_decay`: `low` is -0.1, but must be >= 0"),
-    ("warmup_epochs: {type: int, low: -1, high: 3}", "`warmup_epochs`: `low` is -1, but must be >= 0"),
-    ("awing_theta: {type: uniform, low: 0.0, high: 0.7}", "`awing_theta`: `low` is 0.0, but must be > 0"),
-    ("awing_omega: {type: uniform, low: -5, high: 20}", "`awing_omega`: `low` is -5, but must be > 0"),
-    ("awing_epsilon: {type: uniform, low: -1.0, high: 2.0}", "`awing_epsilon`: `low` is -1.0, but must be > 0"),
-    ("awing_alpha: {type: uniform, low: 0.5, high: 2.4}", "`awing_alpha`: `low` is 0.5, but must be > 1"),
-    ("awing_alpha: {type: uniform, low: 1.0, high: 2.4}", "`awing_alpha`: `low` is 1.0, but must be > 1"),
-    ("freeze_stages: {type: int, low: 0, high: 7}", "`freeze_stages`: `high` is 7, but must be between 0 and 4"),
-    ("aug_clahe_p: {type: uniform, low: 0.5, high: 1.5}", "`aug_clahe_p`: `high` is 1.5, but must be between 0 and 1"),
-    ("difficult_threshold: {type: uniform, low: -1.0, high: 3.0}", "`difficult_threshold`: `low` is -1.0, but must be > 0 mm"),
-    ("distill_weight: {type: uniform, low: -1, high: 1}", "`distill_weight`: `low` is -1, but must be >= 0"),
+    ("lr: {type: uniform, low: -1.0e-3, high: 1.0e-2}", "`lr`: The value of `low` is -0.001, but must be > 0."),
+    ("lr: {type: uniform, low: -1.0e-2, high: -1.0e-3}", "`lr`: The value of `low` is -0.01, but must be > 0."),
+    ("weight_decay: {type: uniform, low: -0.1, high: 0.1}", "`weight_decay`: The value of `low` is -0.1, but must be >= 0."),
+    ("warmup_epochs: {type: int, low: -1, high: 3}", "`warmup_epochs`: The value of `low` is -1, but must be >= 0."),
+    ("awing_theta: {type: uniform, low: 0.0, high: 0.7}", "`awing_theta`: The value of `low` is 0.0, but must be > 0."),
+    ("awing_omega: {type: uniform, low: -5, high: 20}", "`awing_omega`: The value of `low` is -5, but must be > 0."),
+    ("awing_epsilon: {type: uniform, low: -1.0, high: 2.0}", "`awing_epsilon`: The value of `low` is -1.0, but must be > 0."),
+    ("awing_alpha: {type: uniform, low: 0.5, high: 2.4}", "`awing_alpha`: The value of `low` is 0.5, but must be > 1."),
+    ("awing_alpha: {type: uniform, low: 1.0, high: 2.4}", "`awing_alpha`: The value of `low` is 1.0, but must be > 1."),
+    ("freeze_stages: {type: int, low: 0, high: 7}", "`freeze_stages`: The value of `high` is 7, but must be between 0 and 4."),
+    ("aug_clahe_p: {type: uniform, low: 0.5, high: 1.5}",
+     "`aug_clahe_p`: The value of `high` is 1.5, but must be between 0 and 1."),
+    ("difficult_threshold: {type: uniform, low: -1.0, high: 3.0}",
+     "`difficult_threshold`: The value of `low` is -1.0, but must be > 0 mm."),
+    ("distill_weight: {type: uniform, low: -1, high: 1}", "`distill_weight`: The value of `low` is -1, but must be >= 0."),
     # fixed values and choices against the option's rule
     ("freeze_stages: {type: fixed, value: 7}",
      "`freeze_stages`: The value of `freeze_stages` is 7, but must be between 0 and 4."),
@@ -114,14 +116,14 @@ def test_max_warmup_of_each_entry_type(tmp_path: Path) -> None:
     ("lr: {type: loguniform, low: -1, high: 0.1}", "`lr`: a log range needs low > 0 (got -1)"),
     ("warmup_epochs: {type: int, low: 0, high: 3, log: true}", "`warmup_epochs`: a log range needs low > 0 (got 0)"),
     ("lr: {type: uniform, low: 1.0, high: 0.5}", "`lr`: low (1.0) must be < high (0.5)"),
-    ("lr: {type: uniform, low: 1.0e-4, high: .inf}", "`lr`: `high` is inf, but must be a finite number"),
-    ("lr: {type: uniform, low: 1.0e-4, high: abc}", "`lr`: `high` is 'abc', but must be a number"),
+    ("lr: {type: uniform, low: 1.0e-4, high: .inf}", "`lr`: The value of `high` is inf, but must be a finite number."),
+    ("lr: {type: uniform, low: 1.0e-4, high: abc}", "`lr`: The value of `high` is 'abc', but must be a number."),
     ("warmup_epochs: {type: int, low: 0, high: 3, log: yes please}",
-     "`warmup_epochs`: `log` is 'yes please', but must be true or false"),
+     "`warmup_epochs`: The value of `log` is 'yes please', but must be true or false."),
     # the option's type
     ("freeze_stages: {type: uniform, low: 0, high: 4}", "`freeze_stages`: option is an integer; use type int"),
     ("batch_size: {type: loguniform, low: 1, high: 8}", "`batch_size`: option is an integer; use type int"),
-    ("batch_size: {type: int, low: 1.5, high: 4}", "`batch_size`: `low` is 1.5, but must be an integer"),
+    ("batch_size: {type: int, low: 1.5, high: 4}", "`batch_size`: The value of `low` is 1.5, but must be an integer."),
     ("loss: {type: uniform, low: 0, high: 1}", "`loss`: option is not numeric; use categorical or fixed"),
     ("bn_eval: {type: int, low: 0, high: 1}", "`bn_eval`: option is not numeric; use categorical or fixed"),
     ("difficult: {type: categorical, choices: [[UMT], [UPM]]}", "`difficult`: option is a list"),
@@ -138,7 +140,7 @@ def test_max_warmup_of_each_entry_type(tmp_path: Path) -> None:
     # the whole space
     ("mode: {type: fixed, value: masked}", "nothing to search (every entry is fixed)"),
     ("difficult: {type: fixed, value: [UMT]}\ndifficult_threshold: {type: uniform, low: 1.5, high: 3.0}",
-     "`difficult_threshold`: `low` is 1.5, but must be unset when `difficult` is given"),
+     "`difficult_threshold`: The value of `low` is 1.5, but must be unset when `difficult` is given"),
     ("[1, 2]", "must be a mapping of option: value"),
     ("", "empty search space"),
     ("lr: [unclosed", "cannot read YAML"),
@@ -164,19 +166,21 @@ BASE = TrainConfig(dataset_path="data", resume="start.pt", mode="masked", epochs
 
 
 @pytest.mark.parametrize("text, base, message", [
-    ("warmup_epochs: {type: int, low: 0, high: 30}", BASE, "`warmup_epochs`: `high` is 30, but must be <= epochs (20)"),
-    ("warmup_epochs: {type: uniform, low: 0, high: 20.5}", BASE, "`warmup_epochs`: `high` is 20.5, but must be <= epochs (20)"),
+    ("warmup_epochs: {type: int, low: 0, high: 30}", BASE,
+     "`warmup_epochs`: The value of `high` is 30, but must be <= epochs (20)."),
+    ("warmup_epochs: {type: uniform, low: 0, high: 20.5}", BASE,
+     "`warmup_epochs`: The value of `high` is 20.5, but must be <= epochs (20)."),
     ("warmup_epochs: {type: categorical, choices: [0, 25]}", BASE,
-     "`warmup_epochs`: `choices` include 25.0, but must be <= epochs (20)"),
+     "`warmup_epochs`: One of `choices` is 25.0, but must be <= epochs (20)"),
     ("mode: {type: categorical, choices: [all, masked]}", TrainConfig(dataset_path="data", resume="start.pt"),
-     "`mode`: `choices` include 'masked', but must be 'all' unless the difficult set is picked by `difficult`"),
+     "`mode`: One of `choices` is 'masked', but must be 'all' unless the difficult set is picked by `difficult`"),
     ("difficult_threshold: {type: uniform, low: 1.5, high: 3.0}", TrainConfig(dataset_path="data", difficult=["UMT"]),
-     "`difficult_threshold`: `low` is 1.5, but must be unset when `difficult` is given"),
+     "`difficult_threshold`: The value of `low` is 1.5, but must be unset when `difficult` is given"),
     ("difficult: {type: fixed, value: [UMT]}\nlr: {type: loguniform, low: 1.0e-5, high: 1.0e-3}",
      TrainConfig(dataset_path="data", difficult_threshold=2.0),
-     "`difficult`: `value` is ['UMT']; then the value of `difficult_threshold` is 2.0, but must be unset"),
+     "`difficult`: The value of `value` is ['UMT']; then the value of `difficult_threshold` is 2.0, but must be unset"),
     ("distill_weight: {type: categorical, choices: [0.0, 0.5]}", TrainConfig(dataset_path="data"),
-     "`distill_weight`: `choices` include 0.5, but must be 0 without a start model (--resume)"),
+     "`distill_weight`: One of `choices` is 0.5, but must be 0 without a start model (--resume)"),
     ("lr: {type: loguniform, low: 1.0e-5, high: 1.0e-3}", TrainConfig(dataset_path="data", mode="masked"),
      "The value of `mode` is 'masked', but must be 'all' unless"),
 ])
@@ -214,7 +218,7 @@ def test_every_entry_type_round_trips(space: SearchSpace, tmp_path: Path) -> Non
 
 
 def test_space_from_dict_names_its_source() -> None:
-    with pytest.raises(SpaceError, match=re.escape("sweep.json: `lr`: `low` is -1.0, but must be > 0")):
+    with pytest.raises(SpaceError, match=re.escape("sweep.json: `lr`: The value of `low` is -1.0, but must be > 0.")):
         space_from_dict({"lr": {"type": "uniform", "low": -1.0, "high": 1.0}}, "sweep.json")
 
 
@@ -272,7 +276,7 @@ def test_an_arm_section_replaces_and_adds_entries_for_that_arm_only(tmp_path: Pa
     ("  all:\n    refine_crop_mm: {type: uniform, low: 10, high: 20}\n",
      "`arms.all`: refine_crop_mm cannot be searched by this arm"),
     ("  refine: {}\n", "`arms.refine`: must be a non-empty mapping of option: spec"),
-    ("  refine:\n    lr: {type: uniform, low: 0, high: 1}\n", "arms.refine: `lr`: `low` is 0, but must be > 0"),
+    ("  refine:\n    lr: {type: uniform, low: 0, high: 1}\n", "arms.refine: `lr`: The value of `low` is 0, but must be > 0."),
     ("  refine:\n    warmup_epochs: {type: int, low: 3, high: 1}\n", "arms.refine: `warmup_epochs`: low (3) must be < high"),
 ])
 def test_a_bad_arm_section_is_refused_naming_file_arm_and_key(tmp_path: Path, section: str, message: str) -> None:
@@ -285,5 +289,6 @@ def test_a_bad_arm_section_is_refused_naming_file_arm_and_key(tmp_path: Path, se
 def test_an_arm_sections_relation_is_checked_on_that_arm(tmp_path: Path) -> None:
     text = ("lr: {type: loguniform, low: 1.0e-6, high: 1.0e-3}\narms:\n  refine:\n"
             "    refine_mm_per_px: {type: fixed, value: 0.1}\n    refine_crop_mm: {type: uniform, low: 10, high: 60}\n")
-    with pytest.raises(SpaceError, match=r"arms.refine: `refine_crop_mm`: `high` is 60, but must be <= 512 crop pixels"):
+    with pytest.raises(SpaceError, match=r"arms.refine: `refine_crop_mm`: The value of `high` is 60, "
+                                         r"but must be <= 512 crop pixels"):
         load_space(write(tmp_path, text))

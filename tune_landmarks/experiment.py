@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import pyarrow.fs as pafs
 
-from .config import DEFAULT_STORAGE
+from .config import DEFAULT_STORAGE, rule_error
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -79,7 +79,7 @@ class SweepSettings:
     def validate(self) -> SweepSettings:
         def need(ok: bool, name: str, rule: str) -> None:
             if not ok:
-                raise ValueError(f"The value of `{name}` is {getattr(self, name)!r}, but must be {rule}.")
+                raise rule_error(name, getattr(self, name), rule)
 
         need(bool(self.name) and "/" not in self.name and self.name not in (".", ".."), "name",
              "a non-empty name without '/', other than '.' and '..'")

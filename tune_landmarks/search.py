@@ -30,7 +30,7 @@ from ray.tune.search import Searcher  # noqa: E402
 from ray.tune.search.optuna import OptunaSearch  # noqa: E402
 
 from . import ray_adapter, ray_setup, resources, tracking  # noqa: E402
-from .config import TrainConfig, from_dict  # noqa: E402
+from .config import TrainConfig, from_dict, rule_error  # noqa: E402
 from .experiment import (  # noqa: E402
     ARM_KEY,
     JOURNAL_FILE,
@@ -294,8 +294,8 @@ def prepare_sweep(space_file: str, base: TrainConfig, settings: SweepSettings) -
         raise ValueError("search needs --resume START_CHECKPOINT (trials fine-tune from it), or for `--arms refine` "
                          "--start-predictions DIR (another detector's points)")
     if base.start_predictions and settings.arms != ["refine"]:
-        raise ValueError(f"The value of `arms` is {','.join(settings.arms)!r}, but must be 'refine' with "
-                         "--start-predictions (the other arms fine-tune a start model).")
+        raise rule_error("arms", ",".join(settings.arms), "'refine' with --start-predictions (the other arms fine-tune "
+                                                          "a start model)")
     if settings.epochs:
         base.epochs = settings.epochs
     settings.epochs = base.epochs

@@ -79,10 +79,10 @@ class Param:
     def corners(self) -> list[tuple[str, Any]]:
         """(how to name it in a message, value) for each value that decides a monotone rule over the entry."""
         if self.type == "fixed":
-            return [("`value` is", self.value)]
+            return [("The value of `value` is", self.value)]
         if self.type == "categorical":
-            return [("`choices` include", c) for c in self.choices]
-        return [("`low` is", self.low), ("`high` is", self.high)]
+            return [("One of `choices` is", c) for c in self.choices]
+        return [("The value of `low` is", self.low), ("The value of `high` is", self.high)]
 
     def to_dict(self) -> dict[str, Any]:
         """The YAML/JSON spec of this entry; `space_from_dict` reads it back to an equal Param."""
@@ -141,9 +141,9 @@ def _range(where: str, name: str, kind: str, spec: dict[str, Any]) -> Param:
     numeric = (int,) if kind == "int" else (int, float)
     for k, v in (("low", low), ("high", high)):
         if isinstance(v, bool) or not isinstance(v, numeric):
-            raise SpaceError(f"{where}: `{k}` is {v!r}, but must be {'an integer' if kind == 'int' else 'a number'}")
+            raise SpaceError(f"{where}: {rule_message(k, v, 'an integer' if kind == 'int' else 'a number')}")
         if not math.isfinite(v):
-            raise SpaceError(f"{where}: `{k}` is {v!r}, but must be a finite number")
+            raise SpaceError(f"{where}: {rule_message(k, v, 'a finite number')}")
     option = OPTIONS[name]
     if kind != "int" and option.type is int:
         raise SpaceError(f"{where}: option is an integer; use type int")
@@ -153,13 +153,13 @@ def _range(where: str, name: str, kind: str, spec: dict[str, Any]) -> Param:
         raise SpaceError(f"{where}: low ({low}) must be < high ({high})")
     log = spec.get("log", kind == "loguniform")
     if not isinstance(log, bool):
-        raise SpaceError(f"{where}: `log` is {log!r}, but must be true or false")
+        raise SpaceError(f"{where}: {rule_message('log', log, 'true or false')}")
     if log and low <= 0:
         raise SpaceError(f"{where}: a log range needs low > 0 (got {low})")
     if option.rule is not None:
         for k, v in (("low", low), ("high", high)):
             if not option.rule.ok(v):
-                raise SpaceError(f"{where}: `{k}` is {v!r}, but must be {option.rule.must}")
+                raise SpaceError(f"{where}: {rule_message(k, v, option.rule.must)}")
     return Param(name, kind, low=low, high=high, log=log)
 
 
@@ -223,7 +223,7 @@ class SearchSpace:
                 raise SpaceError(f"{self.path}: {rule_message(name, getattr(cfg, name), must)}")
             p, (label, v) = next(((p, c) for p, c in zip(entries, combo) if p.name == name), (entries[0], combo[0]))
             then = "" if p.name == name else f"; then the value of `{name}` is {getattr(cfg, name)!r}"
-            raise SpaceError(f"{self.path}: `{p.name}`: {label} {v!r}{then}, but must be {must}")
+            raise SpaceError(f"{self.path}: `{p.name}`: {label} {v!r}{then}, but must be {must}.")  # rule_message's words
 
     def for_arm(self, arm: str) -> SearchSpace:
         """The space an arm searches: the shared entries minus what the arm cannot use (ARM_UNUSABLE), with the
