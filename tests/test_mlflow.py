@@ -170,6 +170,15 @@ def test_sweep_interrupted_resumed_and_exported_in_mlflow(mlflow_server, synth_r
     logged = {a.path for a in client.list_artifacts(parent.info.run_id, f"export/{model.name}")}
     assert {f"export/{model.name}/model.json", f"export/{model.name}/verification.json"} <= logged
 
+    # `tune-landmarks verdict` again, with another bootstrap: the parent run carries the new numbers
+    v = cli("verdict", exp, "--bootstrap", "200", "--seed", "7")
+    assert v.returncode == 0, v.stderr[-2000:]
+    again = json.loads((exp / "verdict.json").read_text())
+    assert again["bootstrap"] == 200 and again["seed"] == 7
+    r = next(r for r in again["comparisons"] if r["is_group"])
+    key = f"verdict.{r['a'].removeprefix('best ')}_vs_{r['b']}.{r['group']}"
+    assert client.get_run(parent.info.run_id).data.metrics[f"{key}.ci_low_mm"] == pytest.approx(r["ci_low_mm"])
+
 
 @pytest.mark.slow
 def test_the_run_map_is_kept_in_object_storage_too(mlflow_server, s3_env, monkeypatch):

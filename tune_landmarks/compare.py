@@ -22,7 +22,7 @@ import numpy as np
 from .config import rule_error
 from .experiment import SWEEP_FILE, VERDICT_FILES, Experiment, Sweep
 from .options import add_bootstrap_options, add_dataset_options, add_device_options, add_experiment_options
-from .results import best_row, kept_checkpoints
+from .results import best_row, collect, kept_checkpoints
 from .verdict import (
     CONFIDENCE,
     SDR_MM,
@@ -292,8 +292,20 @@ def verdict_text(record: dict[str, Any]) -> str:
 
 
 def cmd_verdict(args: argparse.Namespace) -> int:
-    record = sweep_verdict(Experiment.find(args.experiment, args.storage), args.bootstrap, args.seed, args.device)
+    """The verdict again (another bootstrap or seed); a sweep tracked in MLflow gets it on its parent run, its server
+    asked before any work."""
+    exp = Experiment.find(args.experiment, args.storage)
+    sweep = exp.load_sweep()
+    if sweep.settings.mlflow:
+        from .tracking import connect
+
+        connect(sweep.settings.mlflow)
+    record = sweep_verdict(exp, args.bootstrap, args.seed, args.device)
     log.info(verdict_text(record))
+    if sweep.settings.mlflow:
+        from .tracking import sweep_ended
+
+        sweep_ended(exp, sweep, collect(exp), record)
     return 0
 
 
