@@ -44,7 +44,8 @@ def run_sweep(args, space: Path, dataset: Path, start: Path, storage: Path, poli
            "--resume", str(start), "--name", name, "--storage", str(storage), "--num-samples", str(args.num_samples),
            "--max-concurrent", str(args.max_concurrent), "--cpus-per-trial", "1", "--epochs", str(args.epochs),
            "--arms", args.arms, "--batch_size", str(args.batch_size), "--seed", str(args.seed),
-           "--resource-policy", policy, "--gpus-per-trial", "0"]
+           "--resource-policy", policy, "--gpus-per-trial", "0",
+           "--allow-duplicates"]  # as recorded: both policies on the same images, ISBI's copies included (docs/duplicates.md)
     if args.arm_epochs:
         cmd += ["--arm-epochs", args.arm_epochs]
     if args.max_steps:

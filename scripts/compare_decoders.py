@@ -37,7 +37,8 @@ def main() -> None:
     if not (a.checkpoint and a.dataset_path):
         p.error("--checkpoint and --dataset_path are required (or --smoke-test)")
     ckpt = read_checkpoint(a.checkpoint)
-    cfg = dataclasses.replace(config_of(ckpt), dataset_path=a.dataset_path, progress=False)
+    cfg = dataclasses.replace(config_of(ckpt), dataset_path=a.dataset_path, progress=False,
+                              allow_duplicates=True)  # every decoder on the same images (docs/duplicates.md)
     info = describe(a.dataset_path)
     cfg.val_split = info.val_split(a.split)
     data = prepare_data(cfg, progress=False)

@@ -123,6 +123,9 @@ def test_arms_are_tuned_alike_and_judged_on_unseen_images(tiny_sweep):
                                                           for r in heads)
     assert verdict["sentences"][0].startswith("Verdict: ")
     assert pq.read_table(exp / "verdict.parquet").num_rows == len(verdict["comparisons"])
+    # what the data's integrity rested on, recorded with the verdict and in sweep.json's run options
+    assert (verdict["skip_images"], verdict["allow_duplicates"]) == ([], False)
+    assert (sweep["base"]["skip_images"], sweep["base"]["allow_duplicates"]) == ([], False)
 
 
 @pytest.mark.slow

@@ -27,9 +27,10 @@ from tqdm import tqdm
 
 from .atomic import staged_dir
 from .dicom import PREAMBLE_END, decode_dicom, is_dicom
+from .fingerprint import THUMB, thumbnail
 from .read import DatasetError, Record, completeness_problem
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: each image's fingerprint (fingerprint.thumbnail) in meta.arrow
 T = TypeVar("T")
 
 
@@ -134,6 +135,7 @@ class CachedSplit:
     scale: np.ndarray  # (N, 2) sx, sy
     orig_size: np.ndarray  # (N, 2) W, H
     spacing_mm: np.ndarray  # (N,)
+    thumbs: np.ndarray  # (N, 64, 64) uint8: each image's fingerprint, made in the decode pass (fingerprint.py)
 
     def __len__(self) -> int:
         return len(self.image_ids)
@@ -166,6 +168,7 @@ def _load(path: Path) -> CachedSplit:
         scale=np.stack([t.column("scale_x").to_numpy(), t.column("scale_y").to_numpy()], 1),
         orig_size=np.stack([t.column("width").to_numpy(), t.column("height").to_numpy()], 1),
         spacing_mm=t.column("spacing_mm").to_numpy().astype(np.float64),
+        thumbs=np.frombuffer(b"".join(t.column("thumb").to_pylist()), np.uint8).reshape(n, THUMB, THUMB),
     )
 
 
@@ -198,7 +201,7 @@ def build_cache(records: list[Record], split: str, size: tuple[int, int], annota
         tw, th = size
         imgs = np.lib.format.open_memmap(tmp / "images.npy", mode="w+", dtype=np.uint8, shape=(len(records), th, tw))
         cols: dict[str, list] = {k: [] for k in ("image_id", "path", "width", "height", "scale_x", "scale_y",
-                                                 "spacing_mm", "keypoints", "keypoints_orig")}
+                                                 "spacing_mm", "keypoints", "keypoints_orig", "thumb")}
         for i, r, img in decoded_records(records, split, f"caching {split} at {tw}x{th}", progress):
             imgs[i], scale = resize(img, size, mode, interpolation)
             cols["image_id"].append(r.image_id)
@@ -210,6 +213,7 @@ def build_cache(records: list[Record], split: str, size: tuple[int, int], annota
             cols["spacing_mm"].append(float(r.spacing_mm))
             cols["keypoints"].append(to_target(r.keypoints, scale).ravel().tolist())
             cols["keypoints_orig"].append(r.keypoints.ravel().tolist())
+            cols["thumb"].append(thumbnail(img).tobytes())
         imgs.flush()
         del imgs
         write_meta(tmp, cols)

@@ -8,15 +8,17 @@ from __future__ import annotations
 
 import argparse
 import logging
+from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from .cache import decode_pass
+from .cache import CachedSplit, decode_pass
+from .fingerprint import THUMB, Copy, find_copies, thumbnail
 from .options import add_dataset_options, flag
-from .read import DatasetInfo, Record, Split, read_split
+from .read import DatasetError, DatasetInfo, Record, Split, read_split
 
 log = logging.getLogger(__name__)
 
@@ -30,16 +32,50 @@ PAIR_SCHEMA = pa.schema([("split", pa.string()), ("image_id", pa.string()), ("la
                          ("junior_y", pa.float64()), ("spacing_mm", pa.float64()), ("distance_mm", pa.float64())])
 
 
-def decode_check(records: Sequence[Record], split: str, progress: bool = True) -> tuple[list[str], list[tuple[int, int]]]:
+def decode_check(records: Sequence[Record], split: str, progress: bool = True) -> tuple[list[str], list[tuple[int, int]],
+                                                                                     list[str], np.ndarray]:
     """Decode every record's image completely, once (the cache build's pass, same progress bar): the problems,
-    each naming its file, and the (width, height) of the images that decoded."""
-    problems, sizes = [], []
-    for img, problem in decode_pass([r.image_path for r in records], f"checking {split}: decoding", progress):
+    each naming its file, and of the images that decoded their (width, height), ids and fingerprints (N, 64, 64)."""
+    problems, sizes, ids, thumbs = [], [], [], []
+    for r, (img, problem) in zip(records, decode_pass([r.image_path for r in records], f"checking {split}: decoding",
+                                                      progress)):
         if img is None:
             problems.append(problem or "")
         else:
             sizes.append((img.shape[1], img.shape[0]))
-    return problems, sizes
+            ids.append(r.image_id)
+            thumbs.append(thumbnail(img))
+    return problems, sizes, ids, np.array(thumbs, np.uint8).reshape(-1, THUMB, THUMB)
+
+
+ROLE_WORDS = {"train": "training", "val": "selection", "test": "verdict"}
+
+
+def shared_films(cached: dict[str, tuple[str, CachedSplit]]) -> tuple[list[Copy], list[Copy]]:
+    """Radiographs found twice among the roles' cached images (role -> (split spec, cache)), by their fingerprints:
+    (copies across two roles, copies inside one role)."""
+    labels = [(f"{ROLE_WORDS[role]} split {spec!r}", i) for role, (spec, c) in cached.items() for i in c.image_ids]
+    copies = find_copies(np.concatenate([c.thumbs for _, c in cached.values()]), labels)
+    return [c for c in copies if c.first[0] != c.second[0]], [c for c in copies if c.first[0] == c.second[0]]
+
+
+def refuse_shared_films(root: Path, cached: dict[str, tuple[str, CachedSplit]], allow: bool) -> list[Copy]:
+    """A radiograph in two roles trains on, or chooses with, what then judges: refused (one DatasetError naming every
+    pair and both roles), unless `allow` (--allow-duplicates), which goes on with a warning; a copy inside one role is
+    a warning. Returns the copies across roles that were allowed."""
+    across, within = shared_films(cached)
+    for c in within:
+        log.warning(f"a copy inside one role: {c.describe()}")
+    if across and not allow:
+        held = sorted({side[1] for c in across for side in (c.first, c.second) if not side[0].startswith("training")})
+        raise DatasetError(root, [c.describe() for c in across] + [
+            f"{len(across)} radiograph(s) are in two roles: every figure judged on them is inflated. Leave one of each "
+            f"pair out with --skip-images (e.g. the held-out copies: --skip-images {','.join(held)}), or go on anyway "
+            "with --allow-duplicates (recorded in the run's config and the verdict)"])
+    if across:
+        log.warning(f"--allow-duplicates: going on with {len(across)} radiograph(s) in two roles: "
+                    + "; ".join(c.describe() for c in across))
+    return across
 
 
 def pair_distances(sp: Split, syms: Sequence[str]) -> pa.Table:
@@ -132,9 +168,12 @@ def cmd_check(args: argparse.Namespace) -> int:
     print(f"{info.root}: {info.format} layout, {len(info.symbols)} landmarks, splits: {', '.join(info.splits)}")
     problems: list[str] = []
     pair_tables = [PAIR_SCHEMA.empty_table()]
+    labels, thumbs = [], []
     for split in info.splits:
-        sp = read_split(info, split, args.annotator)
-        broken, sizes = decode_check(sp.records, split, args.progress)
+        sp = read_split(info, split, args.annotator, frozenset(args.skip_images))
+        broken, sizes, ids, fingerprints = decode_check(sp.records, split, args.progress)
+        labels += [(f"split {split!r}", i) for i in ids]
+        thumbs.append(fingerprints)
         problems += sp.problems + broken
         pair_tables.append(pair_distances(sp, info.symbols))
         ws, hs = [s[0] for s in sizes], [s[1] for s in sizes]
@@ -144,6 +183,13 @@ def cmd_check(args: argparse.Namespace) -> int:
               + (f"size {min(ws)}-{max(ws)} x {min(hs)}-{max(hs)} px  spacing {lo:g}-{hi:g} mm/px" if ws else "")
               + (f"  ({bad} with problems)" if bad else ""))
     _print_roles(info, args)
+    copies = find_copies(np.concatenate(thumbs), labels)
+    problems += [c.describe() for c in copies if c.first[0] != c.second[0]]
+    within = [c.describe() for c in copies if c.first[0] == c.second[0]]
+    if within:
+        print(f"{len(within)} warning(s): a radiograph twice inside one split (roles carved from it may hold one each):")
+        for w in within:
+            print(f"  - {w}")
     pairs = pa.concat_tables(pair_tables)
     limit = args.max_disagreement_mm
     summary = summarise(pairs, info.symbols, limit)
@@ -179,7 +225,8 @@ def _print_roles(info: Any, args: argparse.Namespace) -> None:
     from .read import load_roles
 
     try:
-        roles = load_roles(info, args.train_split, args.val_split, args.test_split, args.annotator, skip_bad=True)
+        roles = load_roles(info, args.train_split, args.val_split, args.test_split, args.annotator, skip_bad=True,
+                           skip_images=args.skip_images)
     except ValueError as exc:
         print(f"roles: refused — {str(exc).splitlines()[0]}")
         return

@@ -119,6 +119,8 @@ class TrainConfig:
     val_split: str | None = None  # selection; default: valid (Aariz) / train:0.2 (ISBI), see read.DatasetInfo
     test_split: str | None = None  # verdict; default: test (Aariz) / test1 (ISBI); never chosen on
     skip_bad: bool = False
+    skip_images: list[str] = opt(factory=list)  # image ids left out of every role (--skip-images ID,... or @FILE)
+    allow_duplicates: bool = False  # go on when two roles share a radiograph (fingerprint.py); recorded
     image_size: tuple[int, int] = opt((256, 256), Rule(test=_image_size_ok,  # width height of the network input
                                                        text="two sizes in pixels (width height), each >= 8"))
     resize: str = opt("stretch", one_of(*RESIZES))  # how an image reaches image_size (an imported model's spec sets it)
@@ -324,6 +326,15 @@ def check_field(name: str, value: Any) -> Any:
     return value
 
 
+def _items_of(name: str, value: str) -> list[str]:
+    """`@FILE`: the file's lines, blank lines and `#` comments left out (a list kept beside the dataset)."""
+    try:
+        text = Path(value[1:]).read_text(encoding="utf-8-sig")
+    except OSError as exc:
+        raise rule_error(name, value, f"a comma-separated list or @FILE of a readable file ({exc.strerror})") from None
+    return [item for line in text.splitlines() if (item := line.split("#", 1)[0].strip())]
+
+
 def coerce(name: str, value: Any) -> Any:
     """Convert a YAML/CLI/sampled value to the option's type, with a uniform message when it cannot."""
     if name not in OPTIONS:
@@ -339,7 +350,9 @@ def coerce(name: str, value: Any) -> Any:
             if len(vals) != 2:
                 raise ValueError
             return (vals[0], vals[1])
-        if option.type is list:  # difficult: "UMT,UPM" or a YAML list
+        if option.type is list:  # difficult: "UMT,UPM" or a YAML list; "@FILE": one item a line (# comments)
+            if isinstance(value, str) and value.startswith("@"):
+                return _items_of(name, value)
             return [s.strip() for s in value.split(",") if s.strip()] if isinstance(value, str) else [str(s) for s in value]
         if option.type is bool:
             if isinstance(value, str):

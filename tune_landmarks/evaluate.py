@@ -16,7 +16,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from .metrics import format_table
 
     ev = evaluate_checkpoint(args.checkpoint, args.dataset_path, args.split, fmt=args.format, annotator=args.annotator,
-                             device=args.device, cache_dir=args.cache_dir, start=args.start, progress=True)
+                             device=args.device, cache_dir=args.cache_dir, start=args.start, progress=True,
+                             skip_images=args.skip_images)
     print(format_table(ev.summary, ev.difficult, None))
     if ev.summary.drift:
         print("drift of the untrained landmarks vs --start: "

@@ -23,7 +23,7 @@ def cmd_import_model(args: argparse.Namespace) -> int:
         from .metrics import format_landmark_sdr
 
         ev = evaluate_checkpoint(out, args.dataset_path, args.split, fmt=args.format, annotator=args.annotator,
-                                 device=args.device, cache_dir=args.cache_dir, progress=True)
+                                 device=args.device, cache_dir=args.cache_dir, progress=True, skip_images=args.skip_images)
         print(f"{args.split}: {len(ev.image_ids)} images, MRE {ev.summary.mre:.3f} mm, SDR@2mm {ev.summary.sdr[2.0]:.1f}%")
         print(format_landmark_sdr(ev.errors, ev.symbols))
     return 0

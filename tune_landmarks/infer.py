@@ -289,18 +289,20 @@ class Evaluation:
 
 def evaluate_checkpoint(checkpoint: str | Path, dataset_path: str | Path, split: str, *, fmt: str | None = None,
                         annotator: str = "mean", device: str = "auto", cache_dir: str | None = None,
-                        start: str | Path | None = None, progress: bool = False) -> Evaluation:
-    """Predict every image of `split` and score it; `start` adds per-landmark drift against that checkpoint.
+                        start: str | Path | None = None, progress: bool = False,
+                        skip_images: Sequence[str] = ()) -> Evaluation:
+    """Predict every image of `split` (but `skip_images`) and score it; `start` adds per-landmark drift against that
+    checkpoint.
     A refine checkpoint is evaluated as its cascade (Cascade.predict_cached), checked against its start model first;
     a folder of predictions (`predict`'s JSON files, e.g. another detector's) is scored as it is."""
     if is_predictions(checkpoint):
-        return _evaluate_predictions(Path(checkpoint), dataset_path, split, fmt, annotator)
+        return _evaluate_predictions(Path(checkpoint), dataset_path, split, fmt, annotator, skip_images)
     ckpt = read_checkpoint(checkpoint)
     cfg = config_of(ckpt)
     info = describe(dataset_path, fmt)
     dev = resolve_device(device)
     cascade = load_cascade(checkpoint, dev, info.symbols, ckpt) if is_refine(ckpt) else None
-    sp = load_split(info, split, annotator)
+    sp = load_split(info, split, annotator, skip=frozenset(skip_images))
     reads = cascade.start_cfg if cascade else cfg
     cached = build_cache(sp.records, split, tuple(reads.image_size), annotator, cache_dir, progress, reads.resize,
                          reads.interpolation)
@@ -308,7 +310,7 @@ def evaluate_checkpoint(checkpoint: str | Path, dataset_path: str | Path, split:
     start_pl, trained = None, None
     if start is not None:
         st = evaluate_checkpoint(start, dataset_path, split, fmt=fmt, annotator=annotator, device=device,
-                                 cache_dir=cache_dir)
+                                 cache_dir=cache_dir, skip_images=skip_images)
         start_pl = st.summary.per_landmark
         trained = difficult if cfg.mode in ("masked", "refine") else info.symbols
     if cascade is not None:
@@ -324,9 +326,9 @@ def evaluate_checkpoint(checkpoint: str | Path, dataset_path: str | Path, split:
 
 
 def _evaluate_predictions(folder: Path, dataset_path: str | Path, split: str, fmt: str | None,
-                          annotator: str) -> Evaluation:
+                          annotator: str, skip_images: Sequence[str] = ()) -> Evaluation:
     info = describe(dataset_path, fmt)
-    sp = load_split(info, split, annotator)
+    sp = load_split(info, split, annotator, skip=frozenset(skip_images))
     pred = read_predictions(folder, [r.image_id for r in sp.records], info.symbols)
     true = np.stack([r.keypoints for r in sp.records])
     err = radial_errors_mm(pred, true, np.array([r.spacing_mm for r in sp.records]))

@@ -12,7 +12,7 @@ import argparse
 import dataclasses
 from typing import Any
 
-from .config import ANNOTATORS, DEFAULT_STORAGE, FIELDS, FORMATS
+from .config import ANNOTATORS, DEFAULT_STORAGE, FIELDS, FORMATS, coerce
 
 _HELP = {
     "dataset_path": "dataset root (Aariz or ISBI 2015 layout)", "image_size": "network input WIDTH HEIGHT",
@@ -21,6 +21,8 @@ _HELP = {
     "mode": "all | weighted | masked", "model": "hrnet (= hrnet_w32) or any timm features_only backbone",
     "mixed_precision": "autocast: fp16/bf16 on CUDA, bf16 on CPU", "distill_weight": "drift guard: teacher weight",
     "freeze_stages": "freeze the stem and the first N HRNet stages", "bn_eval": "freeze BatchNorm running statistics",
+    "skip_images": "leave these images out of every role: ID,ID,... or @FILE (one id a line); recorded",
+    "allow_duplicates": "go on when two roles share a radiograph (check-dataset names them); recorded",
 }
 
 
@@ -51,6 +53,8 @@ def add_dataset_options(p: argparse.ArgumentParser, required: bool | None = True
     p.add_argument("--format", choices=FORMATS, help="dataset layout (default: detected)")
     p.add_argument("--annotator", default="mean", choices=ANNOTATORS,
                    help=annotator_help or "whose points are the truth (mean: both annotators' average)")
+    p.add_argument(*flag("skip_images"), dest="skip_images", type=skip_list, default=[], metavar="ID,...|@FILE",
+                   help=_HELP["skip_images"])
 
 
 def add_device_options(p: argparse.ArgumentParser, cache: bool = False) -> None:
@@ -79,6 +83,14 @@ def add_bootstrap_options(p: argparse.ArgumentParser, when: str = "") -> None:
     """The paired bootstrap of every comparison: resamples of the images, and its seed."""
     p.add_argument("--bootstrap", type=int, default=2000, help=f"bootstrap resamples of the images{when}")
     p.add_argument("--seed", type=int, default=0, help="the bootstrap's seed")
+
+
+def skip_list(text: str) -> list[str]:
+    """--skip-images: `ID,ID,...` or `@FILE` (one id a line), as the run option reads it."""
+    try:
+        return coerce("skip_images", text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def names(text: str) -> list[str]:

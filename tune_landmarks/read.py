@@ -13,6 +13,7 @@ import logging
 import math
 import struct
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -363,7 +364,7 @@ def predictions_sha256(folder: str | Path) -> str:
     return h.hexdigest()
 
 
-def _read_aariz_split(info: DatasetInfo, split: str, annotator: str) -> Split:
+def _read_aariz_split(info: DatasetInfo, split: str, annotator: str, skip: frozenset[str] = frozenset()) -> Split:
     known = info.symbols
     sdir = _find_dir(info.root, split)
     if sdir is None:
@@ -396,6 +397,8 @@ def _read_aariz_split(info: DatasetInfo, split: str, annotator: str) -> Split:
                 stems.add(j.stem)  # report once, not once per annotator
     for img in images:
         iid = img.stem
+        if iid in skip:
+            continue
         own: list[str] = []
         size, image_problem = inspect_image(img)
         if image_problem:
@@ -475,7 +478,7 @@ def _read_isbi_csv(path: Path, k: int) -> tuple[dict[str, tuple[int, np.ndarray]
     return out, problems
 
 
-def _read_isbi_split(info: DatasetInfo, split: str, annotator: str) -> Split:
+def _read_isbi_split(info: DatasetInfo, split: str, annotator: str, skip: frozenset[str] = frozenset()) -> Split:
     k = len(info.catalogue)
     problems: list[str] = []
     tables: dict[str, dict[str, tuple[int, np.ndarray]]] = {}
@@ -488,7 +491,7 @@ def _read_isbi_split(info: DatasetInfo, split: str, annotator: str) -> Split:
         problems.extend(errs)
     if problems and not tables:
         return Split(split, [], problems)
-    names = sorted(set().union(*[set(t) for t in tables.values()]))
+    names = sorted(n for n in set().union(*[set(t) for t in tables.values()]) if Path(n).stem not in skip)
     records, bad = [], set()
     annotations: dict[str, dict[str, np.ndarray]] = {who: {} for who in tables}
     for name in names:
@@ -513,14 +516,16 @@ def _read_isbi_split(info: DatasetInfo, split: str, annotator: str) -> Split:
     return Split(split, records, problems, bad, annotations)
 
 
-def read_split(info: DatasetInfo, split: str, annotator: str = "mean") -> Split:
+def read_split(info: DatasetInfo, split: str, annotator: str = "mean", skip: frozenset[str] = frozenset()) -> Split:
     """Read one split spec (`name`, or `name:fraction`: its carved part, see `carve`); problems are collected
-    in `Split.problems`, never raised one by one."""
+    in `Split.problems`, never raised one by one. Images named in `skip` (--skip-images) are left out as if absent,
+    before carving."""
     _check_annotator(annotator)
     name, fraction = parse_split(split)
     if name not in info.splits:
         return Split(split, [], [f"{info.root}: split {name!r} is missing (present: {', '.join(info.splits) or 'none'})"])
-    sp = _read_aariz_split(info, name, annotator) if info.format == "aariz" else _read_isbi_split(info, name, annotator)
+    reader = _read_aariz_split if info.format == "aariz" else _read_isbi_split
+    sp = reader(info, name, annotator, skip)
     if fraction is None:
         return sp
     keep = carve([r.image_id for r in sp.records], fraction) if sp.records else set()
@@ -528,9 +533,10 @@ def read_split(info: DatasetInfo, split: str, annotator: str = "mean") -> Split:
                  {a: {i: v for i, v in pts.items() if i in keep} for a, pts in sp.annotations.items()})
 
 
-def load_split(info: DatasetInfo, split: str, annotator: str = "mean", skip_bad: bool = False) -> Split:
+def load_split(info: DatasetInfo, split: str, annotator: str = "mean", skip_bad: bool = False,
+               skip: frozenset[str] = frozenset()) -> Split:
     """Read a split for training: any problem raises `DatasetError`, unless `skip_bad` drops the named images."""
-    sp = read_split(info, split, annotator)
+    sp = read_split(info, split, annotator, skip)
     if not sp.records:
         raise DatasetError(info.root, sp.problems or [f"{info.root}: split {split!r} has no usable images"])
     if sp.problems and not skip_bad:
@@ -580,21 +586,31 @@ class Roles:
 
 
 def load_roles(info: DatasetInfo, train: str | None = None, val: str | None = None, test: str | None = None,
-               annotator: str = "mean", skip_bad: bool = False, with_test: bool = True) -> Roles:
+               annotator: str = "mean", skip_bad: bool = False, with_test: bool = True,
+               skip_images: Sequence[str] = ()) -> Roles:
     """The train / selection / verdict splits from their specs (defaults per layout). The selection and verdict
     splits must be disjoint (refused, naming both, before any work); training loses every image they carve
-    from its split."""
+    from its split. `skip_images` (--skip-images) leaves those images out of every role; an id that none of the
+    roles' splits holds is refused (a typo would otherwise keep the image in)."""
     specs = {"train": info.train_split(train), "val": info.val_split(val)}
     if with_test and info.test_split(test):
         specs["test"] = info.test_split(test)
-    held = {role: load_split(info, specs[role], annotator, skip_bad) for role in specs if role != "train"}
+    skip = frozenset(skip_images)
+    if skip:
+        read = [read_split(info, name, annotator) for name in {parse_split(spec)[0] for spec in specs.values()}]
+        present = {r.image_id for sp in read for r in sp.records} | {i for sp in read for i in sp.bad_images}
+        unknown = sorted(skip - present)
+        if unknown:
+            raise DatasetError(info.root, [f"--skip-images names {len(unknown)} image(s) that no split of the roles "
+                                           f"({', '.join(sorted(set(specs.values())))}) holds: {', '.join(unknown[:20])}"])
+    held = {role: load_split(info, specs[role], annotator, skip_bad, skip) for role in specs if role != "train"}
     if "test" in held:
         shared = _shared(held["val"], held["test"])
         if shared:
             raise ValueError(f"the selection split {specs['val']!r} (--val-split) and the verdict split {specs['test']!r} "
                              f"(--test-split) share {len(shared)} image(s) (e.g. {', '.join(sorted(shared)[:3])}): "
                              "they must be disjoint, or the verdict judges what chose it")
-    tr = load_split(info, specs["train"], annotator, skip_bad)
+    tr = load_split(info, specs["train"], annotator, skip_bad, skip)
     taken = set().union(*(_shared(tr, sp) for sp in held.values()))
     tr.records = [r for r in tr.records if r.image_id not in taken]
     if not tr.records:
