@@ -218,3 +218,70 @@ def test_export_refuses_when_nothing_beat_the_start_unless_forced(experiment, tm
     assert not (tmp_path / "out").exists()
     p = cli("export", copy, "--out", tmp_path / "out", "--force", check=True)
     assert "exported anyway" in p.stdout and (tmp_path / "out" / "model.safetensors").is_file()
+
+
+# ---------------------------------------------------------------- a checkpoint cut short is never trusted
+
+def _damaged_copy(experiment: Path, dst: Path, trials) -> tuple[Path, str, int]:
+    """A copy of the finished sweep whose best trial's chosen checkpoint is cut short (a killed upload): (the copy,
+    that trial's id, its epoch)."""
+    shutil.copytree(experiment, dst, symlinks=True)
+    best, epoch = choose(trials)
+    rel = checkpoint_for_epoch(Experiment(str(dst)), best.trial_id, int(epoch["epoch"]))
+    ckpt = dst / rel / "checkpoint.pt"
+    ckpt.write_bytes(ckpt.read_bytes()[:4096])
+    return dst, best.trial_id, int(epoch["epoch"])
+
+
+def test_a_damaged_checkpoint_is_refused_by_name_and_force_takes_the_next_intact(experiment, trials, tmp_path):
+    from tune_landmarks.compare import sweep_verdict
+    from tune_landmarks.model import CheckpointError
+
+    exp, trial, epoch = _damaged_copy(experiment, tmp_path / "exp", trials)
+    wrong = rf"the checkpoint of trial {trial} epoch {epoch} is damaged \(4096 of the \d+ bytes it was written with\)"
+    with pytest.raises(CheckpointError, match=wrong + "; nothing exported"):
+        export(exp, tmp_path / "refused")
+    assert not (tmp_path / "refused").exists()
+    out = export(exp, tmp_path / "forced", force=True)
+    meta = json.loads((out / "model.json").read_text())
+    assert meta["trial_id"] != trial and json.loads((out / "verification.json").read_text())["passed"]
+    with pytest.raises(CheckpointError, match=rf"trial {trial} epoch {epoch} \(best \w+\) is damaged"):
+        sweep_verdict(exp, n_boot=50)
+
+
+def test_a_restored_trial_falls_back_to_its_latest_intact_checkpoint(experiment, trials, tmp_path):
+    """resume names the trial and both epochs; the trial itself continues from the earlier checkpoint's bytes."""
+    from tune_landmarks.results import kept_checkpoints
+    from tune_landmarks.search import _restore_from
+    from tune_landmarks.sweeps import damaged_restarts
+
+    shutil.copytree(experiment, tmp_path / "exp", symlinks=True)
+    exp = Experiment(str(tmp_path / "exp"))
+    trial = next(t for t in trials if len(kept_checkpoints(exp, t.trial_id)) >= 2)
+    kept = kept_checkpoints(exp, trial.trial_id)
+    last, earlier = max(kept), max(e for e in kept if e < max(kept))
+    ckpt = tmp_path / "exp" / kept[last][1] / "checkpoint.pt"
+    ckpt.write_bytes(ckpt.read_bytes()[:-10] + b"0123456789")  # same size, other bytes
+    running = dataclasses.replace(trial, status="RUNNING")  # as an interrupted sweep records it
+    assert damaged_restarts(exp, [running]) == [
+        f"trial {trial.trial_id}: the checkpoint of epoch {last} is damaged (its sha256 is not the one recorded when it "
+        f"was written); it continues from epoch {earlier}, its latest intact checkpoint"]
+    sweep = exp.load_sweep()
+    sweep.settings.storage, sweep.settings.name = str(tmp_path), "exp"
+    _restore_from(ckpt.parent, sweep, trial.trial_id, tmp_path / "resume.pt")
+    assert (tmp_path / "resume.pt").read_bytes() == (tmp_path / "exp" / kept[earlier][1] / "checkpoint.pt").read_bytes()
+
+
+def test_a_damaged_checkpoint_in_object_storage_is_refused_too(experiment, trials, s3_env, monkeypatch, tmp_path):
+    import pyarrow.fs as pafs
+    from conftest import S3_BUCKET, s3_fs
+
+    from tune_landmarks.model import CheckpointError
+
+    for k, v in s3_env.items():
+        monkeypatch.setenv(k, v)
+    local, trial, epoch = _damaged_copy(experiment, tmp_path / "exp", trials)
+    pafs.copy_files(str(local), f"{S3_BUCKET}/damaged", source_filesystem=pafs.LocalFileSystem(),
+                    destination_filesystem=s3_fs(s3_env))
+    with pytest.raises(CheckpointError, match=rf"s3://{S3_BUCKET}/damaged/.*trial {trial} epoch {epoch} is damaged"):
+        export(f"s3://{S3_BUCKET}/damaged", tmp_path / "refused")

@@ -22,7 +22,7 @@ import numpy as np
 from .config import rule_error
 from .experiment import SWEEP_FILE, VERDICT_FILES, Experiment, Sweep
 from .options import add_bootstrap_options, add_dataset_options, add_device_options, add_experiment_options
-from .results import best_row, collect, kept_checkpoints
+from .results import best_row, checkpoint_damage, collect, kept_checkpoints
 from .verdict import (
     CONFIDENCE,
     SDR_MM,
@@ -147,7 +147,7 @@ def comparison_table(results: Sequence[tuple[str, str, Sequence[PairedDiff]]]) -
 def compare(inputs: Sequence[str | Path], out: str | Path, dataset_path: str | Path | None = None,
             split: str | None = None, difficult: str | Sequence[str] | None = None, *, n_boot: int = 2000,
             seed: int = 0, fmt: str | None = None, annotator: str = "mean", device: str = "auto",
-            cache_dir: str | None = None) -> dict[str, list[PairedDiff]]:
+            cache_dir: str | None = None, skip_images: Sequence[str] = ()) -> dict[str, list[PairedDiff]]:
     """Compare inputs[1:] (candidates) against inputs[0] (the reference); write compare.parquet and one
     forest plot per candidate to `out`, log the tables, and return the rows by candidate label."""
     import pyarrow as pa
@@ -181,7 +181,7 @@ def compare(inputs: Sequence[str | Path], out: str | Path, dataset_path: str | P
     else:
         known = anchor.symbols
     chosen = parse_symbols(difficult, known) if difficult else None
-    options = {"fmt": fmt, "annotator": annotator, "device": device, "cache_dir": cache_dir}
+    options = {"fmt": fmt, "annotator": annotator, "device": device, "cache_dir": cache_dir, "skip_images": skip_images}
     scored = {p: tables[p] if p in tables else evaluated(p, dataset_path, split, **options) for p in paths}
     names = labels(paths)
     files = [slug(n) for n in names]
@@ -226,6 +226,13 @@ def arm_winners(exp: Experiment, sweep: Sweep) -> dict[str, tuple[dict[str, Any]
         if epoch not in kept:
             raise FileNotFoundError(f"{exp.trial_dir(row['trial_id'])}: the checkpoint of epoch {epoch} (best {arm}) "
                                     "was not kept")
+        why = checkpoint_damage(exp, kept[epoch][1])
+        if why:
+            from .model import CheckpointError
+
+            raise CheckpointError(f"{exp.uri_of(kept[epoch][1])}: the checkpoint of trial {row['trial_id']} epoch "
+                                  f"{epoch} (best {arm}) is damaged ({why}): no verdict on a checkpoint that is not the "
+                                  "one the sweep chose")
         out[f"best {arm}"] = (row, exp.local_file(kept[epoch][1], "checkpoint.pt"))
     return out
 
@@ -256,7 +263,7 @@ def sweep_verdict(experiment: Experiment | str, n_boot: int = 2000, seed: int = 
     models = {"start": Path(sweep.start)} | {name: ckpt for name, (_, ckpt) in winners.items()}
     base = sweep.base
     options = {"fmt": base.get("format"), "annotator": base.get("annotator", "mean"), "device": device,
-               "cache_dir": base.get("cache_dir")}
+               "cache_dir": base.get("cache_dir"), "skip_images": base.get("skip_images", [])}
     scored = {name: evaluated(path, base["dataset_path"], test["spec"], **options) for name, path in models.items()}
     ids = scored["start"].image_ids
     if sorted(ids) != sorted(test["image_ids"]):
@@ -269,6 +276,7 @@ def sweep_verdict(experiment: Experiment | str, n_boot: int = 2000, seed: int = 
     selection = {"start": sweep.start_mre} | {name: row["best_val_mre"] for name, (row, _) in winners.items()}
     record = verdict_record(
         comparisons, test["spec"], ids, difficult, n_boot, seed, selection_split=val.get("spec"),
+        skip_images=base.get("skip_images", []), allow_duplicates=bool(base.get("allow_duplicates")),
         selection_mre_mm=selection,
         arms={arm: {"trial_id": row["trial_id"], "epoch": row["best_epoch"], "difficult": row["difficult"] or "",
                     "budget": sweep.settings.budget(arm), "epochs": sweep.settings.epochs_of(arm),
@@ -312,7 +320,7 @@ def cmd_verdict(args: argparse.Namespace) -> int:
 def cmd_compare(args: argparse.Namespace) -> int:
     compare([args.reference, *args.candidates], args.out, args.dataset_path, args.split, args.difficult,
             n_boot=args.bootstrap, seed=args.seed, fmt=args.format, annotator=args.annotator, device=args.device,
-            cache_dir=args.cache_dir)
+            cache_dir=args.cache_dir, skip_images=args.skip_images)
     return 0
 
 

@@ -6,7 +6,8 @@ it scores, and neither should reach into the other for it. A number measured in 
 """
 from __future__ import annotations
 
-from contextlib import AbstractContextManager
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager
 from typing import Any
 
 import torch
@@ -51,3 +52,17 @@ def autocast(device: torch.device, enabled: bool, dtype: torch.dtype | None = No
 
 def device_of(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
+
+
+@contextmanager
+def intra_op_threads(n: int) -> Iterator[None]:
+    """torch's intra-op threads at `n` for a run (0: as they are), then back: a run in a process that goes on (a
+    test suite, a notebook, a benchmark) leaves the thread count, and with it the summation order of every later
+    run's kernels, as it found it."""
+    before = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

@@ -25,7 +25,7 @@ from .config import rule_error
 from .experiment import Experiment, Sweep
 from .metrics import finite_or_none
 from .options import add_device_options, add_experiment_options
-from .results import TrialRecord, best_trial, collect, kept_checkpoints
+from .results import TrialRecord, best_trial, checkpoint_damage, collect, kept_checkpoints
 
 if TYPE_CHECKING:
     from .config import TrainConfig
@@ -77,10 +77,27 @@ def checkpoint_for_epoch(exp: Experiment, trial_id: str, epoch: int) -> str:
     return kept[epoch][1]
 
 
-def select(trials: list[TrialRecord], exp: Experiment) -> Selection:
-    """The chosen trial and epoch, with the checkpoint folder to export them from."""
-    trial, epoch = choose(trials)
-    return Selection(trial, epoch, checkpoint_for_epoch(exp, trial.trial_id, int(epoch["epoch"])))
+def select(trials: list[TrialRecord], exp: Experiment, force: bool = False) -> Selection:
+    """The chosen trial and epoch, with the checkpoint folder to export them from. A chosen checkpoint whose bytes are
+    not the ones recorded when it was written (results.checkpoint_damage) is refused by trial and epoch; with `force`,
+    the next trial by the same rule whose checkpoint is intact is taken instead, and the skipped ones are named."""
+    from .model import CheckpointError
+
+    left = list(trials)
+    while True:
+        trial, epoch = choose(left)
+        rel = checkpoint_for_epoch(exp, trial.trial_id, int(epoch["epoch"]))
+        why = checkpoint_damage(exp, rel)
+        if why is None:
+            return Selection(trial, epoch, rel)
+        said = f"{exp.uri_of(rel)}: the checkpoint of trial {trial.trial_id} epoch {int(epoch['epoch'])} is damaged ({why})"
+        if not force:
+            raise CheckpointError(f"{said}; nothing exported — --force exports the next-best trial whose checkpoint is "
+                                  "intact")
+        log.warning(f"--force: {said}; taking the next-best trial")
+        left = [t for t in left if t is not trial]
+        if not any(t.best for t in left):
+            raise CheckpointError(f"{said}, and no other trial has an intact checkpoint to export")
 
 
 def choice_words(sel: Selection, overall: tuple[TrialRecord, dict[str, Any]] | None, arm: str | None) -> str | None:
@@ -103,7 +120,8 @@ def _validation_source(sweep: Sweep) -> dict[str, Any]:
     base = sweep.base
     info = describe(base["dataset_path"], base.get("format"))
     return {"dataset_path": str(info.root), "format": info.format, "annotator": base.get("annotator", "mean"),
-            "split": sweep.roles["val"]["spec"], "cache_dir": base.get("cache_dir")}
+            "split": sweep.roles["val"]["spec"], "cache_dir": base.get("cache_dir"),
+            "skip_images": list(base.get("skip_images") or [])}
 
 
 def _check_out(out: Path) -> None:
@@ -115,10 +133,14 @@ def _check_out(out: Path) -> None:
 
 
 def _check_split(split: str, sweep: Sweep, source: dict[str, Any]) -> None:
-    """A held-out split must share no image with what the sweep trained or chose on (its recorded roles)."""
+    """A held-out split must share no image with what the sweep trained or chose on (its recorded roles): no id, and
+    no radiograph under another id (run.prepare_data compares the roles' fingerprints, as the sweep did)."""
+    from .config import from_dict
     from .read import describe, read_split
+    from .run import prepare_data
 
-    sp = read_split(describe(source["dataset_path"], source["format"]), split, source["annotator"])
+    sp = read_split(describe(source["dataset_path"], source["format"]), split, source["annotator"],
+                    frozenset(source.get("skip_images", [])))
     ids = {r.image_id for r in sp.records}
     used = {role: ids & set(sweep.roles[role]["image_ids"]) for role in ("train", "val") if role in sweep.roles}
     clash = {role: shared for role, shared in used.items() if shared}
@@ -128,6 +150,7 @@ def _check_split(split: str, sweep: Sweep, source: dict[str, Any]) -> None:
             for r, v in clash.items())
         raise rule_error("split", split, "images neither trained on nor used to choose (e.g. the sweep's verdict split "
                                          f"{sweep.roles.get('test', {}).get('spec')!r}): {why}")
+    prepare_data(from_dict({"test_split": split}, from_dict(sweep.base)), progress=False)
 
 
 def landmark_rows(sweep: Sweep, epoch: dict[str, Any], difficult: list[str]) -> list[dict[str, Any]]:
@@ -255,7 +278,8 @@ def verify(export_dir: str | Path, device: str = "auto") -> dict[str, Any]:
     meta = json.loads(meta_path.read_text())
     src, recorded = meta["validation"], meta["metrics"]
     ev = evaluate_checkpoint(export_dir, src["dataset_path"], src["split"], fmt=src["format"],
-                             annotator=src["annotator"], device=device, cache_dir=src["cache_dir"])
+                             annotator=src["annotator"], device=device, cache_dir=src["cache_dir"],
+                             skip_images=src.get("skip_images", []))
     got = _scores(ev.summary)
     pairs = {"val MRE": (recorded["val_mre"], got["mre"])} | {
         f"{s} MRE": (v, got["per_landmark"][s]) for s, v in recorded["per_landmark"].items() if v is not None}
@@ -282,7 +306,8 @@ def _held_out(export_dir: Path, split: str, src: dict[str, Any], device: str) ->
     from .infer import evaluate_checkpoint
 
     ev = evaluate_checkpoint(export_dir, src["dataset_path"], split, fmt=src["format"],
-                             annotator=src["annotator"], device=device, cache_dir=src["cache_dir"])
+                             annotator=src["annotator"], device=device, cache_dir=src["cache_dir"],
+                             skip_images=src.get("skip_images", []))
     record = {"split": split, "dataset_path": src["dataset_path"], "annotator": src["annotator"],
               "images": len(ev.image_ids), "note": "scored once after selection; never used for choosing"}
     record |= _scores(ev.summary)
@@ -367,7 +392,7 @@ def export(experiment: Experiment | str | Path, out: str | Path, split: str | No
         raise FileNotFoundError(f"{start}: the sweep's start checkpoint is missing "
                                 "(its sha256 goes into the export)")
     trials = collect(exp)
-    sel = select([t for t in trials if arm is None or t.arm == arm], exp)
+    sel = select([t for t in trials if arm is None or t.arm == arm], exp, force)
     b = sel.epoch
     if b["val_mre"] >= sweep.start_mre and not force:
         raise ValueError(f"no fine-tuned trial improved on the start model on {source['split']} (start "

@@ -40,7 +40,7 @@ from .augment import AugmentConfig, frame_item, train_transform
 from .cache import CachedSplit
 from .config import TrainConfig
 from .crops import CropGeometry, PhysicalSplit, build_physical_cache, check_geometry, take, to_crop
-from .device import amp_dtype, device_of, place, resolve_device
+from .device import amp_dtype, device_of, intra_op_threads, place, resolve_device
 from .infer import Cascade, is_refine, load_cascade, load_model, predict_as_run
 from .landmarks import parse_symbols
 from .loss import per_landmark, weighted_total
@@ -204,13 +204,17 @@ def train_refine(cfg: TrainConfig, callback: Callback | None = None, start_per_l
     is, returning its RunResult. The difficult set is chosen as run.train chooses it (`start_per_landmark` when
     the caller measured it, e.g. once per sweep; else the start model's validation errors measured here). The
     summaries use the start errors measured here, on the predictions the cascade keeps, so the drift of every
-    landmark outside the set is exactly 0."""
+    landmark outside the set is exactly 0. `cfg.threads` holds for the run only."""
+    with intra_op_threads(cfg.threads):
+        return _train_refine(cfg, callback, start_per_landmark, data, scratch)
+
+
+def _train_refine(cfg: TrainConfig, callback: Callback | None, start_per_landmark: dict[str, float] | None,
+                  data: Data | None, scratch: Path | None) -> RunResult:
     cfg.validate()
     if cfg.mode != "refine":
         raise ValueError(f"train_refine trains mode 'refine', not {cfg.mode!r} (run.train does)")
     device = resolve_device(cfg.device)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
     run.seed_all(cfg.seed)
     start = _start(cfg, device)
     for p in start.model.parameters() if start.model is not None else ():

@@ -4,7 +4,9 @@ and the tables trials.parquet (one row per trial), epochs.parquet (trial x epoch
 (trial x landmark)."""
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -16,7 +18,7 @@ from .experiment import ARM_KEY, METRIC, TABLES, TERMINAL, Experiment, Sweep
 from .metrics import finite_or_none
 
 T = TypeVar("T")
-EPOCH_JSON = "epoch.json"  # written beside each reported checkpoint: which epoch it is, and its val MRE
+EPOCH_JSON = "epoch.json"  # beside each reported checkpoint: its epoch, val MRE, and checkpoint.pt's bytes and sha256
 # what a trial reports at each epoch: the columns of epochs.parquet, and its MLflow run's metrics (tracking.py)
 EPOCH_SCALARS = ("epoch", "train_loss", "lr", "val_mre", "best_val_mre", "val_sd", "val_mre_difficult",
                  "val_mre_other", "max_drift", "mean_drift", "sdr_2mm", "sdr_2_5mm", "sdr_3mm", "sdr_4mm", "epoch_seconds",
@@ -108,6 +110,40 @@ def kept_checkpoints(exp: Experiment, trial_id: str) -> dict[int, tuple[float, s
             meta = json.loads(exp.read_text(rel, EPOCH_JSON))
             kept[int(meta["epoch"])] = (float(meta["val_mre"]), rel)
     return kept
+
+
+def checkpoint_record(path: str | os.PathLike[str], epoch: int, val_mre: float) -> dict[str, Any]:
+    """What epoch.json records of a checkpoint as it is written: its epoch and val MRE, and the checkpoint file's size
+    and sha256, so that a copy cut short or altered later (a killed upload, a full disk) is never trusted."""
+    data = open(path, "rb").read()
+    return {"epoch": epoch, "val_mre": val_mre, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def checkpoint_damage(exp: Experiment, rel: str) -> str | None:
+    """Why the kept checkpoint folder `rel` cannot be trusted, or None: its checkpoint.pt is not the size or the sha256
+    epoch.json recorded when it was written. A checkpoint of a sweep that recorded no digest is read as before
+    (model.read_checkpoint still refuses one cut short)."""
+    meta = json.loads(exp.read_text(rel, EPOCH_JSON))
+    return damage_of(meta, exp.read_bytes(rel, "checkpoint.pt")) if "sha256" in meta else None
+
+
+def damage_of(meta: dict[str, Any], data: bytes) -> str | None:
+    """checkpoint_damage for a checkpoint's epoch.json record and bytes already at hand."""
+    if "sha256" not in meta:
+        return None
+    if len(data) != meta["bytes"]:
+        return f"{len(data)} of the {meta['bytes']} bytes it was written with"
+    if hashlib.sha256(data).hexdigest() != meta["sha256"]:
+        return "its sha256 is not the one recorded when it was written"
+    return None
+
+
+def latest_intact(exp: Experiment, trial_id: str, before: int) -> tuple[int, str] | None:
+    """(epoch, folder) of a trial's latest kept checkpoint before epoch `before` whose bytes are the recorded ones."""
+    for epoch, (_, rel) in sorted(kept_checkpoints(exp, trial_id).items(), reverse=True):
+        if epoch < before and checkpoint_damage(exp, rel) is None:
+            return epoch, rel
+    return None
 
 
 def write_tables(experiment: Experiment | str, sweep: Sweep, trials: list[TrialRecord]) -> dict[str, str]:

@@ -32,8 +32,9 @@ from .atomic import write_parquet
 from .augment import AugmentConfig, LandmarkDataset, train_transform
 from .build import from_checkpoint, with_start_model
 from .cache import CachedSplit, build_cache
+from .check import refuse_shared_films
 from .config import TrainConfig
-from .device import amp_dtype, autocast, device_of, place, resolve_device
+from .device import amp_dtype, autocast, device_of, intra_op_threads, place, resolve_device
 from .infer import evaluate_split, start_errors
 from .landmarks import parse_symbols
 from .loss import AWingParams, check_finite, landmark_weights, per_landmark, weighted_total
@@ -80,12 +81,16 @@ class RunResult:
 
 def prepare_data(cfg: TrainConfig, progress: bool = True) -> Data:
     """Read every role's split (all problems at once, and overlapping roles refused, before any model is
-    built) and cache the two a run trains and selects on."""
+    built) and cache them; a radiograph in two roles, found by its fingerprint in the decode pass, is refused
+    before any model is built (check.refuse_shared_films). The run trains and selects on the first two caches."""
     info = describe(cfg.dataset_path, cfg.format)
-    roles = load_roles(info, cfg.train_split, cfg.val_split, cfg.test_split, cfg.annotator, cfg.skip_bad)
+    roles = load_roles(info, cfg.train_split, cfg.val_split, cfg.test_split, cfg.annotator, cfg.skip_bad,
+                       skip_images=cfg.skip_images)
     size, how = tuple(cfg.image_size), (cfg.resize, cfg.interpolation)
-    return Data(info, build_cache(roles.train.records, roles.train.name, size, cfg.annotator, cfg.cache_dir, progress, *how),
-                build_cache(roles.val.records, roles.val.name, size, cfg.annotator, cfg.cache_dir, progress, *how), roles)
+    cached = {role: (sp.name, build_cache(sp.records, sp.name, size, cfg.annotator, cfg.cache_dir, progress, *how))
+              for role, sp in (("train", roles.train), ("val", roles.val), ("test", roles.test)) if sp is not None}
+    refuse_shared_films(info.root, cached, cfg.allow_duplicates)
+    return Data(info, cached["train"][1], cached["val"][1], roles)
 
 
 # ---------------------------------------------------------------- what is trained, and how
@@ -451,7 +456,13 @@ def train(cfg: TrainConfig, callback: Callback | None = None, start_per_landmark
 
     `start_per_landmark`: the start model's errors when the caller has them (a sweep measures them once for
     all trials). `scratch`: see CheckpointSaver. `cfg.progress` shows the per-epoch progress bar; the
-    one-line summaries go to this module's logger."""
+    one-line summaries go to this module's logger. `cfg.threads` holds for the run only (intra_op_threads)."""
+    with intra_op_threads(cfg.threads):
+        return _train(cfg, callback, start_per_landmark, data, scratch)
+
+
+def _train(cfg: TrainConfig, callback: Callback | None, start_per_landmark: dict[str, float] | None,
+           data: Data | None, scratch: Path | None) -> RunResult:
     start = read_checkpoint(cfg.validate().resume) if cfg.resume else None  # read once: options, weights, state
     cfg = with_start_model(cfg, start)
     if cfg.mode == "refine":  # refine.py sits above this module (it reuses the steps below), so it cannot be called here
@@ -462,8 +473,6 @@ def train(cfg: TrainConfig, callback: Callback | None = None, start_per_landmark
     if cfg.difficult:
         parse_symbols(cfg.difficult, symbols)
     device = resolve_device(cfg.device)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
     seed_all(cfg.seed)
     model, resume_state = _start_model(cfg, symbols, device, start)
     start_per_landmark = _start_per_landmark(cfg, model, data, resume_state, start_per_landmark)
