@@ -5,8 +5,6 @@ VENV := .venv
 STAMP := $(VENV)/.installed
 
 export NO_ALBUMENTATIONS_UPDATE := 1
-export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
-export RAY_AUTH_MODE := disabled
 export RAY_USAGE_STATS_ENABLED := 0
 
 .PHONY: demo test lint clean

@@ -12,8 +12,11 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+# The clusters the tests start themselves (`ray start`, ray.cluster_utils.Cluster) are on 127.0.0.1, and their clients
+# reach them there: Ray reads this when first imported, and without it takes 127.0.0.1 for the host's address. A local
+# sweep needs none of it (search.init_ray; test_security.py runs one without).
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ["RAY_AUTH_MODE"] = "token"  # every Ray of the suite asks for the session's token (_ray_tmpdir)
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -25,11 +28,19 @@ TINY = {"model": "hrnet_w18_small_v2", "image_size": (64, 64), "batch_size": 4}
 def _ray_tmpdir() -> Path:
     """Every Ray this session starts (in-process, CLI subprocesses, `ray start`) keeps its session folders, logs
     and trial working folders in one private folder, removed at the end: the suite leaves nothing in /tmp/ray.
-    Short and directly under /tmp, since Ray's unix socket paths must stay short."""
+    Short and directly under /tmp, since Ray's unix socket paths must stay short. The session's Ray token is kept
+    there too (RAY_AUTH_TOKEN_PATH, as a cluster's nodes and drivers share one; README "On a cluster"), not in
+    ~/.ray, and a token of your own in RAY_AUTH_TOKEN is not used."""
+    import secrets
     import tempfile
 
     d = Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))
     os.environ["RAY_TMPDIR"] = str(d)
+    token = d / "auth_token"
+    token.touch(mode=0o600)
+    token.write_text(secrets.token_hex(32))
+    os.environ["RAY_AUTH_TOKEN_PATH"] = str(token)
+    os.environ.pop("RAY_AUTH_TOKEN", None)
     yield d
     shutil.rmtree(d, ignore_errors=True)
 

@@ -301,7 +301,8 @@ def verdict_text(record: dict[str, Any]) -> str:
 
 def cmd_verdict(args: argparse.Namespace) -> int:
     """The verdict again (another bootstrap or seed); a sweep tracked in MLflow gets it on its parent run, its server
-    asked before any work."""
+    asked before any work. It takes no driver lease (storage.py): it reads the trials and rewrites only verdict.json
+    and verdict.parquet, each whole, so it may run beside a driver (whose own verdict at its end then replaces them)."""
     exp = Experiment.find(args.experiment, args.storage)
     sweep = exp.load_sweep()
     if sweep.settings.mlflow:

@@ -11,6 +11,7 @@ Layout of an experiment `<storage>/<name>/`:
     trial_<id>/           Ray's trial folders, each with result.json and up to `keep` checkpoints
     trials.parquet, epochs.parquet, landmarks.parquet   written at the end (and by resume)
     mlflow_runs.jsonl     with `--mlflow`: the sweep's MLflow experiment, parent run and trial -> run map (tracking.py)
+    driver.lease          while a driver (search, resume) runs: which one (storage.py: one driver per experiment)
 """
 from __future__ import annotations
 
@@ -269,7 +270,9 @@ class Experiment:
         return self.fs.get_file_info(self.path(*parts)).type == pafs.FileType.Directory
 
     def read_bytes(self, *parts: str) -> bytes:
-        with self.fs.open_input_stream(self.path(*parts)) as f:
+        """A whole file. A random-access file, not a stream: pyarrow's S3 stream reads a 52 MB checkpoint in 8.2 s on
+        the loopback server, the file in 0.13 s."""
+        with self.fs.open_input_file(self.path(*parts)) as f:
             return f.read()
 
     def read_text(self, *parts: str) -> str:

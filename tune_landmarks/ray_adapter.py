@@ -1,14 +1,15 @@
 """The few private attributes of Ray Tune and Optuna this tool still needs, in one place.
 
-Ray saves neither ASHA's rungs nor a way to reach a restored Tuner's scheduler and callbacks, and restores a
-ResourceChangingScheduler that refuses the trials it resized; OptunaSearch exposes
-neither the Optuna trial behind a Ray trial nor its study, and restores them on the storage path they were saved
-with; Optuna has no public call that marks a trial that is not the caller's. Everything here was written against
-the versions below, and refuses to run on others with a message that says so, instead of failing somewhere deep
-inside a sweep.
+Ray saves neither ASHA's rungs nor a way to reach a restored Tuner's scheduler and callbacks, restores a
+ResourceChangingScheduler that refuses the trials it resized, and has no public way to keep a local Ray on 127.0.0.1
+once it is imported; OptunaSearch exposes neither the Optuna trial behind a Ray trial nor its study, and restores
+them on the storage path they were saved with; Optuna has no public call that marks a trial that is not the caller's.
+Everything here was written against the versions below, and refuses to run on others with a message that says so,
+instead of failing somewhere deep inside a sweep.
 """
 from __future__ import annotations
 
+import os
 from functools import cache
 from pathlib import Path
 from types import SimpleNamespace
@@ -33,6 +34,21 @@ def check_versions() -> None:
                            + ", ".join(f"{k} {WRITTEN_FOR[k]}" for k in wrong) + ", but this environment has "
                            + ", ".join(f"{k} {v}" for k, v in wrong.items())
                            + "; install the pinned versions (pyproject.toml) or update the adapter")
+
+
+def local_ray_on_loopback() -> None:
+    """Make the local Ray this process starts next listen on 127.0.0.1 alone. The listeners of a Ray node (GCS,
+    raylet, the driver's and each worker's gRPC server, the runtime-env agent; without the dashboard its agent opens
+    none) follow the node's address: 127.0.0.1 keeps them there, the host's address puts most on every interface. Ray
+    takes the host's unless RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER was 0 when `ray` was first imported
+    (ray_constants.ENABLE_RAY_CLUSTER), and `ray.init(_node_ip_address="127.0.0.1")` does not help: Ray swaps a
+    loopback address given there for the host's. So the constant is set for this process, whenever Ray was imported,
+    and the variable for the processes Ray starts (the runtime-env agent asks for the node's address itself)."""
+    import ray._private.ray_constants as ray_constants
+
+    check_versions()
+    os.environ[ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
 
 
 def optuna_trial(searcher: Any, trial_id: str) -> Any:

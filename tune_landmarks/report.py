@@ -403,6 +403,8 @@ def report(experiment: Experiment | str, out: str | Path, *, storage: str | None
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    """Reads the experiment only (the page goes to --out): it takes no driver lease (storage.py) and may run beside a
+    driver."""
     path = report(args.experiment, args.out, storage=args.storage, n_boot=args.bootstrap, seed=args.seed,
                   device=args.device)
     log.info(f"wrote {path}")

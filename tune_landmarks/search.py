@@ -45,8 +45,19 @@ from .experiment import (  # noqa: E402
     trial_dirname,
     trial_scratch,
 )
-from .results import TrialRecord, collect, summary_text, unfinished, write_tables  # noqa: E402
+from .results import (  # noqa: E402
+    EPOCH_JSON,
+    TrialRecord,
+    checkpoint_record,
+    collect,
+    damage_of,
+    latest_intact,
+    summary_text,
+    unfinished,
+    write_tables,
+)
 from .space import SearchSpace, load_space  # noqa: E402
+from .storage import LEASE_TIMEOUT_S, DriverLease  # noqa: E402
 
 log = logging.getLogger(__name__)
 REPORT_KEYS = ("val_mre", "best_val_mre", "val_mre_difficult", "val_mre_other", "max_drift", "sdr_2mm", "epoch")
@@ -72,7 +83,7 @@ def trainable(config: dict[str, Any], sweep: Sweep) -> None:
     ckpt = tune.get_checkpoint()
     if ckpt is not None:  # a restored (or resized) trial continues from its last reported epoch, not from 0
         with ckpt.as_directory() as d:
-            shutil.copy(Path(d) / "checkpoint.pt", scratch / "resume.pt")
+            _restore_from(Path(d), sweep, tune.get_context().get_trial_id(), scratch / "resume.pt")
         cfg.resume = str(scratch / "resume.pt")
     cpu = time.process_time()
 
@@ -85,7 +96,7 @@ def trainable(config: dict[str, Any], sweep: Sweep) -> None:
             os.link(checkpoint_file, d / "checkpoint.pt")
         except OSError:
             shutil.copy(checkpoint_file, d / "checkpoint.pt")
-        (d / "epoch.json").write_text(json.dumps({"epoch": metrics["epoch"], "val_mre": metrics["val_mre"]}))
+        (d / EPOCH_JSON).write_text(json.dumps(checkpoint_record(d / "checkpoint.pt", metrics["epoch"], metrics["val_mre"])))
         (scratch / "resume.pt").unlink(missing_ok=True)  # a restored trial's start: loaded, and now superseded
         # the threads the epoch ran with and the CPU seconds this process spent since the last report (the sweep's
         # busy share, BENCHMARKS.md); then the next epoch's threads, from the share Ray gives the trial now
@@ -99,6 +110,28 @@ def trainable(config: dict[str, Any], sweep: Sweep) -> None:
         train_any(cfg, callback=report, start_per_landmark=sweep.start_errors or None, scratch=scratch)
     finally:  # a trial Ray stops while it waits in tune.report may never get here: ray_setup.ScratchCleanup
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _restore_from(d: Path, sweep: Sweep, trial_id: str, dest: Path) -> None:
+    """Copy the checkpoint a restored trial continues from to `dest`: the one Ray restored, unless its bytes are not
+    the ones recorded when it was written (a killed upload, a full disk); then the trial's latest intact kept
+    checkpoint, which the trial's log names (resume names it too, sweeps.damaged_restarts)."""
+    meta, data = json.loads((d / EPOCH_JSON).read_text()), (d / "checkpoint.pt").read_bytes()
+    why = damage_of(meta, data)
+    if why is None:
+        dest.write_bytes(data)
+        return
+    from .model import CheckpointError
+
+    exp = Experiment(experiment_uri(sweep.settings.storage, sweep.settings.name))
+    found = latest_intact(exp, trial_id, int(meta["epoch"]))
+    if found is None:
+        raise CheckpointError(f"trial {trial_id}: the checkpoint of epoch {meta['epoch']} is damaged ({why}) and no "
+                              "earlier intact one was kept: restart it with `resume --restart-errored`")
+    epoch, rel = found
+    dest.write_bytes(exp.read_bytes(rel, "checkpoint.pt"))
+    log.warning(f"trial {trial_id}: the checkpoint of epoch {meta['epoch']} is damaged ({why}); continuing from "
+                f"epoch {epoch}, its latest intact checkpoint")
 
 
 # ---------------------------------------------------------------- searcher, scheduler, state
@@ -355,8 +388,10 @@ def prepare_crops(space: SearchSpace, base: TrainConfig, data: Any) -> None:
 
 
 def init_ray(address: str | None, start_model: str | None = None) -> None:
-    """Ray for the sweep: a cluster at `address`, else a local Ray on loopback. An imported start model's code copy
-    travels to every worker as a runtime_env `py_modules` entry (no shared filesystem needed for it)."""
+    """Ray for the sweep: a cluster at `address`, else a local Ray whose every listener is on 127.0.0.1, whatever
+    the environment (ray_adapter.local_ray_on_loopback), and that asks for Ray's token (Ray's default for a local
+    Ray, unless RAY_AUTH_MODE says otherwise). An imported start model's code copy travels to every worker as a
+    runtime_env `py_modules` entry (no shared filesystem needed for it)."""
     import ray
 
     from .build import code_modules, read_arch
@@ -371,8 +406,7 @@ def init_ray(address: str | None, start_model: str | None = None) -> None:
     if address:
         ray.init(address=address, **console)
     else:
-        # local sweeps listen on 127.0.0.1 only; nothing is exposed
-        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        ray_adapter.local_ray_on_loopback()
         ray.init(include_dashboard=False, **console)
 
 
@@ -431,34 +465,46 @@ def journal_path(exp: Experiment) -> Path:
     return p
 
 
-def run_search(space_file: str, base: TrainConfig, settings: SweepSettings) -> int:
-    """Launch a sweep; returns the exit code (130 when interrupted with unfinished trials)."""
+def run_search(space_file: str, base: TrainConfig, settings: SweepSettings,
+               lease_timeout: float = LEASE_TIMEOUT_S) -> int:
+    """Launch a sweep; returns the exit code (130 when interrupted with unfinished trials). The experiment's lease
+    (storage.DriverLease) is taken once the checks have passed, before anything is written, and held to the end."""
     exp = Experiment.at(settings.storage, settings.name)
     exp.check_storage()  # object storage: credentials, endpoint, bucket; before anything runs or is written
-    if exp.exists(SWEEP_FILE):
-        raise FileExistsError(f"{exp}: an experiment of that name exists; resume it with "
-                              f"`tune-landmarks resume {exp}` or choose another --name")
+    lease = DriverLease(exp.uri, exp.fs, exp.root, "search", lease_timeout)
+    _refuse_existing(exp)
     if settings.mlflow:  # the tracking server answers; sweep.json keeps its URI without credentials
         settings.mlflow = tracking.connect(settings.mlflow)
     sweep, _ = prepare_sweep(space_file, base, settings)
-    exp.save_sweep(sweep)
-    if settings.mlflow:
-        tracking.Tracker(exp, settings.mlflow).open(sweep)
-    if exp.local is None:  # a new experiment: no local copies (journal, driver.log) left from an earlier one here
-        shutil.rmtree(journal_copy(exp.uri).parent, ignore_errors=True)
-    init_ray(settings.address, sweep.base.get("resume"))
-    tuner, _ = build_tuner(sweep)
-    with ray_setup.driver_console(exp):
-        tuner.fit()
-        return finish(exp, sweep)
+    with lease:
+        _refuse_existing(exp)  # another `search` of this name may have written it while this one prepared
+        exp.save_sweep(sweep)
+        if settings.mlflow:
+            tracking.Tracker(exp, settings.mlflow).open(sweep)
+        if exp.local is None:  # a new experiment: no local copies (journal, driver.log) left from an earlier one here
+            shutil.rmtree(journal_copy(exp.uri).parent, ignore_errors=True)
+        init_ray(settings.address, sweep.base.get("resume"))
+        tuner, _ = build_tuner(sweep)
+        with ray_setup.driver_console(exp):
+            tuner.fit()
+            return finish(exp, sweep, lease)
 
 
-def finish(exp: Experiment, sweep: Sweep) -> int:
+def _refuse_existing(exp: Experiment) -> None:
+    """One name, one sweep: a second `search` of it would mix two sweeps' trials in one experiment."""
+    if exp.exists(SWEEP_FILE):
+        raise FileExistsError(f"{exp}: an experiment of that name exists; resume it with "
+                              f"`tune-landmarks resume {exp}` or choose another --name")
+
+
+def finish(exp: Experiment, sweep: Sweep, lease: DriverLease) -> int:
     """After fit(): tables, the summary on the selection split, and exit 130 with the resume command if trials
     are unfinished; else the verdict on the verdict split (verdict.json, verdict.parquet). With `--mlflow`, the runs
-    brought up to date and the verdict logged to the parent run (tracking.sweep_ended)."""
+    brought up to date and the verdict logged to the parent run (tracking.sweep_ended). Nothing is written when
+    `lease` was taken over while the sweep ran (LeaseLost): the driver that took it writes them."""
     from .compare import sweep_verdict, verdict_text
 
+    lease.check()
     exp.push_journal(journal_path(exp))  # a remote experiment's journal, in its storage (a local one is there)
     trials = collect(exp)
     paths = write_tables(exp, sweep, trials)

@@ -17,12 +17,21 @@ from .config import DEFAULT_STORAGE, TrainConfig
 from .experiment import RESOURCE_POLICIES, SWEEP_FILE, TERMINAL, Experiment, Sweep, experiment_uri
 from .options import add_experiment_options, add_run_options, budgets, flag, names
 from .stages import run_config
+from .storage import LEASE_TIMEOUT_S, DriverLease
 
 log = logging.getLogger(__name__)
 
 
 def resume(experiment: str, storage: str = DEFAULT_STORAGE, restart_errored: bool = False,
-           address: str | None = None) -> int:
+           address: str | None = None, lease_timeout: float = LEASE_TIMEOUT_S) -> int:
+    """Continue the sweep as its one driver: the experiment's lease (storage.DriverLease) is taken first, so a second
+    `resume` (or a `search` of the same name) refuses before anything is read or Ray starts; held to the end."""
+    exp = Experiment.find(experiment, storage)
+    with DriverLease(exp.uri, exp.fs, exp.root, "resume", lease_timeout) as lease:
+        return _resume(exp, lease, restart_errored, address)
+
+
+def _resume(exp: Experiment, lease: DriverLease, restart_errored: bool, address: str | None) -> int:
     from ray import tune
 
     from . import ray_adapter
@@ -31,7 +40,6 @@ def resume(experiment: str, storage: str = DEFAULT_STORAGE, restart_errored: boo
     from .search import build_tuner, finish, init_ray, journal_path, replay_rungs
     from .tracking import Tracker, connect
 
-    exp = Experiment.find(experiment, storage)
     sweep = exp.load_sweep()
     check_roles(sweep)
     if not tune.Tuner.can_restore(exp.uri):
@@ -51,6 +59,8 @@ def resume(experiment: str, storage: str = DEFAULT_STORAGE, restart_errored: boo
         raise ValueError(f"{exp}: this sweep was run at {first} and has {sweep.total_trials - created} trial(s) "
                          "still to start, which Ray 2.60 would create at that location (its saved trial generator "
                          f"keeps it) and fail: move the experiment back to {first} and resume it there")
+    for line in damaged_restarts(exp, trials):
+        log.warning(line)
     # the sweep's own settings, except where it now lives
     sweep.settings.storage, sweep.settings.name = exp.storage, exp.name
     if exp.local is None:  # the study goes on from the journal in the experiment's storage (search.journal_path)
@@ -64,7 +74,27 @@ def resume(experiment: str, storage: str = DEFAULT_STORAGE, restart_errored: boo
              f"ASHA rungs rebuilt from {n} recorded results; resource policy {sweep.settings.resource_policy}")
     with driver_console(exp):
         tuner.fit()
-        return finish(exp, sweep)
+        return finish(exp, sweep, lease)
+
+
+def damaged_restarts(exp: Experiment, trials: list[Any]) -> list[str]:
+    """For each trial resume will restore whose latest kept checkpoint is not the bytes recorded when it was written:
+    the epoch it continues from instead (search._restore_from does it in the trial)."""
+    from .results import checkpoint_damage, kept_checkpoints, latest_intact
+
+    out = []
+    for t in trials:
+        kept = kept_checkpoints(exp, t.trial_id) if t.status not in TERMINAL else {}
+        if not kept:
+            continue
+        epoch = max(kept)
+        why = checkpoint_damage(exp, kept[epoch][1])
+        if why:
+            found = latest_intact(exp, t.trial_id, epoch)
+            out.append(f"trial {t.trial_id}: the checkpoint of epoch {epoch} is damaged ({why}); "
+                       + (f"it continues from epoch {found[0]}, its latest intact checkpoint" if found else
+                          "no earlier intact checkpoint was kept: it will fail (resume --restart-errored restarts it)"))
+    return out
 
 
 def check_roles(sweep: Sweep) -> None:
@@ -74,7 +104,8 @@ def check_roles(sweep: Sweep) -> None:
 
     b = sweep.base
     now = load_roles(describe(b["dataset_path"], b.get("format")), b.get("train_split"), b.get("val_split"),
-                     b.get("test_split"), b.get("annotator", "mean"), b.get("skip_bad", False)).ids()
+                     b.get("test_split"), b.get("annotator", "mean"), b.get("skip_bad", False),
+                     skip_images=b.get("skip_images") or []).ids()
     for role, recorded in sweep.roles.items():
         ids = now.get(role, {}).get("image_ids", [])
         if sorted(ids) != sorted(recorded["image_ids"]):
@@ -117,6 +148,13 @@ def _sweep_options(p: argparse.ArgumentParser) -> None:
                         "(needs pip install 'tune_landmarks[mlflow]'; credentials from MLFLOW_TRACKING_USERNAME/PASSWORD)")
 
 
+def _lease_option(p: argparse.ArgumentParser) -> None:
+    """--lease-timeout: this run's patience with another driver; recorded nowhere (each driver's own)."""
+    p.add_argument(*flag("lease_timeout"), type=float, default=LEASE_TIMEOUT_S, dest="lease_timeout", metavar="S",
+                   help="take over the experiment from another driver whose heartbeat is older than S seconds (default "
+                        f"{LEASE_TIMEOUT_S:g}; one whose process is gone from this host at once)")
+
+
 def cmd_search(args: argparse.Namespace) -> int:
     from .experiment import SweepSettings
     from .search import run_search
@@ -136,16 +174,17 @@ def cmd_search(args: argparse.Namespace) -> int:
                              reduction_factor=args.reduction_factor, grace_period=args.grace_period,
                              keep_checkpoints=args.keep_checkpoints, resource_policy=args.resource_policy,
                              mlflow=args.mlflow)
-    return run_search(args.space, base, settings)
+    return run_search(args.space, base, settings, args.lease_timeout)
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
-    return resume(args.experiment, args.storage, args.restart_errored, args.address)
+    return resume(args.experiment, args.storage, args.restart_errored, args.address, args.lease_timeout)
 
 
 def register_cli(sub: Any) -> None:
     s = sub.add_parser("search", help="Ray Tune + Optuna sweep of fine-tuning trials")
     _sweep_options(s)
+    _lease_option(s)
     add_run_options(s)
     s.set_defaults(func=cmd_search)
 
@@ -154,4 +193,5 @@ def register_cli(sub: Any) -> None:
     s.add_argument(*flag("restart_errored"), action="store_true", dest="restart_errored",
                    help="re-run failed trials from scratch (default: they resume from their last checkpoint)")
     s.add_argument("--address", help="Ray cluster address (default: the sweep's, else a local Ray)")
+    _lease_option(s)
     s.set_defaults(func=cmd_resume)
