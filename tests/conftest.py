@@ -260,3 +260,16 @@ def s3_fs(env: dict[str, str]):
 
     return pafs.S3FileSystem(endpoint_override=env["AWS_ENDPOINT_URL"], access_key=env["AWS_ACCESS_KEY_ID"],
                              secret_key=env["AWS_SECRET_ACCESS_KEY"], region=env["AWS_DEFAULT_REGION"])
+
+
+def processes_where(field: int, value: int) -> list[int]:
+    """Pids whose /proc stat field `field` (after the command name: 1 ppid, 3 session id) equals `value`."""
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[field]) == value:
+            out.append(int(stat.parent.name))
+    return out

@@ -18,7 +18,7 @@ import optuna
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
-from conftest import S3_BUCKET, cli, epochs_reported, free_port, journal_study, s3_fs
+from conftest import S3_BUCKET, cli, epochs_reported, free_port, journal_study, processes_where, s3_fs
 
 SPACE = """
 lr: {type: loguniform, low: 1.0e-4, high: 3.0e-3}
@@ -325,16 +325,8 @@ def test_s3_sweep_killed_resumed_exported_and_reported_from_its_uri(s3_env, loca
 # ---------------------------------------------------------------- a worker node lost mid-trial
 
 def _children(pid: int) -> list[int]:
-    """Processes whose parent is `pid` (from /proc)."""
-    out = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid:
-            out.append(int(stat.parent.name))
-    return out
+    """Processes whose parent is `pid`."""
+    return processes_where(1, pid)
 
 
 def _parent(pid: int) -> int | None:

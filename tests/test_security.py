@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import TINY_SPACE
+from conftest import TINY_SPACE, processes_where
 
 LOOPBACK = {ipaddress.ip_address("127.0.0.1"), ipaddress.ip_address("::1")}
 
@@ -35,16 +35,8 @@ except ConnectionError as exc:
 
 
 def _session(sid: int) -> set[int]:
-    """The processes of session `sid` (from /proc): what the sweep started, daemonised or not."""
-    out = set()
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[3]) == sid:
-            out.add(int(stat.parent.name))
-    return out
+    """The processes of session `sid`: what the sweep started, daemonised or not."""
+    return set(processes_where(3, sid))
 
 
 def _listeners(pids: set[int]) -> set[tuple[str, int, str]]:
