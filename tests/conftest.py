@@ -22,6 +22,7 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared" / "data"
 TINY = {"model": "hrnet_w18_small_v2", "image_size": (64, 64), "batch_size": 4}
+ISBI_COPIES = ROOT / "docs" / "isbi2015" / "copies.txt"  # the archive's second copies (docs/duplicates.md)
 
 
 @pytest.fixture(scope="session", autouse=True)
