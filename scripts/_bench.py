@@ -484,7 +484,6 @@ def after_first(history: list[dict[str, Any]], key: str) -> list[float]:
 def sweep(space: Path, base: Any, **settings: Any) -> tuple[list[Any], float, int]:
     """One real `search.run_search` (Ray Tune + Optuna + ASHA); returns its trials as `results.collect`
     reads them back from the experiment, the wall seconds of the whole call, and its exit code."""
-    import dataclasses
 
     from tune_landmarks.experiment import Experiment, SweepSettings
     from tune_landmarks.results import collect
@@ -492,6 +491,6 @@ def sweep(space: Path, base: Any, **settings: Any) -> tuple[list[Any], float, in
 
     s = SweepSettings(**settings)
     t = time.perf_counter()
-    code = run_search(str(space), dataclasses.replace(base), s)
+    code = run_search(str(space), base, s)
     wall = time.perf_counter() - t
     return collect(Experiment.at(s.storage, s.name)), wall, code

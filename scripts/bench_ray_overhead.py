@@ -92,7 +92,7 @@ def main() -> None:
 
         # direct: the trial's own config, run in this process with the same per-epoch callback shape
         marks: list[float] = []
-        direct_cfg = trial_config(base.to_dict(), {"lr": args.lr}, str(work / "direct"))
+        direct_cfg = trial_config(base, {"lr": args.lr}, str(work / "direct"))
         direct = train(direct_cfg, callback=lambda m, c: marks.append(time.perf_counter()),
                        scratch=work / "direct" / "scratch")
         intervals = [b - a for a, b in itertools.pairwise(marks)]

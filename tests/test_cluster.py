@@ -49,7 +49,8 @@ def test_bad_storage_is_one_line_before_anything_runs(case, command, s3_env, syn
     import ray
 
     from tune_landmarks.cli import main
-    from tune_landmarks.experiment import journal_copy
+    from tune_landmarks.experiment import JOURNAL_FILE
+    from tune_landmarks.storage import working_copy
 
     for k, v in s3_env.items():
         monkeypatch.setenv(k, v)
@@ -80,7 +81,7 @@ def test_bad_storage_is_one_line_before_anything_runs(case, command, s3_env, syn
     assert time.perf_counter() - t0 < 60
     assert not ray.is_initialized()  # before any trial could start
     listed = s3_fs(s3_env).get_file_info(pafs.FileSelector(f"{S3_BUCKET}/bad", recursive=True, allow_not_found=True))
-    assert listed == [] and not journal_copy(uri).exists() and not (tmp_path / "out").exists()
+    assert listed == [] and not working_copy(uri, JOURNAL_FILE).exists() and not (tmp_path / "out").exists()
 
 
 # ---------------------------------------------------------------- the console's settings
@@ -128,8 +129,8 @@ def test_scratch_cleanup_removes_only_what_has_ended(tmp_path, monkeypatch):
     import tempfile
     from types import SimpleNamespace
 
-    from tune_landmarks.experiment import sweep_scratch, trial_scratch
     from tune_landmarks.ray_setup import ScratchCleanup
+    from tune_landmarks.storage import sweep_scratch, trial_scratch
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     mine, other = "/data/a/sweeps/s", "/data/b/sweeps/s"  # the same sweep name in two storages
@@ -242,8 +243,8 @@ def test_s3_sweep_killed_resumed_exported_and_reported_from_its_uri(s3_env, loca
                                                                     tmp_path):
     from safetensors.torch import load_file
 
-    from tune_landmarks.experiment import journal_copy
     from tune_landmarks.model import read_checkpoint
+    from tune_landmarks.storage import working_copy
 
     uri = f"s3://{S3_BUCKET}/sweeps/s3kill"
     prefix = f"{S3_BUCKET}/sweeps/s3kill"
@@ -273,7 +274,7 @@ def test_s3_sweep_killed_resumed_exported_and_reported_from_its_uri(s3_env, loca
     # the killed driver never uploaded its log; the resume on this machine took up its local copy, then removed it
     killed, _ = _read_s3(s3_env, f"{prefix}/driver.log").decode().split("Restoring the run from", 1)
     assert "INFO" in killed, killed[-2000:]
-    assert not journal_copy(uri, "driver.log").exists()
+    assert not working_copy(uri, "driver.log").exists()
     trials = pq.read_table(f"{prefix}/trials.parquet", filesystem=s3_fs(s3_env)).to_pandas()
     # an epoch a trial reported after the last state Ray saved is run again on resume (Ray restores the trial
     # from the checkpoint that state names) and appears twice in its result.json; the tables hold it once

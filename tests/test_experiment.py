@@ -6,12 +6,14 @@ from pathlib import Path
 
 import pytest
 
-from tune_landmarks.experiment import SWEEP_FILE, Experiment, Sweep, SweepSettings, storage_uri, trial_config
+from tune_landmarks.config import TrainConfig
+from tune_landmarks.experiment import SWEEP_FILE, Experiment, Sweep, SweepSettings, trial_config
+from tune_landmarks.storage import storage_uri
 
 
 def _sweep(**settings) -> Sweep:
     return Sweep(SweepSettings(name="s1", epochs=3, arm_samples={"all": 4}, **settings),
-                 {"dataset_path": "/data", "lr": 1e-4, "epochs": 3}, "space.yaml",
+                 TrainConfig(dataset_path="/data", lr=1e-4, epochs=3), "space.yaml",
                  {"lr": {"type": "loguniform", "low": 1e-5, "high": 1e-3}}, {"A": 1.0, "B": 3.0}, ["A", "B"],
                  {"val": {"spec": "train:0.2", "image_ids": ["a"]}, "test": {"spec": "test1", "image_ids": ["b"]}},
                  ["a note"])
@@ -86,5 +88,5 @@ def test_tables_and_files_read_back_through_the_filesystem_layer(tmp_path):
 
 
 def test_trial_config_is_the_base_then_the_sample(tmp_path):
-    cfg = trial_config({"dataset_path": "/data", "lr": 1e-4, "epochs": 3}, {"lr": 2e-4, "arm": "all"}, tmp_path)
+    cfg = trial_config(TrainConfig(dataset_path="/data", lr=1e-4, epochs=3), {"lr": 2e-4, "arm": "all"}, tmp_path)
     assert cfg.lr == 2e-4 and cfg.epochs == 3 and cfg.out == str(tmp_path / "run") and not cfg.progress

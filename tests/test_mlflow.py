@@ -184,13 +184,14 @@ def test_sweep_interrupted_resumed_and_exported_in_mlflow(mlflow_server, synth_r
 def test_the_run_map_is_kept_in_object_storage_too(mlflow_server, s3_env, monkeypatch):
     """An s3:// sweep keeps its trial -> run map in its bucket: another process (here a second Tracker) finds the
     same parent run, the same trial runs and the epochs they hold."""
+    from tune_landmarks.config import TrainConfig
     from tune_landmarks.experiment import MLFLOW_FILE, Experiment, Sweep, SweepSettings
     from tune_landmarks.tracking import Tracker
 
     for k, v in s3_env.items():
         monkeypatch.setenv(k, v)
     storage = f"s3://{S3_BUCKET}/tracked"
-    sweep = Sweep(SweepSettings(name="remote", storage=storage, mlflow=mlflow_server), {"resume": "start.pt"},
+    sweep = Sweep(SweepSettings(name="remote", storage=storage, mlflow=mlflow_server), TrainConfig(resume="start.pt"),
                   "space.yaml", {}, {}, [])
     exp = Experiment.at(storage, "remote")
     config = {"arm": "masked", "lr": 0.001}
@@ -217,9 +218,10 @@ def test_credentials_are_taken_out_of_the_uri():
 def test_sweep_json_before_the_option_loads_untracked():
     from dataclasses import asdict
 
+    from tune_landmarks.config import TrainConfig
     from tune_landmarks.experiment import Sweep, SweepSettings
 
-    old = asdict(Sweep(SweepSettings(name="old"), {}, "space.yaml", {}, {}, []))
+    old = asdict(Sweep(SweepSettings(name="old"), TrainConfig(), "space.yaml", {}, {}, []))
     del old["settings"]["mlflow"]
     assert Sweep.from_json(json.dumps(old), "sweep.json").settings.mlflow is None
 

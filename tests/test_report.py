@@ -120,7 +120,7 @@ def test_report_says_what_is_missing(experiment, tmp_path):
     exp = tmp_path / "rep"
     shutil.copytree(experiment, exp)
     sweep = load_sweep(exp)
-    sweep.base["resume"] = str(tmp_path / "gone.pt")
+    sweep.base.resume = str(tmp_path / "gone.pt")
     (exp / SWEEP_FILE).write_text(sweep.to_json())
     (exp / VERDICT_FILES["json"]).unlink()  # no recorded verdict, and none can be computed without the start
     (exp / JOURNAL_FILE).unlink()  # the masked arm's study with a single complete trial; no study for `all`

@@ -100,7 +100,8 @@ def _check_complete(exp: Path, name: str, had_checkpoint: set[str]) -> None:
     assert verdict["image_ids"] == sweep["roles"]["test"]["image_ids"] and verdict["split"] == "test"
     epochs = pq.read_table(exp / "epochs.parquet").to_pandas()
     assert set(epochs.trial_id) == set(trials[trials.epochs_done > 0].trial_id)
-    from tune_landmarks.experiment import Experiment, sweep_scratch
+    from tune_landmarks.experiment import Experiment
+    from tune_landmarks.storage import sweep_scratch
 
     assert not sweep_scratch(Experiment(str(exp)).uri).exists()  # the killed driver's trials' too, known to Ray or not
 

@@ -2,6 +2,7 @@
 a real `ray start --head` cluster, and search-space validation before Ray starts."""
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import socket
@@ -46,11 +47,13 @@ def sweep(synth_root, start_ckpt, tmp_path_factory):
                              resource_policy="fixed")  # one trial at a time: nothing to share, actors reused
     ray_tmp, saved = tempfile.mkdtemp(prefix="s", dir=os.environ["RAY_TMPDIR"]), os.environ["RAY_TMPDIR"]
     os.environ["RAY_TMPDIR"] = ray_tmp  # this sweep's own Ray folders (session, trial working folders)
+    given = (dataclasses.replace(base), dataclasses.replace(settings))
     try:
         code = run_search(str(space), base, settings)
     finally:
         ray.shutdown()
         os.environ["RAY_TMPDIR"] = saved
+    assert (base, settings) == given  # prepare_sweep makes new objects; the caller's stay as given
     return code, tmp / "store" / "s1", Path(ray_tmp)
 
 
@@ -85,7 +88,8 @@ def test_a_finished_sweep_leaves_only_the_checkpoints_ray_stores(sweep):
     """Trials stopped by ASHA, failed trials and finished ones: no trial's scratch folder is left (its last epoch's
     checkpoint, which Ray's stop of the trial process can leave behind), nothing of the trials' in Ray's own
     folders, and every checkpoint left is one Ray stores, at most --keep-checkpoints (2) per trial."""
-    from tune_landmarks.experiment import Experiment, sweep_scratch
+    from tune_landmarks.experiment import Experiment
+    from tune_landmarks.storage import sweep_scratch
 
     _, exp, ray_tmp = sweep
     trials = pq.read_table(exp / "trials.parquet").to_pandas()

@@ -170,7 +170,7 @@ def test_arm_epochs_set_each_arms_trials_and_rungs(space):
     sched = make_scheduler(space, settings)
     assert sched.by_arm["masked"]._max_t == 4 and sched.by_arm["refine"]._max_t == 16
     assert [m for m, _ in sched.by_arm["refine"]._brackets[0]._rungs] == [16, 8, 4, 2, 1]
-    sweep = Sweep(settings, TrainConfig(epochs=4, resume="start.pt").to_dict(), "s.yaml", SPACE, {}, [])
+    sweep = Sweep(settings, TrainConfig(epochs=4, resume="start.pt"), "s.yaml", SPACE, {}, [])
     assert sweep.trial_config({"mode": "refine", "arm": "refine"}, "t").epochs == 16
     assert sweep.trial_config({"mode": "masked", "arm": "masked"}, "t").epochs == 4
     with pytest.raises(ValueError, match=r"The value of `arm_epochs` is \{'all': 8\}, but must be epochs >= 1 for arms"):

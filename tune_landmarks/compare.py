@@ -262,12 +262,12 @@ def sweep_verdict(experiment: Experiment | str, n_boot: int = 2000, seed: int = 
     winners = arm_winners(exp, sweep)
     models = {"start": Path(sweep.start)} | {name: ckpt for name, (_, ckpt) in winners.items()}
     base = sweep.base
-    options = {"fmt": base.get("format"), "annotator": base.get("annotator", "mean"), "device": device,
-               "cache_dir": base.get("cache_dir"), "skip_images": base.get("skip_images", [])}
-    scored = {name: evaluated(path, base["dataset_path"], test["spec"], **options) for name, path in models.items()}
+    options = {"fmt": base.format, "annotator": base.annotator, "device": device, "cache_dir": base.cache_dir,
+               "skip_images": base.skip_images}
+    scored = {name: evaluated(path, base.dataset_path, test["spec"], **options) for name, path in models.items()}
     ids = scored["start"].image_ids
     if sorted(ids) != sorted(test["image_ids"]):
-        raise ValueError(f"{base['dataset_path']}: the verdict split {test['spec']!r} no longer holds the images the "
+        raise ValueError(f"{base.dataset_path}: the verdict split {test['spec']!r} no longer holds the images the "
                          f"sweep recorded ({len(ids)} now, {len(test['image_ids'])} recorded): the dataset changed")
     chosen = {s for row, _ in winners.values() if row["difficult"] for s in row["difficult"].split(",")}
     difficult = [s for s in sweep.symbols if s in chosen]  # every winner's own set, each chosen on the selection split
@@ -276,7 +276,7 @@ def sweep_verdict(experiment: Experiment | str, n_boot: int = 2000, seed: int = 
     selection = {"start": sweep.start_mre} | {name: row["best_val_mre"] for name, (row, _) in winners.items()}
     record = verdict_record(
         comparisons, test["spec"], ids, difficult, n_boot, seed, selection_split=val.get("spec"),
-        skip_images=base.get("skip_images", []), allow_duplicates=bool(base.get("allow_duplicates")),
+        skip_images=base.skip_images, allow_duplicates=base.allow_duplicates,
         selection_mre_mm=selection,
         arms={arm: {"trial_id": row["trial_id"], "epoch": row["best_epoch"], "difficult": row["difficult"] or "",
                     "budget": sweep.settings.budget(arm), "epochs": sweep.settings.epochs_of(arm),

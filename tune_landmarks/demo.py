@@ -26,7 +26,7 @@ def run_demo(workdir: str | Path, smoke: bool = False) -> int:
     t0 = time.perf_counter()
     work = Path(workdir).resolve()
     work.mkdir(parents=True, exist_ok=True)
-    n, size, img, start_epochs, epochs, samples = (16, 192, 64, 2, 2, 2) if smoke else (48, 320, 128, 20, 6, 5)
+    n, size, img, start_epochs, epochs, samples = (16, 192, 64, 2, 2, 1) if smoke else (48, 320, 128, 20, 6, 5)
     data = work / ("data-smoke" if smoke else "data")
     if not (data / "cephalogram_machine_mappings.csv").is_file():
         log.info(f"[1/4] synthetic Aariz-format dataset: {n} images -> {data}")

@@ -118,10 +118,9 @@ def _validation_source(sweep: Sweep) -> dict[str, Any]:
     from .read import describe
 
     base = sweep.base
-    info = describe(base["dataset_path"], base.get("format"))
-    return {"dataset_path": str(info.root), "format": info.format, "annotator": base.get("annotator", "mean"),
-            "split": sweep.roles["val"]["spec"], "cache_dir": base.get("cache_dir"),
-            "skip_images": list(base.get("skip_images") or [])}
+    info = describe(base.dataset_path, base.format)
+    return {"dataset_path": str(info.root), "format": info.format, "annotator": base.annotator,
+            "split": sweep.roles["val"]["spec"], "cache_dir": base.cache_dir, "skip_images": list(base.skip_images)}
 
 
 def _check_out(out: Path) -> None:
@@ -150,7 +149,7 @@ def _check_split(split: str, sweep: Sweep, source: dict[str, Any]) -> None:
             for r, v in clash.items())
         raise rule_error("split", split, "images neither trained on nor used to choose (e.g. the sweep's verdict split "
                                          f"{sweep.roles.get('test', {}).get('spec')!r}): {why}")
-    prepare_data(from_dict({"test_split": split}, from_dict(sweep.base)), progress=False)
+    prepare_data(from_dict({"test_split": split}, sweep.base), progress=False)
 
 
 def landmark_rows(sweep: Sweep, epoch: dict[str, Any], difficult: list[str]) -> list[dict[str, Any]]:
@@ -324,17 +323,16 @@ def confirm_seeds(sweep: Sweep, trials: list[TrialRecord], winner: TrialRecord, 
                   device: str = "auto") -> dict[str, Any]:
     """Re-run the winner's configuration, and every other arm's winner, from the same start with `n` new seeds
     (all on the same seeds), to show how much of the winner's margin is luck."""
-    from .config import from_dict
     from .results import winners
     from .run import prepare_data
     from .stages import train_any
 
-    base_seed = int(sweep.base.get("seed", 0))
+    base_seed = sweep.base.seed
     first = 1 + max([base_seed] + [int(t.params.get("seed", base_seed)) for t in trials])
     seeds = list(range(first, first + n))
     runs_of = [("winner", winner)] + [(f"best {arm}", t) for arm, t in winners(trials, sweep.settings.arms).items()
                                       if t is not winner]
-    data = prepare_data(from_dict(sweep.base), progress=False)
+    data = prepare_data(sweep.base, progress=False)
     out: dict[str, Any] = {"seeds": seeds, "arms": []}
     for name, trial in runs_of:
         runs = []

@@ -22,9 +22,9 @@ node's full Ray logs (worker stdout/stderr) stay where Ray puts them, /tmp/ray/s
 experiment, at the cost of an upload of each trial's working folder after every report.)
 
 A remote experiment's Optuna journal (object storage cannot append) is worked on in a local copy
-(experiment.journal_copy) and uploaded whole by `StorageSync` each time Ray snapshots the experiment state,
+(storage.working_copy) and uploaded whole by `StorageSync` each time Ray snapshots the experiment state,
 right after Ray has written the searcher's state, and when the sweep ends: the stored journal is never older
-than the searcher state Ray would restore. `resume` pulls it first (Experiment.pull_journal).
+than the searcher state Ray would restore. `resume` pulls it first (Storage.pull_growing).
 """
 from __future__ import annotations
 
@@ -37,7 +37,8 @@ from typing import Any
 
 from ray.tune import Callback
 
-from .experiment import ARM_KEY, METRIC, Experiment, journal_copy, sweep_scratch, trial_scratch
+from .experiment import ARM_KEY, JOURNAL_FILE, METRIC, Experiment
+from .storage import Storage, sweep_scratch, trial_scratch, working_copy
 
 log = logging.getLogger(__name__)
 DRIVER_LOG = "driver.log"
@@ -113,7 +114,7 @@ class TrialLines(Callback):
 
 
 class ScratchCleanup(Callback):
-    """Removes an ended trial's scratch folder (experiment.trial_scratch: its last epoch's checkpoint, 50 MB and
+    """Removes an ended trial's scratch folder (storage.trial_scratch: its last epoch's checkpoint, 50 MB and
     more), which the trial's own `finally` misses when Ray ends its process while it waits in tune.report (ASHA's
     stop, the last epoch), and the sweep's whole folder when the sweep ends. The driver reaches the folders of the
     trials that ran on its own node."""
@@ -145,11 +146,11 @@ class StorageSync(Callback):
         self._pushed = -1
 
     def push(self) -> None:
-        exp = Experiment(self.uri)
+        exp = Storage(self.uri)
         local = Path(self.journal)
         if exp.local is None and local.is_file() and local.stat().st_size != self._pushed:
             size = local.stat().st_size
-            exp.push_journal(local)
+            exp.upload(JOURNAL_FILE, local)
             self._pushed = size
 
     def get_state(self) -> dict | None:
@@ -188,7 +189,7 @@ def driver_console(exp: Experiment) -> Iterator[Path]:
         local = exp.local / DRIVER_LOG
         local.parent.mkdir(parents=True, exist_ok=True)
     else:  # a resumed remote sweep appends to its stored log, or to the one its killed driver left on this machine
-        local = exp.pull_journal(journal_copy(exp.uri, DRIVER_LOG), DRIVER_LOG)
+        local = exp.pull_growing(DRIVER_LOG, working_copy(exp.uri, DRIVER_LOG))
     file_handler = logging.FileHandler(local, encoding="utf-8")
     file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     ray_logger, pkg = logging.getLogger("ray"), logging.getLogger(_PKG)

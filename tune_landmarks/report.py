@@ -127,7 +127,7 @@ def with_annotators(table: Any, sweep: Sweep, split: str) -> Any:
     from .read import describe
 
     try:
-        info = describe(sweep.base["dataset_path"], sweep.base.get("format"))
+        info = describe(sweep.base.dataset_path, sweep.base.format)
         median = {r["landmark"]: r["median_mm"] for r in disagreement_table(info, [split]).to_pylist()}
     except (OSError, ValueError) as exc:
         log.warning(f"annotator disagreement not available: {exc}")

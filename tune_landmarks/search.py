@@ -40,10 +40,7 @@ from .experiment import (  # noqa: E402
     Sweep,
     SweepSettings,
     experiment_uri,
-    journal_copy,
-    storage_uri,
     trial_dirname,
-    trial_scratch,
 )
 from .results import (  # noqa: E402
     EPOCH_JSON,
@@ -57,7 +54,7 @@ from .results import (  # noqa: E402
     write_tables,
 )
 from .space import SearchSpace, load_space  # noqa: E402
-from .storage import LEASE_TIMEOUT_S, DriverLease  # noqa: E402
+from .storage import LEASE_TIMEOUT_S, DriverLease, storage_uri, trial_scratch, working_copy  # noqa: E402
 
 log = logging.getLogger(__name__)
 REPORT_KEYS = ("val_mre", "best_val_mre", "val_mre_difficult", "val_mre_other", "max_drift", "sdr_2mm", "epoch")
@@ -311,17 +308,18 @@ def make_scheduler(space: SearchSpace, settings: SweepSettings) -> Any:
 
 # ---------------------------------------------------------------- driver
 
-def prepare_sweep(space_file: str, base: TrainConfig, settings: SweepSettings) -> tuple[Sweep, Any]:
+def prepare_sweep(space_file: str, base: TrainConfig, settings: SweepSettings) -> Sweep:
     """Everything that can fail before Ray starts: the settings and the space (every endpoint against its
     option's rule), the data (cached once for all trials), the start checkpoint's per-landmark errors
-    (computed once, handed to every trial)."""
+    (computed once, handed to every trial). The Sweep holds new objects: `base` and `settings` stay as given."""
     from .build import with_start_model
     from .infer import start_errors
     from .model import read_checkpoint
     from .run import prepare_data
 
     settings.validate()
-    settings.storage = storage_uri(settings.storage)
+    settings = dataclasses.replace(settings, storage=storage_uri(settings.storage), epochs=settings.epochs or base.epochs)
+    base = dataclasses.replace(base, epochs=settings.epochs)
     space = load_space(space_file)
     if not (base.resume or base.start_predictions):
         raise ValueError("search needs --resume START_CHECKPOINT (trials fine-tune from it), or for `--arms refine` "
@@ -329,9 +327,6 @@ def prepare_sweep(space_file: str, base: TrainConfig, settings: SweepSettings) -
     if base.start_predictions and settings.arms != ["refine"]:
         raise rule_error("arms", ",".join(settings.arms), "'refine' with --start-predictions (the other arms fine-tune "
                                                           "a start model)")
-    if settings.epochs:
-        base.epochs = settings.epochs
-    settings.epochs = base.epochs
     spaces = arm_spaces(space, settings.arms)
     for arm, sub in spaces.items():  # a trial's own values are checked with each sample; the arms' corners here
         own = dataclasses.replace(base, epochs=settings.epochs_of(arm))
@@ -339,14 +334,14 @@ def prepare_sweep(space_file: str, base: TrainConfig, settings: SweepSettings) -
         from_dict(sub.defaults(), own).validate()
     if base.resume:
         base = with_start_model(base, read_checkpoint(base.resume))  # an imported model's spec fixes how images are read
-        base.resume = str(Path(base.resume).resolve())
+        base = dataclasses.replace(base, resume=str(Path(base.resume).resolve()))
     else:
-        base.start_predictions = str(Path(base.start_predictions).resolve())
-    base.dataset_path = str(Path(base.dataset_path).resolve())
-    base.threads = max(1, int(settings.cpus_per_trial))
+        base = dataclasses.replace(base, start_predictions=str(Path(base.start_predictions).resolve()))
+    base = dataclasses.replace(base, dataset_path=str(Path(base.dataset_path).resolve()),
+                               threads=max(1, int(settings.cpus_per_trial)))
     data = prepare_data(base, progress=True)
-    base.train_split, base.val_split = data.roles.train.name, data.roles.val.name  # every trial and resume: these
-    base.test_split = data.roles.test.name if data.roles.test else None
+    base = dataclasses.replace(base, train_split=data.roles.train.name, val_split=data.roles.val.name,  # every trial
+                               test_split=data.roles.test.name if data.roles.test else None)   # and resume: these
     if data.roles.test is None:
         raise ValueError(f"{data.info.root}: no verdict split (the dataset has none of its own): give --test-split, "
                          "images the selection never sees")
@@ -362,9 +357,8 @@ def prepare_sweep(space_file: str, base: TrainConfig, settings: SweepSettings) -
     if note:
         log.info(f"note: {note}")
         notes.append(note)
-    sweep = Sweep(settings, base.to_dict(), str(space.path), space.to_dict(), summ.per_landmark, data.info.symbols,
-                  data.roles.ids(), notes)
-    return sweep, data
+    return Sweep(settings, base, str(space.path), space.to_dict(), summ.per_landmark, data.info.symbols,
+                 data.roles.ids(), notes)
 
 
 def prepare_crops(space: SearchSpace, base: TrainConfig, data: Any) -> None:
@@ -458,9 +452,9 @@ def build_tuner(sweep: Sweep, restore: bool = False, restart_errored: bool = Fal
 def journal_path(exp: Experiment) -> Path:
     """The Optuna journal Optuna writes: in the experiment folder when it is local; for object storage (no
     appends) a local copy that ray_setup.StorageSync uploads to the experiment at every snapshot of Ray's state
-    and at the end, and that `resume` pulls from it first (experiment.journal_copy: the same path on every
+    and at the end, and that `resume` pulls from it first (storage.working_copy: the same path on every
     machine, because Ray saves it with the searcher)."""
-    p = exp.local / JOURNAL_FILE if exp.local is not None else journal_copy(exp.uri)
+    p = exp.local / JOURNAL_FILE if exp.local is not None else working_copy(exp.uri, JOURNAL_FILE)
     p.parent.mkdir(parents=True, exist_ok=True)
     return p
 
@@ -474,16 +468,16 @@ def run_search(space_file: str, base: TrainConfig, settings: SweepSettings,
     lease = DriverLease(exp.uri, exp.fs, exp.root, "search", lease_timeout)
     _refuse_existing(exp)
     if settings.mlflow:  # the tracking server answers; sweep.json keeps its URI without credentials
-        settings.mlflow = tracking.connect(settings.mlflow)
-    sweep, _ = prepare_sweep(space_file, base, settings)
+        settings = dataclasses.replace(settings, mlflow=tracking.connect(settings.mlflow))
+    sweep = prepare_sweep(space_file, base, settings)
     with lease:
         _refuse_existing(exp)  # another `search` of this name may have written it while this one prepared
         exp.save_sweep(sweep)
         if settings.mlflow:
             tracking.Tracker(exp, settings.mlflow).open(sweep)
         if exp.local is None:  # a new experiment: no local copies (journal, driver.log) left from an earlier one here
-            shutil.rmtree(journal_copy(exp.uri).parent, ignore_errors=True)
-        init_ray(settings.address, sweep.base.get("resume"))
+            shutil.rmtree(working_copy(exp.uri, JOURNAL_FILE).parent, ignore_errors=True)
+        init_ray(settings.address, sweep.base.resume)
         tuner, _ = build_tuner(sweep)
         with ray_setup.driver_console(exp):
             tuner.fit()
@@ -505,7 +499,7 @@ def finish(exp: Experiment, sweep: Sweep, lease: DriverLease) -> int:
     from .compare import sweep_verdict, verdict_text
 
     lease.check()
-    exp.push_journal(journal_path(exp))  # a remote experiment's journal, in its storage (a local one is there)
+    exp.upload(JOURNAL_FILE, journal_path(exp))  # a remote experiment's journal, in its storage (a local one is there)
     trials = collect(exp)
     paths = write_tables(exp, sweep, trials)
     log.info("tables: " + ", ".join(paths.values()))

@@ -1,8 +1,11 @@
-"""Where and how bytes go when pyarrow.fs is not enough: the driver's lease of an experiment.
+"""Where and how bytes go: a storage location (a local folder, `file://`, `s3://`, `gs://`), read and written
+through `pyarrow.fs`, the file-system layer Ray itself uses; the checks that object storage is usable; this
+machine's working copies of remote files; and the driver's lease of an experiment. What the files of an
+experiment are and mean is experiment.py's.
 
-One driver per experiment. `search` and `resume` drive a sweep: they write Ray's state, the Optuna journal, the
-tables and the checkpoints. Two of them at once (a cron job and a person, two login nodes) would both write all of
-it, and one read the other's half-written files. So a driver first takes the experiment's lease, `driver.lease` in
+The lease: one driver per experiment. `search` and `resume` drive a sweep: they write Ray's state, the Optuna
+journal, the tables and the checkpoints. Two of them at once (a cron job and a person, two login nodes) would both
+write all of it, and one read the other's half-written files. So a driver first takes the experiment's lease, `driver.lease` in
 its storage (a small JSON file: host, pid, command, start and heartbeat times, a token of its own), renews the
 heartbeat every 10 s from a daemon thread while it runs, and deletes the lease when it ends (on Ctrl-C and errors
 too). A second driver refuses in one line naming the holder, before Ray starts, unless the holder's process is gone
@@ -32,6 +35,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import posixpath
 import signal
 import socket
 import threading
@@ -39,13 +43,265 @@ import uuid
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow.fs as pafs
 
 from .config import rule_error
 
+if TYPE_CHECKING:
+    import pyarrow as pa
+
 log = logging.getLogger(__name__)
+
+
+class StorageError(ValueError):
+    """A storage location that cannot be used (credentials, endpoint, bucket): one line naming it."""
+
+
+def storage_uri(storage: str) -> str:
+    """Ray needs an absolute path or a URI (a relative path fails with 'URI has empty scheme')."""
+    if storage.startswith("file://"):
+        return storage.removeprefix("file://")
+    return storage if "://" in storage else str(Path(storage).expanduser().resolve())
+
+
+class Storage:
+    """A location: `uri` is what Ray takes (an absolute local path or a URI), `fs` and `root` what pyarrow.fs
+    reads and writes with. Knows bytes and files, not what they mean (experiment.Experiment does)."""
+
+    def __init__(self, uri: str):
+        self.uri = storage_uri(str(uri)).rstrip("/")
+        self._copies: Any = None  # local_file's temporary folder (a tempfile.TemporaryDirectory), made on first use
+        try:
+            self.fs, self.root = pafs.FileSystem.from_uri(self.uri)
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"{uri}: not a usable storage location ({exc})") from None
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.uri!r})"
+
+    def __str__(self) -> str:
+        return self.uri
+
+    @property
+    def local(self) -> Path | None:
+        """The folder on this machine, or None for object storage."""
+        return Path(self.root) if isinstance(self.fs, pafs.LocalFileSystem) else None
+
+    def path(self, *parts: str) -> str:
+        """A path inside this location, for `self.fs`."""
+        return posixpath.join(self.root, *parts)
+
+    def uri_of(self, *parts: str) -> str:
+        """A path inside this location as Ray and `pyarrow.fs.FileSystem.from_uri` take it."""
+        return posixpath.join(self.uri, *parts)
+
+    def exists(self, *parts: str) -> bool:
+        try:
+            return self.fs.get_file_info(self.path(*parts)).type != pafs.FileType.NotFound
+        except OSError:
+            return False
+
+    def is_dir(self, *parts: str) -> bool:
+        return self.fs.get_file_info(self.path(*parts)).type == pafs.FileType.Directory
+
+    def read_bytes(self, *parts: str) -> bytes:
+        """A whole file. A random-access file, not a stream: pyarrow's S3 stream reads a 52 MB checkpoint in 8.2 s on
+        the loopback server, the file in 0.13 s."""
+        with self.fs.open_input_file(self.path(*parts)) as f:
+            return f.read()
+
+    def read_text(self, *parts: str) -> str:
+        return self.read_bytes(*parts).decode()
+
+    def local_file(self, *parts: str) -> Path:
+        """A file of this location on this machine (torch and Optuna's journal read local files): itself when
+        the location is local, else a copy in a temporary folder that lives as long as this object (a
+        checkpoint is 50 MB and more; nothing is left behind in /tmp)."""
+        if self.local is not None:
+            return self.local.joinpath(*parts)
+        if self._copies is None:
+            import tempfile
+
+            self._copies = tempfile.TemporaryDirectory(prefix="tl-fetch-")
+        dest = Path(self._copies.name).joinpath(*parts)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        dest.write_bytes(self.read_bytes(*parts))
+        return dest
+
+    def listdir(self, *parts: str) -> list[str]:
+        """Names of the folders and files directly inside a folder here (none if it is missing)."""
+        sel = pafs.FileSelector(self.path(*parts), allow_not_found=True)
+        return sorted(posixpath.basename(i.path) for i in self.fs.get_file_info(sel))
+
+    def write_bytes(self, rel: str, data: bytes | str) -> str:
+        """Write a file whole: locally a temporary sibling renamed into place; on object storage an upload,
+        which becomes visible only once complete. Either way no reader sees half a file."""
+        data = data.encode() if isinstance(data, str) else data
+        if self.local is not None:
+            from .atomic import write_bytes
+
+            return str(write_bytes(self.local / rel, data))
+        self.fs.create_dir(posixpath.dirname(self.path(rel)), recursive=True)
+        with self.fs.open_output_stream(self.path(rel)) as f:
+            f.write(data)
+        return self.uri_of(rel)
+
+    def write_table(self, rel: str, table: pa.Table) -> str:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        sink = pa.BufferOutputStream()
+        pq.write_table(table, sink)
+        return self.write_bytes(rel, sink.getvalue().to_pybytes())
+
+    def check_storage(self) -> None:
+        """Before a command reads or writes anything: on object storage, that credentials are configured, the
+        endpoint answers and the bucket exists; each problem a StorageError of one line. A local folder
+        needs no check (its folder is made when it is written)."""
+        if self.local is not None:
+            return
+        bucket = self.root.split("/", 1)[0]
+        endpoint = None
+        if isinstance(self.fs, pafs.S3FileSystem):
+            problem = _s3_credentials_problem()
+            if problem:
+                raise StorageError(f"{self.uri}: {problem}")
+            endpoint, source = _s3_endpoint(self.uri)
+            if endpoint and (why := _unreachable(endpoint)):
+                raise StorageError(f"{self.uri}: cannot reach the S3 endpoint {endpoint} (from {source}): {why}")
+        try:
+            info = self.fs.get_file_info(bucket)
+        except OSError as exc:
+            raise StorageError(f"{self.uri}: {_storage_problem(exc)}") from None
+        if info.type == pafs.FileType.NotFound:
+            at = f" at {endpoint}" if endpoint else ""
+            raise StorageError(f"{self.uri}: the bucket {bucket!r} does not exist{at}; create it first "
+                               "(tune-landmarks never creates buckets)")
+
+    def upload(self, name: str, local: Path) -> bool:
+        """Upload `local`, the working copy of a remote location's file `name` (working_copy: Optuna's journal, the
+        driver's log), whole: object storage has no appends, and these files are small. Returns whether anything was
+        uploaded (nothing for a local location: the file is there)."""
+        if self.local is not None or not local.is_file():
+            return False
+        self.write_bytes(name, local.read_bytes())
+        return True
+
+    def pull_growing(self, name: str, local: Path) -> Path:
+        """Before a remote experiment is resumed: make `local` its copy of `name`, a file that only grows (the
+        journal, driver.log). The stored file, unless `local` already extends it (this machine ran the sweep and appended
+        after the last upload, or its driver was killed before uploading; a copy that starts with the stored
+        bytes is the newer one)."""
+        stored = self.read_bytes(name) if self.exists(name) else b""
+        mine = local.read_bytes() if local.is_file() else b""
+        if not local.is_file() or not mine.startswith(stored):
+            from .atomic import write_bytes
+
+            write_bytes(local, stored)
+        return local
+
+
+# ---------------------------------------------------------------- this machine's working copies
+
+def _local_copies(kind: str, uri: str) -> Path:
+    """This machine's folder of `kind` for the experiment at `uri`: named by a digest of the URI alone, so it is the
+    same in every process and on every machine, and two experiments (whatever their names) never share one."""
+    import hashlib
+    import tempfile
+
+    return Path(tempfile.gettempdir()) / f"tune_landmarks-{kind}" / hashlib.sha256(uri.encode()).hexdigest()[:16]
+
+
+def working_copy(uri: str, name: str) -> Path:
+    """Where a remote experiment's Optuna journal (or its driver.log) is worked on locally: Optuna's journal and
+    a log handler need a file they can append to; object storage has none. Ray saves the journal's path with the
+    searcher, so a resume on another machine finds the journal at the same path, and a resume on this machine
+    finds the log a killed driver could not upload."""
+    return _local_copies("journals", uri) / name
+
+
+def sweep_scratch(uri: str) -> Path:
+    """Where the trials of the experiment at `uri` keep the files they write for themselves (trial_scratch), on the
+    node each runs on; ray_setup.ScratchCleanup removes it when the sweep ends."""
+    return _local_copies("trials", uri)
+
+
+def trial_scratch(uri: str, trial_id: str) -> Path:
+    """A sweep trial's own files (each epoch's last.pt until Ray has stored it, a restored trial's start). Not in
+    its trial folder: Ray uploads that folder with every snapshot of the experiment. Named by the experiment's URI
+    and the trial id alone, so the driver can remove the folder of a trial that Ray ended when it ran on the
+    driver's node."""
+    return sweep_scratch(uri) / trial_id
+
+
+# ---------------------------------------------------------------- object storage: is it usable
+
+def _s3_credentials_problem() -> str | None:
+    """What is missing from the standard AWS environment, or None when credentials are configured (or an
+    instance role may supply them: then the probe of the bucket tells)."""
+    env = os.environ
+    key, secret = env.get("AWS_ACCESS_KEY_ID"), env.get("AWS_SECRET_ACCESS_KEY")
+    if key and secret:
+        return None
+    if key or secret:
+        given, missing = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY") if key else ("AWS_SECRET_ACCESS_KEY",
+                                                                                    "AWS_ACCESS_KEY_ID")
+        return f"incomplete AWS credentials: {given} is set but {missing} is not"
+    if any(env.get(v) for v in ("AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_WEB_IDENTITY_TOKEN_FILE",
+                                "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI", "AWS_CONTAINER_CREDENTIALS_FULL_URI")):
+        return None
+    if Path(env.get("AWS_SHARED_CREDENTIALS_FILE", "~/.aws/credentials")).expanduser().is_file():
+        return None
+    if env.get("AWS_EC2_METADATA_DISABLED", "").lower() != "true":
+        return None  # an instance role may supply them
+    return ("no AWS credentials in the environment: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE "
+            "with a credentials file)")
+
+
+def _s3_endpoint(uri: str) -> tuple[str | None, str]:
+    """The endpoint pyarrow will use for an s3:// URI, and where that comes from (None: AWS's own)."""
+    from urllib.parse import parse_qs, urlparse
+
+    query = parse_qs(urlparse(uri).query)
+    if query.get("endpoint_override"):
+        return query["endpoint_override"][0], "the URI's endpoint_override"
+    for var in ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"):
+        if os.environ.get(var):
+            return os.environ[var], var
+    return None, "AWS"
+
+
+def _unreachable(endpoint: str, timeout: float = 5.0) -> str | None:
+    """Why a TCP connection to the endpoint fails, or None when it opens (pyarrow's own client would retry an
+    unreachable endpoint for a long while before saying so)."""
+    import socket
+    from urllib.parse import urlparse
+
+    url = urlparse(endpoint if "://" in endpoint else f"https://{endpoint}")
+    try:
+        port = url.port or (80 if url.scheme == "http" else 443)
+        with socket.create_connection((url.hostname or "", port), timeout=timeout):
+            return None
+    except (OSError, ValueError) as exc:
+        return getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+
+
+def _storage_problem(exc: OSError) -> str:
+    """An S3/GCS client error as what to check."""
+    text = str(exc)
+    if any(k in text for k in ("INVALID_ACCESS_KEY_ID", "InvalidAccessKeyId", "SIGNATURE_DOES_NOT_MATCH",
+                               "SignatureDoesNotMatch")):
+        return "the credentials in the environment are not valid for this storage"
+    if any(k in text for k in ("ACCESS_DENIED", "AccessDenied", "Forbidden", "403")):
+        return "access denied with the credentials in the environment"
+    if any(k in text for k in ("NETWORK_CONNECTION", "curlCode", "Could not connect", "Couldn't resolve")):
+        return f"cannot reach the storage's endpoint ({text.splitlines()[0]})"
+    return f"storage not usable ({text.splitlines()[0] if text else type(exc).__name__})"
+
+
+# ---------------------------------------------------------------- the lease
 
 LEASE_FILE = "driver.lease"
 HEARTBEAT_S = 10.0  # how often a driver renews its lease
@@ -207,8 +463,6 @@ def _store(fs: pafs.FileSystem, root: str) -> _Store:
         return _S3Store(fs, path)
     return _Store(fs, path)
 
-
-# ---------------------------------------------------------------- the lease
 
 def _running(pid: int) -> bool:
     """Whether process `pid` of this host runs (a zombie, killed but not yet reaped, does not)."""

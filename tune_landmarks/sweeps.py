@@ -14,7 +14,7 @@ import logging
 from typing import Any
 
 from .config import DEFAULT_STORAGE, TrainConfig
-from .experiment import RESOURCE_POLICIES, SWEEP_FILE, TERMINAL, Experiment, Sweep, experiment_uri
+from .experiment import JOURNAL_FILE, RESOURCE_POLICIES, SWEEP_FILE, TERMINAL, Experiment, Sweep, experiment_uri
 from .options import add_experiment_options, add_run_options, budgets, flag, names
 from .stages import run_config
 from .storage import LEASE_TIMEOUT_S, DriverLease
@@ -64,10 +64,10 @@ def _resume(exp: Experiment, lease: DriverLease, restart_errored: bool, address:
     # the sweep's own settings, except where it now lives
     sweep.settings.storage, sweep.settings.name = exp.storage, exp.name
     if exp.local is None:  # the study goes on from the journal in the experiment's storage (search.journal_path)
-        exp.pull_journal(journal_path(exp))
+        exp.pull_growing(JOURNAL_FILE, journal_path(exp))
     if sweep.settings.mlflow:  # the same runs, continued; the tracking server must answer before Ray starts
         Tracker(exp, connect(sweep.settings.mlflow)).open(sweep)
-    init_ray(address or sweep.settings.address, sweep.base.get("resume"))
+    init_ray(address or sweep.settings.address, sweep.base.resume)
     tuner, scheduler = build_tuner(sweep, restore=True, restart_errored=restart_errored)
     n = replay_rungs(scheduler, trials)
     log.info(f"resuming {exp}: {unfinished(sweep, trials)} of {sweep.total_trials} trials unfinished; "
@@ -103,13 +103,12 @@ def check_roles(sweep: Sweep) -> None:
     from .read import describe, load_roles
 
     b = sweep.base
-    now = load_roles(describe(b["dataset_path"], b.get("format")), b.get("train_split"), b.get("val_split"),
-                     b.get("test_split"), b.get("annotator", "mean"), b.get("skip_bad", False),
-                     skip_images=b.get("skip_images") or []).ids()
+    now = load_roles(describe(b.dataset_path, b.format), b.train_split, b.val_split, b.test_split, b.annotator,
+                     b.skip_bad, skip_images=b.skip_images).ids()
     for role, recorded in sweep.roles.items():
         ids = now.get(role, {}).get("image_ids", [])
         if sorted(ids) != sorted(recorded["image_ids"]):
-            raise ValueError(f"{b['dataset_path']}: the {role} split {recorded['spec']!r} now holds {len(ids)} images, "
+            raise ValueError(f"{b.dataset_path}: the {role} split {recorded['spec']!r} now holds {len(ids)} images, "
                              f"not the {len(recorded['image_ids'])} the sweep recorded: the dataset changed; start a "
                              "new sweep")
 

@@ -166,7 +166,7 @@ class Tracker:
 
         s = sweep.settings
         params = {k: v for k, v in vars(s).items() if k not in ("name", "storage", "address", "mlflow")} | {
-            "start": sweep.start, "dataset_path": sweep.base.get("dataset_path"), "space": sweep.space_path,
+            "start": sweep.start, "dataset_path": sweep.base.dataset_path, "space": sweep.space_path,
             "selection_split": sweep.roles.get("val", {}).get("spec"), "verdict_split": sweep.roles.get("test", {}).get("spec")}
         try:
             parent = self.parent_run(sweep)
