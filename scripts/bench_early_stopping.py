@@ -31,7 +31,7 @@ def main() -> None:
     p.add_argument("--grace-period", type=int, default=1, help="ASHA's first rung (epochs)")
     p.add_argument("--reduction-factor", type=float, default=2.0)
     p.add_argument("--max-concurrent", type=int, default=1, help="1 keeps ASHA's decisions reproducible")
-    args = _bench.parse(p, _bench.FINETUNE_SMOKE | {"samples": 2, "epochs": 2})
+    args = _bench.parse(p, _bench.FINETUNE_SMOKE | {"samples": 1, "epochs": 2})
     if args.grace_period >= args.epochs:
         p.error("--grace-period must be < --epochs, or the ASHA arm stops nothing either")
     device = _bench.setup(args)

@@ -3,11 +3,15 @@
 
 The disagreement bounds what a model can reach on a landmark: an error close to the annotators' own
 distance has little left to gain. A pair far beyond the usual spread is more likely a stray click.
+
+The `check-dataset` command is audit.py's: these checks, then (`--audit MODEL`) a model's look at every annotation,
+which predicts and so sits above this module.
 """
 from __future__ import annotations
 
 import argparse
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -17,7 +21,6 @@ import pyarrow.compute as pc
 
 from .cache import CachedSplit, decode_pass
 from .fingerprint import THUMB, Copy, find_copies, thumbnail
-from .options import add_dataset_options, flag
 from .read import DatasetError, DatasetInfo, Record, Split, read_split
 
 log = logging.getLogger(__name__)
@@ -158,20 +161,34 @@ def format_summary(summary: pa.Table, max_mm: float) -> str:
     return "\n".join(lines)
 
 
-def cmd_check(args: argparse.Namespace) -> int:
-    """Read every split, decode every image once, measure the annotators' disagreement; exit 1 on any problem
-    (and on pairs beyond --max-disagreement-mm with --strict)."""
+@dataclass
+class Checked:
+    """What `check_dataset` read and found: the problems, and per split the images a command that goes on from the
+    check (the audit) can use as they are: readable annotations, decoded completely."""
+
+    info: DatasetInfo
+    records: dict[str, list[Record]]  # split -> its usable records, in order
+    problems: list[str]
+
+
+def check_dataset(args: argparse.Namespace) -> Checked:
+    """`check-dataset`'s checks (its options in `args`): read every split, decode every image once, find radiographs
+    in two splits, measure the annotators' disagreement; print what it finds, warnings included. Pairs beyond
+    --max-disagreement-mm are problems with --strict. `finish` reports the problems."""
     from .atomic import write_parquet
     from .read import describe, spacing_range
 
     info = describe(args.path, args.format)
     print(f"{info.root}: {info.format} layout, {len(info.symbols)} landmarks, splits: {', '.join(info.splits)}")
     problems: list[str] = []
+    usable: dict[str, list[Record]] = {}
     pair_tables = [PAIR_SCHEMA.empty_table()]
     labels, thumbs = [], []
     for split in info.splits:
         sp = read_split(info, split, args.annotator, frozenset(args.skip_images))
         broken, sizes, ids, fingerprints = decode_check(sp.records, split, args.progress)
+        decoded = set(ids)
+        usable[split] = [r for r in sp.records if r.image_id in decoded]
         labels += [(f"split {split!r}", i) for i in ids]
         thumbs.append(fingerprints)
         problems += sp.problems + broken
@@ -211,6 +228,11 @@ def cmd_check(args: argparse.Namespace) -> int:
         print(f"{len(far)} warning(s): annotators disagree beyond --max-disagreement-mm (--strict makes these errors):")
         for w in far:
             print(f"  - {w}")
+    return Checked(info, usable, problems)
+
+
+def finish(problems: Sequence[str]) -> int:
+    """`check-dataset`'s last word: every problem and exit 1, or "ok" and 0."""
     if problems:
         print(f"{len(problems)} problem(s):")
         for p in problems:
@@ -233,24 +255,3 @@ def _print_roles(info: Any, args: argparse.Namespace) -> None:
     names = {"train": "training", "val": "selection (--val-split)", "test": "verdict (--test-split)"}
     print("roles a run or sweep would use: " + ", ".join(f"{names[role]} {v['spec']} {len(v['image_ids'])} images"
                                                           for role, v in roles.ids().items()))
-
-
-def register_cli(sub: Any) -> None:
-    s = sub.add_parser("check-dataset", help="list a dataset's splits and every problem in it; decodes every image")
-    s.add_argument("path")
-    add_dataset_options(s, required=None, annotator_help="whose points to check (mean: both files, and their disagreement)")
-    s.add_argument("--report", action="store_true",
-                   help="list per landmark the senior-junior distance in mm: mean, median, 95th percentile, max and where")
-    s.add_argument(*flag("report_out"), dest="report_out", metavar="FILE", help="write that per-landmark table as Parquet")
-    s.add_argument(*flag("pairs_out"), dest="pairs_out", metavar="FILE",
-                   help="write every image x landmark senior-junior distance as Parquet")
-    s.add_argument(*flag("max_disagreement_mm"), dest="max_disagreement_mm", type=float,
-                   default=DEFAULT_MAX_DISAGREEMENT_MM, metavar="MM",
-                   help=f"warn about senior-junior pairs farther apart than MM (default {DEFAULT_MAX_DISAGREEMENT_MM:g}: "
-                        "on ISBI 2015 above the largest distance of 16 of the 19 landmarks, 10 of 5,700 pairs beyond it)")
-    s.add_argument("--strict", action="store_true", help="pairs beyond --max-disagreement-mm are errors (exit 1)")
-    s.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bar while decoding")
-    for role in ("train", "val", "test"):
-        s.add_argument(*flag(f"{role}_split"), dest=f"{role}_split",
-                       help=f"{role} split spec for the roles shown (NAME or NAME:FRACTION; default per layout)")
-    s.set_defaults(func=cmd_check)

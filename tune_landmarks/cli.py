@@ -13,7 +13,7 @@ import os
 import sys
 from typing import Sequence
 
-from . import check, compare, demo, evaluate, export, import_model, predict, report, stages, sweeps, synth
+from . import audit, compare, demo, evaluate, export, import_model, predict, report, stages, sweeps, synth
 
 
 def _fail(msg: str, code: int = 2) -> int:
@@ -32,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # Every subcommand's module, in the order `--help` lists them; each adds its own with `register_cli(sub)`.
-SUBCOMMAND_MODULES = (synth, check, stages, evaluate, import_model, sweeps, demo, export, predict, report, compare)
+SUBCOMMAND_MODULES = (synth, audit, stages, evaluate, import_model, sweeps, demo, export, predict, report, compare)
 
 
 class _ConsoleHandler(logging.Handler):

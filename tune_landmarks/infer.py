@@ -110,21 +110,22 @@ def config_of(ckpt: dict[str, Any]) -> TrainConfig:
     return cfg
 
 
-def load_model(path: str | Path, device: torch.device,
-               ckpt: dict[str, Any] | None = None) -> tuple[LandmarkModel, TrainConfig, list[str]]:
+def load_model(path: str | Path, device: torch.device, ckpt: dict[str, Any] | None = None,
+               symbols: list[str] | None = None) -> tuple[LandmarkModel, TrainConfig, list[str]]:
     """The model (in eval mode on `device`), its run config (image size, decoder, sigma) and its landmark
     symbols: what `predict` needs when there is no dataset to take the symbols from. `ckpt`: the file, when the
-    caller has read it already."""
+    caller has read it already; `symbols`: the dataset's landmarks, which must be the model's (refused, naming both,
+    before any work, as load_cascade does)."""
     ckpt = ckpt if ckpt is not None else read_checkpoint(path)
     if is_refine(ckpt):
         raise CheckpointError(f"{path}: a refinement stage, which predicts with its start model: load it with "
                               "load_cascade (evaluate, compare and predict do)")
-    symbols = list(ckpt.get("symbols") or [])
-    if not symbols or not ckpt.get("arch"):
+    own = list(ckpt.get("symbols") or [])
+    if not own or not ckpt.get("arch"):
         raise CheckpointError(f"{path}: names no architecture or landmark symbols; use an exported model "
                               "folder (tune-landmarks export) or a best.pt/last.pt written by tune-landmarks")
-    model = from_checkpoint(ckpt, path, symbols)
-    return place(model, device).eval(), config_of(ckpt), symbols
+    model = from_checkpoint(ckpt, path, own if symbols is None else symbols)
+    return place(model, device).eval(), config_of(ckpt), own
 
 
 def predict_as_run(model: LandmarkModel, cfg: TrainConfig, split: CachedSplit) -> np.ndarray:

@@ -215,6 +215,10 @@ def load_file(path: str | Path, trust_pickle: bool = False, hint: str = PICKLE_H
         from safetensors.torch import load_file as load_safetensors
 
         return load_safetensors(str(path))
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):  # torch.save's zip archive, or a legacy pickle
+        raise CheckpointError(f"{path}: not a checkpoint: neither a torch file (torch.save) nor a .safetensors file")
     try:
         with warnings.catch_warnings():  # torch's own advice is not ours to print
             warnings.simplefilter("ignore")
