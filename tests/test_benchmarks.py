@@ -31,6 +31,8 @@ EXPECTED = {
     "bench_refine_passes.py": ["refined MRE chosen passes/1 pass on the verdict split"],
     "bench_imported.py": ["tune_landmarks / plain loop"],
     "bench_resource_policy.py": ["wall distribute/fixed"],
+    "bench_sweep_scale.py": ["driver CPU s/result largest/smallest", "driver CPU s/result whole command largest/smallest",
+                             "journal bytes per trial largest/smallest"],
 }
 
 
