@@ -31,7 +31,7 @@ def refined_errors(cascade: Cascade, dataset: Path, split: str, passes: int, cac
     """(N images, refined landmarks) radial errors in mm of the cascade run with `passes` passes on `split`."""
     sp = load_split(describe(dataset), split, "mean")
     cached = build_cache(sp.records, split, tuple(cascade.start_cfg.image_size), "mean", cache, progress=False)
-    phys = build_physical_cache(sp.records, split, cascade.geometry.mm_per_px, "mean", cache, progress=False)
+    phys = build_physical_cache(sp.records, split, cascade.mm_per_px, "mean", cache, progress=False)
     cascade.cfg.refine_passes = passes
     pred = cascade.predict_cached(cached, phys)
     return radial_errors_mm(pred, cached.keypoints_orig, cached.spacing_mm)[:, cascade.channels]
@@ -70,8 +70,9 @@ def main() -> None:
         for n in PASSES[1:]:
             d = paired_bootstrap(errors[(split, 1)], errors[(split, n)], cascade.refined, n_boot=args.bootstrap)[-1]
             rows.append([split, n, d.ref_mre_mm, d.cand_mre_mm, d.diff_mm, f"[{d.diff_low_mm:+.3f}, {d.diff_high_mm:+.3f}]"])
-    rec.value("settings", f"{checkpoint} ({cascade.cfg.refine_model}, {cascade.geometry.size}-px crops at "
-                          f"{cascade.geometry.mm_per_px:g} mm/px) on {dataset}; refined: {', '.join(cascade.refined)}; "
+    rec.value("settings", f"{checkpoint} ({cascade.cfg.refine_model}, crops of "
+                          f"{', '.join(f'{s} {g.size}' for s, g in cascade.crops.items())} px at "
+                          f"{cascade.mm_per_px:g} mm/px) on {dataset}; refined: {', '.join(cascade.refined)}; "
                           f"selection split {args.selection_split}, verdict split {args.verdict_split}")
     rec.table(["split", "passes", "1 pass mm", "n passes mm", "n - 1 mm", "95% interval"], rows)
     rec.value("passes chosen on the selection split", chosen)

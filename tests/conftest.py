@@ -98,7 +98,7 @@ def isbi_model(isbi_small, tmp_path_factory) -> Path:
 
 
 REFINED = ["Go", "Ar"]  # the landmarks the ISBI cascade refines
-CROP = {"refine_model": "resnet18", "refine_mm_per_px": 0.5, "refine_crop_mm": 32.0}  # 64-px crops
+CROP = {"refine_model": "resnet18", "refine_mm_per_px": 0.5, "refine_crop_mm": "Go=48,default=32"}  # 96 and 64 px
 
 
 @pytest.fixture(scope="session")

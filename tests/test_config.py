@@ -186,3 +186,37 @@ def test_from_dict_leaves_its_base_alone() -> None:
     assert from_dict({"epochs": 2}, base) == TrainConfig(lr=1e-3, epochs=2) and base == TrainConfig(lr=1e-3)
     with pytest.raises(ValueError, match=re.escape("trial parameters: unknown option(s) bogus")):
         from_dict({"bogus": 1}, base, source="trial parameters")
+
+
+def test_a_crop_side_per_landmark_from_yaml_flags_and_keys(parser, tmp_path: Path) -> None:
+    """`refine_crop_mm` takes a number (every landmark), a YAML mapping or `Go=45,default=30` on the command line, and
+    `refine_crop_mm.Go` keys; a flag replaces the YAML's mapping, a key changes one entry."""
+    f = yaml_file(tmp_path, "refine_crop_mm: {Go: 45, default: 30}\n")
+    assert run_config(parser.parse_args(["finetune", "--config", str(f)])).refine_crop_mm == {"Go": 45.0, "default": 30.0}
+    assert run_config(parser.parse_args(["finetune", "--config", str(f), "--refine-crop-mm", "Ar=40,Go=50"])
+                      ).refine_crop_mm == {"Ar": 40.0, "Go": 50.0}
+    assert run_config(parser.parse_args(["finetune", "--refine-crop-mm", "38.4"])).refine_crop_mm == {"default": 38.4}
+    assert TrainConfig(refine_crop_mm=38.4) == TrainConfig(refine_crop_mm={"default": 38.4})
+    assert TrainConfig().refine_crop_mm == {}  # every side derived from the start model's errors
+    cfg = from_dict({"refine_crop_mm.Go": "52", "refine_crop_mm.default": 30}, TrainConfig(refine_crop_mm={"Ar": 40}))
+    assert cfg.refine_crop_mm == {"Ar": 40.0, "Go": 52.0, "default": 30.0}
+    cfg.save(tmp_path / "saved.yaml")
+    assert from_dict(load_yaml(tmp_path / "saved.yaml")) == cfg
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"refine_crop_mm": "Go=-3"}, "The value of `refine_crop_mm.Go` is -3.0, but must be > 0 mm."),
+    ({"refine_crop_mm.Go": 0}, "The value of `refine_crop_mm.Go` is 0.0, but must be > 0 mm."),
+    ({"refine_crop_mm": -1}, "The value of `refine_crop_mm` is -1.0, but must be > 0 mm."),
+    ({"refine_crop_mm": "Go=wide"}, "The value of `refine_crop_mm` is 'Go=wide', but must be a valid number, or "
+                                    "SYMBOL=number pairs (default=number for the others)."),
+    ({"refine_crop_mm.Go": "x"}, "The value of `refine_crop_mm.Go` is 'x', but must be a valid float."),
+    ({"refine_crop_k": 0}, "The value of `refine_crop_k` is 0.0, but must be > 0."),
+    ({"refine_crop_mm": {"Go": 600}, "refine_mm_per_px": 1.0},
+     "The value of `refine_crop_mm.Go` is 600.0, but must be <= 512 crop pixels at `refine_mm_per_px` 1"),
+])
+def test_a_bad_crop_side_is_one_clear_message(values: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(message)):
+        from_dict({"dataset_path": "d"} | values).validate()
+    with pytest.raises(ValueError, match=r"unknown option\(s\) lr\.Go"):
+        from_dict({"lr.Go": 1e-3})

@@ -2,6 +2,7 @@
 images, and the checks that refuse bad settings or a mismatched checkpoint before any work."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -11,6 +12,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
+import yaml
 from conftest import REFINED, TINY, cli, run_sweep
 
 from tune_landmarks.cache import to_target
@@ -104,10 +106,56 @@ def test_bad_refine_settings_fail_before_any_training(synth_root, start_ckpt, tm
     # ~150-px images at 0.089 mm/px are ~11-13 mm across: a 38.4-mm crop is larger than the image
     with pytest.raises(ValueError, match=r"`refine_crop_mm` is 38\.4, but must be <= [0-9.]+ mm, the shorter side of "
                                          r"the smallest image \(ck\w+: \d+ x \d+ px at 0\.089 mm/px\)"):
-        train_refine(_refine_cfg(synth_root, start_ckpt, tmp_path / "b", refine_mm_per_px=0.15, **hard))
+        train_refine(_refine_cfg(synth_root, start_ckpt, tmp_path / "b", refine_mm_per_px=0.15,
+                                 refine_crop_mm={"default": 38.4}, **hard))
+    with pytest.raises(ValueError, match=r"`refine_crop_mm.Ar` is 38\.4, but must be <= [0-9.]+ mm, the shorter side"):
+        train_refine(_refine_cfg(synth_root, start_ckpt, tmp_path / "b", refine_mm_per_px=0.15,
+                                 refine_crop_mm={"Go": 9.6, "Ar": 38.4}, **hard))
+    # an entry must name a landmark this stage refines (here the set is named: Go, Ar), or `default`
+    with pytest.raises(ValueError, match=r"`refine_crop_mm` is \{'Po': 9\.6\}, but must be keyed by a landmark this "
+                                         r"stage refines \(Go, Ar\) or `default`"):
+        train_refine(_refine_cfg(synth_root, start_ckpt, tmp_path / "b", refine_crop_mm={"Po": 9.6}, **hard))
+    with pytest.raises(ValueError, match=r"`refine_crop_mm.Go` is -3\.0, but must be > 0 mm"):
+        _refine_cfg(synth_root, start_ckpt, tmp_path / "b", refine_crop_mm={"Go": -3.0}, **hard).validate()
     with pytest.raises(ValueError, match=r"`refine_crop_mm` is 300.0, but must be <= 512 crop pixels"):
-        _refine_cfg(synth_root, start_ckpt, tmp_path / "c", refine_crop_mm=300.0, **hard).validate()
+        _refine_cfg(synth_root, start_ckpt, tmp_path / "c", refine_crop_mm={"default": 300.0}, **hard).validate()
+    with pytest.raises(ValueError, match=r"`refine_crop_min_mm` is 40.0, but must be <= `refine_crop_max_mm` \(30 mm\)"):
+        _refine_cfg(synth_root, start_ckpt, tmp_path / "c", refine_crop_min_mm=40.0, refine_crop_max_mm=30.0,
+                    **hard).validate()
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_derived_crop_sides_follow_the_start_points_own_errors(synth_root, given_points, tmp_path):
+    """Start points that miss Go, Ar and Po by exactly 1, 2 and 4 mm (in a random direction per image): each derived
+    side is refine_crop_k x that landmark's 99th-percentile error, so the sides come in that order and size; an
+    explicit entry overrides its landmark's alone."""
+    from tune_landmarks.read import describe, load_split
+
+    info = describe(synth_root)
+    radius = {"Go": 1.0, "Ar": 2.0, "Po": 4.0}
+    rng = np.random.default_rng(0)
+    missed = tmp_path / "missed"
+    missed.mkdir()
+    for split in info.splits:
+        for r in load_split(info, split, "mean").records:
+            ann = json.loads((given_points / f"{r.image_id}.json").read_text())
+            for lm in ann["landmarks"]:
+                truth = r.keypoints[info.symbols.index(lm["symbol"])]
+                turn = rng.uniform(0, 2 * np.pi)
+                shift = radius.get(lm["symbol"], 0.0) / r.spacing_mm * np.array([np.cos(turn), np.sin(turn)])
+                lm["value"] = {"x": float(truth[0] + shift[0]), "y": float(truth[1] + shift[1])}
+            (missed / f"{r.image_id}.json").write_text(json.dumps(ann))
+    cfg = TrainConfig(dataset_path=str(synth_root), start_predictions=str(missed), mode="refine", difficult=list(radius),
+                      refine_crop_k=2.0, refine_crop_min_mm=1.0, refine_crop_max_mm=12.0, refine_mm_per_px=0.15,
+                      refine_model="resnet18", epochs=1, max_steps_per_epoch=1, batch_size=4, progress=False,
+                      out=str(tmp_path / "derived"))
+    res = train_refine(cfg)
+    sides = yaml.safe_load((res.out / "config.yaml").read_text())["refine_crop_mm"]
+    assert sides == pytest.approx({"Go": 2.0, "Ar": 4.0, "Po": 8.0}, abs=1e-3)
+    assert read_checkpoint(res.out / "best.pt")["refine"]["crop_px"] == {"Go": 32, "Ar": 32, "Po": 64}  # 32-px blocks
+    res = train_refine(dataclasses.replace(cfg, refine_crop_mm={"Ar": 9.6}, out=str(tmp_path / "given")))
+    sides = yaml.safe_load((res.out / "config.yaml").read_text())["refine_crop_mm"]
+    assert sides == pytest.approx({"Go": 2.0, "Ar": 9.6, "Po": 8.0}, abs=1e-3)
 
 
 SYNTH_HARD = [s for s in ("Go", "Ar", "Po", "Or") if s in WORKFLOW_DIFFICULT]  # four of those synth.py draws hard
@@ -247,6 +295,13 @@ def test_cascade_predicts_all_19_and_leaves_every_other_landmark_bit_identical(i
     assert stage["source_sha256"] == sha256_file(isbi_model)
     meta = json.loads((moved / "model.json").read_text())
     assert meta["refine"]["refined"] == REFINED and meta["symbols"] == ISBI_SYMBOLS
+    # each landmark's own crop (`--refine-crop-mm Go=48,default=32` at 0.5 mm/px) is the run's record, the export's,
+    # and what the exported cascade crops with
+    run_cfg = yaml.safe_load((isbi_refine.parent / "config.yaml").read_text())
+    assert run_cfg["refine_crop_mm"] == meta["config"]["refine_crop_mm"] == {"Go": 48.0, "Ar": 32.0}
+    assert meta["refine"]["crop_px"] == {"Go": 96, "Ar": 64}
+    loaded = load_cascade(moved, torch.device("cpu"))
+    assert {s: g.size for s, g in loaded.crops.items()} == {"Go": 96, "Ar": 64}
     exported = predict(moved, files, tmp_path / "exported")
     assert not exported.failed
     for c, e in zip(casc.predicted, exported.predicted, strict=True):

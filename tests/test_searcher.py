@@ -256,3 +256,16 @@ def test_a_restored_searcher_works_on_the_journal_where_the_experiment_now_is(sp
     by_id = {t.user_attrs["ray_trial_id"]: t for t in journal_study(new, "s.masked").trials}
     assert by_id["a"].value == 2.0 and by_id["b"].value == 1.5 and by_id["b"].intermediate_values == {1: 1.8}
     assert by_id["c"].state == optuna.trial.TrialState.RUNNING and not old.parent.exists()
+
+
+def test_an_arms_own_grace_period_sets_its_first_rung_only():
+    """`--arm-grace-period refine=4`: the refine arm's trials are first compared at epoch 4, the other arm's at the
+    sweep's first rung; bad values are one message before anything runs."""
+    from tune_landmarks.search import make_scheduler
+
+    space = space_from_dict(SPACE, "space.yaml")
+    sched = make_scheduler(space, _settings(arms=["masked", "refine"], epochs=8, arm_grace_period={"refine": 4}))
+    assert [m for m, _ in sched.by_arm["refine"]._brackets[0]._rungs][-1] == 4
+    assert [m for m, _ in sched.by_arm["masked"]._brackets[0]._rungs][-1] == 1
+    with pytest.raises(ValueError, match=r"`arm_grace_period` is \{'all': 2\}, but must be epochs >= 1 for arms of"):
+        _settings(arms=["masked", "refine"], arm_grace_period={"all": 2}).validate()

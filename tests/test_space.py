@@ -292,3 +292,42 @@ def test_an_arm_sections_relation_is_checked_on_that_arm(tmp_path: Path) -> None
     with pytest.raises(SpaceError, match=r"arms.refine: `refine_crop_mm`: The value of `high` is 60, "
                                          r"but must be <= 512 crop pixels"):
         load_space(write(tmp_path, text))
+
+
+def test_a_crop_side_per_landmark_is_searched_as_entries_of_their_own(tmp_path: Path) -> None:
+    """`refine_crop_mm.Go` is an entry of its own: validated at both endpoints, sampled by Optuna under that name, and
+    turned back into the trial's per-landmark mapping; `refine_crop_mm` alone sets every other landmark's side."""
+    from tune_landmarks.config import from_dict
+
+    space = load_space(write(tmp_path, "lr: {type: loguniform, low: 1.0e-4, high: 1.0e-3}\narms:\n  refine:\n"
+                                       "    refine_crop_mm.Go: {type: uniform, low: 35, high: 55}\n"
+                                       "    refine_crop_mm: {type: categorical, choices: [25.6, 32.0]}\n"))
+    assert space_from_dict(space.to_dict(), space.path) == space
+    refine = space.for_arm("refine")
+    assert "refine_crop_mm.Go" not in {p.name for p in space.for_arm("masked").params}
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    fn = refine.define_by_run()
+    for _ in range(5):
+        trial = study.ask()
+        fixed = fn(trial)
+        cfg = from_dict(trial.params | fixed)
+        assert 35 <= cfg.refine_crop_mm["Go"] <= 55 and cfg.refine_crop_mm["default"] in (25.6, 32.0)
+        assert set(cfg.refine_crop_mm) == {"Go", "default"} and cfg.mode == "refine"
+        study.tell(trial, 1.0)
+    assert len({t.params["refine_crop_mm.Go"] for t in study.trials}) == 5  # Optuna searched Gonion's side itself
+
+
+@pytest.mark.parametrize("entry, message", [
+    ("refine_crop_mm.Go: {type: uniform, low: -5, high: 55}",
+     "`refine_crop_mm.Go`: The value of `low` is -5, but must be > 0 mm."),
+    ("refine_crop_mm.Go: {type: uniform, low: 35, high: 600}",
+     "`refine_crop_mm.Go`: The value of `high` is 600, but must be <= 512 crop pixels"),
+    ("refine_crop_mm.Go: {type: fixed, value: 0}",
+     "`refine_crop_mm.Go`: The value of `refine_crop_mm.Go` is 0.0, but must be > 0 mm."),
+    ("lr.Go: {type: uniform, low: 1, high: 2}", "`lr.Go`: unknown option"),
+    ("refine_crop_mm.: {type: uniform, low: 1, high: 2}", "`refine_crop_mm.`: unknown option"),
+])
+def test_a_bad_per_landmark_entry_is_refused_naming_it(tmp_path: Path, entry: str, message: str) -> None:
+    text = f"lr: {{type: loguniform, low: 1.0e-4, high: 1.0e-3}}\nrefine_mm_per_px: {{type: fixed, value: 0.5}}\n{entry}\n"
+    with pytest.raises(SpaceError, match=re.escape(message)):
+        load_space(write(tmp_path, text))

@@ -227,7 +227,7 @@ class AuditModel:
                              cfg.interpolation)
         if self.cascade is None:
             return cached, None
-        return cached, build_physical_cache(records, split, self.cascade.geometry.mm_per_px, annotator, cache_dir,
+        return cached, build_physical_cache(records, split, self.cascade.mm_per_px, annotator, cache_dir,
                                             progress)
 
     def predict(self, cached: CachedSplit, phys: PhysicalSplit | None) -> np.ndarray:

@@ -28,6 +28,7 @@ import yaml
 
 ANNOTATORS = ("senior", "junior", "mean")
 FORMATS = ("aariz", "isbi")
+DEFAULT_KEY = "default"  # a per-landmark option's entry for every landmark it does not name
 DEFAULT_STORAGE = "./sweeps"  # where a sweep's experiment goes, and where a name alone is looked up
 LOSSES = ("adaptive_wing", "mse")
 MODES = ("all", "weighted", "masked", "refine")
@@ -159,11 +160,17 @@ class TrainConfig:
     bn_eval: bool = False
     freeze_stages: int = opt(0, between(0, 4))
     # refine mode: a second, local stage for the difficult landmarks (refine.py; crops.py for the geometry)
-    refine_crop_mm: float = opt(38.4, gt(0, " mm"))  # side of the square crop (rounded to whole 32-px blocks)
+    # side of each landmark's square crop (rounded to whole 32-px blocks): {SYMBOL: mm, default: mm}, a plain number
+    # for every landmark; a landmark it leaves out gets refine_crop_k x its start model's p99 error (crops.py)
+    refine_crop_mm: dict[str, float] = opt(factory=dict, rule=gt(0, " mm"))
+    refine_crop_k: float = opt(6.0, gt(0))  # derived side = k x the start model's 99th-percentile train error
+    refine_crop_min_mm: float = opt(19.2, gt(0, " mm"))  # derived sides are clipped to [min, max]
+    refine_crop_max_mm: float = opt(57.6, gt(0, " mm"))
     refine_mm_per_px: float = opt(0.3, gt(0, " mm/px"))  # crop resolution; never finer than the images' spacing
     refine_offset_scale: float = opt(1.5, ge(0))  # training-crop offsets: x the start model's own train errors
     refine_model: str = opt("hrnet_w18_small", Rule(test=bool, text="a timm backbone name"))  # the crop network
     refine_passes: int = opt(1, between(1, 3))  # crops at inference: 2 = crop again around the refined point
+    refine_tta: int = opt(1, between(1, 16))  # crops per landmark at inference, shifted on a ring, points averaged
     # augmentation
     aug_scale: float = opt(0.1, ge(0))
     aug_rotate: float = opt(10.0, ge(0))
@@ -178,6 +185,13 @@ class TrainConfig:
     max_steps_per_epoch: int = opt(0, ge(0))  # 0 = whole epoch; >0 for smoke tests and benchmarks
     progress: bool = True
 
+    def __post_init__(self) -> None:
+        # a plain number for a per-landmark option (TrainConfig(refine_crop_mm=38.4)) means every landmark
+        for name in PER_LANDMARK:
+            value = getattr(self, name)
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                setattr(self, name, {DEFAULT_KEY: float(value)})
+
     def validate(self) -> TrainConfig:
         """Check every value eagerly, before any data is read or any model is built."""
         for name in OPTIONS:
@@ -185,7 +199,7 @@ class TrainConfig:
         for relation in RELATIONS:
             broken = relation.check(self)
             if broken:
-                raise ValueError(rule_message(broken[0], getattr(self, broken[0]), broken[1]))
+                raise ValueError(rule_message(broken[0], value_of(self, broken[0]), broken[1]))
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -206,7 +220,7 @@ class Option:
     None is allowed, and its rule."""
 
     name: str
-    type: type  # str, bool, int, float, tuple (image_size) or list (difficult)
+    type: type  # str, bool, int, float, tuple (image_size), list (difficult) or dict (per landmark; the rule is each value's)
     optional: bool
     rule: Rule | None
 
@@ -223,6 +237,7 @@ def _option(f: dataclasses.Field, hint: Any) -> Option:
 
 _HINTS = typing.get_type_hints(TrainConfig)
 OPTIONS: dict[str, Option] = {name: _option(f, _HINTS[name]) for name, f in FIELDS.items()}
+PER_LANDMARK = tuple(name for name, o in OPTIONS.items() if o.type is dict)
 
 
 @dataclass(frozen=True)
@@ -277,9 +292,17 @@ MAX_CROP_PX = 512
 
 
 def _crop_in_pixels(c: TrainConfig) -> tuple[str, str] | None:
-    if c.refine_crop_mm / c.refine_mm_per_px > MAX_CROP_PX + 16:
-        return "refine_crop_mm", (f"<= {MAX_CROP_PX} crop pixels at `refine_mm_per_px` {c.refine_mm_per_px:g} "
-                                  f"(<= {(MAX_CROP_PX + 16) * c.refine_mm_per_px:g} mm): a crop is a local view")
+    for key, mm in c.refine_crop_mm.items():
+        if mm / c.refine_mm_per_px > MAX_CROP_PX + 16:
+            return entry_name("refine_crop_mm", key), (
+                f"<= {MAX_CROP_PX} crop pixels at `refine_mm_per_px` {c.refine_mm_per_px:g} "
+                f"(<= {(MAX_CROP_PX + 16) * c.refine_mm_per_px:g} mm): a crop is a local view")
+    return None
+
+
+def _crop_clip_in_order(c: TrainConfig) -> tuple[str, str] | None:
+    if c.refine_crop_min_mm > c.refine_crop_max_mm:
+        return "refine_crop_min_mm", f"<= `refine_crop_max_mm` ({c.refine_crop_max_mm:g} mm)"
     return None
 
 
@@ -299,6 +322,7 @@ RELATIONS: tuple[Relation, ...] = (
     Relation(("mode", "difficult", "difficult_threshold"), _mode_has_a_set),
     Relation(("distill_weight", "resume", "pretrained"), _distill_has_a_teacher),
     Relation(("refine_crop_mm", "refine_mm_per_px"), _crop_in_pixels),
+    Relation(("refine_crop_min_mm", "refine_crop_max_mm"), _crop_clip_in_order),
     Relation(("mode", "resume", "start_predictions"), _refine_has_a_start),
 )
 
@@ -316,14 +340,82 @@ def rule_error(name: str, value: Any, must: str) -> ValueError:
     return ValueError(rule_message(name, value, must))
 
 
+def entry_name(name: str, key: str) -> str:
+    """How a message names one entry of a per-landmark option: `refine_crop_mm.Go`; the `default` entry (what a
+    plain number sets) is the option itself."""
+    return name if key == DEFAULT_KEY else f"{name}.{key}"
+
+
+def option_of(name: str) -> Option:
+    """The option a name sets: a run option, or one entry of a per-landmark one (`refine_crop_mm.Go`, a number under
+    the option's rule). KeyError for anything else."""
+    base, dot, key = name.partition(".")
+    option = OPTIONS[base]
+    if not dot:
+        return option
+    if option.type is not dict or not key:
+        raise KeyError(name)
+    return Option(name, float, False, option.rule)
+
+
+def scalar_name(name: str) -> str:
+    """The number a search space samples for `name`: an entry of a per-landmark option (a plain name is its
+    `default` entry: every landmark), else the option itself."""
+    return f"{name}.{DEFAULT_KEY}" if OPTIONS.get(name) is not None and OPTIONS[name].type is dict else name
+
+
+def value_of(cfg: TrainConfig, name: str) -> Any:
+    """An option's value, or one entry's (`refine_crop_mm.Go`)."""
+    base, dot, key = name.partition(".")
+    value = getattr(cfg, base)
+    return value.get(key or DEFAULT_KEY) if isinstance(value, dict) else value
+
+
+def assign(cfg: TrainConfig, values: dict[str, Any]) -> TrainConfig:
+    """`cfg` with `values` set, as they are (already coerced): an entry (`refine_crop_mm.Go`) updates its option's
+    mapping, a plain number for a per-landmark option sets every landmark's (`{default: value}`)."""
+    plain = {k: v for k, v in values.items() if "." not in k}
+    for name, v in plain.items():
+        if OPTIONS[name].type is dict and not isinstance(v, dict):
+            plain[name] = {DEFAULT_KEY: v}
+    for name, v in values.items():
+        if "." in name:
+            base, _, key = name.partition(".")
+            plain[base] = {**plain.get(base, getattr(cfg, base)), key: v}
+    return dataclasses.replace(cfg, **plain)
+
+
 def check_field(name: str, value: Any) -> Any:
-    """Raise the uniform message if `value` breaks the rule of option `name`; return it otherwise."""
-    option = OPTIONS[name]
+    """Raise the uniform message if `value` breaks the rule of option `name` (or of an entry, `refine_crop_mm.Go`);
+    return it otherwise. A per-landmark option's rule holds for each of its values."""
+    option = option_of(name)
     if value is None and option.optional:
         return value
+    if option.type is dict:
+        for key, v in value.items():
+            if option.rule is not None and not option.rule.ok(v):
+                raise ValueError(rule_message(entry_name(name, key), v, option.rule.must))
+        return value
     if option.rule is not None and not option.rule.ok(value):
-        raise ValueError(rule_message(name, value, option.rule.must))
+        raise ValueError(rule_message(entry_name(*name.split(".", 1)) if "." in name else name, value, option.rule.must))
     return value
+
+
+def _per_landmark(name: str, value: Any) -> dict[str, float]:
+    """`Go=45,default=30` (the command line), a YAML mapping, or one number for every landmark."""
+    if isinstance(value, str) and "=" in value:
+        pairs = [item.split("=", 1) for item in value.split(",") if item.strip()]
+        value = {k.strip(): v for k, v in pairs}
+    if not isinstance(value, dict):
+        if isinstance(value, bool):
+            raise ValueError
+        return {DEFAULT_KEY: float(value)}
+    out = {}
+    for key, v in value.items():
+        if not isinstance(key, str) or not key or isinstance(v, bool):
+            raise ValueError
+        out[key] = float(v)
+    return out
 
 
 def _items_of(name: str, value: str) -> list[str]:
@@ -337,9 +429,7 @@ def _items_of(name: str, value: str) -> list[str]:
 
 def coerce(name: str, value: Any) -> Any:
     """Convert a YAML/CLI/sampled value to the option's type, with a uniform message when it cannot."""
-    if name not in OPTIONS:
-        raise KeyError(name)
-    option = OPTIONS[name]
+    option = option_of(name)
     try:
         if value is None:
             if option.optional:
@@ -354,6 +444,8 @@ def coerce(name: str, value: Any) -> Any:
             if isinstance(value, str) and value.startswith("@"):
                 return _items_of(name, value)
             return [s.strip() for s in value.split(",") if s.strip()] if isinstance(value, str) else [str(s) for s in value]
+        if option.type is dict:
+            return _per_landmark(name, value)
         if option.type is bool:
             if isinstance(value, str):
                 if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
@@ -366,15 +458,26 @@ def coerce(name: str, value: Any) -> Any:
             return int(value)
         return option.type(value)
     except (TypeError, ValueError):
-        raise rule_error(name, value, f"a valid {option.type.__name__}") from None
+        what = "number, or SYMBOL=number pairs (default=number for the others)" if option.type is dict else \
+            option.type.__name__
+        raise rule_error(name, value, f"a valid {what}") from None
 
 
 def from_dict(values: dict[str, Any], base: TrainConfig | None = None, source: str = "config") -> TrainConfig:
-    """`base` (default: the defaults) with `values` coerced on top; an unknown key is named with `source`."""
-    unknown = [k for k in values if k not in FIELDS]
+    """`base` (default: the defaults) with `values` coerced on top (`assign`: `refine_crop_mm.Go` keys set one
+    entry); an unknown key is named with `source`."""
+    unknown = [k for k in values if not _known(str(k))]
     if unknown:
         raise ValueError(f"{source}: unknown option(s) {', '.join(map(str, unknown))}")
-    return dataclasses.replace(base or TrainConfig(), **{k: coerce(k, v) for k, v in values.items()})
+    return assign(base or TrainConfig(), {k: coerce(k, v) for k, v in values.items()})
+
+
+def _known(name: str) -> bool:
+    try:
+        option_of(name)
+    except KeyError:
+        return False
+    return True
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:

@@ -27,7 +27,7 @@ import pyarrow as pa
 import pyarrow.ipc as ipc
 
 from .cache import built_once, cache_key, decoded_records, resize, to_original, to_target, write_meta
-from .config import crop_pixels, rule_message
+from .config import DEFAULT_KEY, crop_pixels, entry_name, rule_message
 from .read import Record
 
 
@@ -50,6 +50,37 @@ class CropGeometry:
         """Top-left physical pixel (int) of the crop around each centre (..., 2), physical px: the centre lands
         within half a pixel of the crop's middle, (size - 1) / 2."""
         return np.round(np.asarray(centres, np.float64) - (self.size - 1) / 2).astype(np.int64)
+
+
+def crop_side_mm(crop_mm: dict[str, float], symbol: str) -> float:
+    """A landmark's crop side from a resolved `refine_crop_mm` (its own entry, else `default`)."""
+    side = crop_mm.get(symbol, crop_mm.get(DEFAULT_KEY))
+    if side is None:
+        raise ValueError(f"no crop side for {symbol} in refine_crop_mm {crop_mm}")
+    return side
+
+
+def geometries(crop_mm: dict[str, float], refined: Sequence[str], mm_per_px: float) -> dict[str, CropGeometry]:
+    """Each refined landmark's crop: its side (crop_side_mm) at the one crop resolution."""
+    return {s: CropGeometry.from_mm(crop_side_mm(crop_mm, s), mm_per_px) for s in refined}
+
+
+def ring_shifts(count: int, size: int) -> np.ndarray:
+    """(count, 2) whole-pixel shifts of a landmark's crops for `refine_tta`: the first unshifted, the others evenly
+    round a circle of size/8 px. Whole pixels, so a shifted crop still resamples nothing; the same shifts for every
+    image and run, so a cascade's points are reproducible."""
+    turns = 2 * np.pi * np.arange(count - 1) / max(count - 1, 1)
+    ring = np.round(size / 8 * np.stack([np.cos(turns), np.sin(turns)], 1)).astype(np.int64)
+    return np.concatenate([np.zeros((1, 2), np.int64), ring])
+
+
+def size_groups(sizes: Sequence[int]) -> dict[int, list[int]]:
+    """Indices by crop size, so that a batch holds crops of one size: crops of different sides are batched apart,
+    not padded (padding a 64-px incisor crop to Gonion's 192 px would cost 9x its own forward)."""
+    out: dict[int, list[int]] = {}
+    for i, size in enumerate(sizes):
+        out.setdefault(int(size), []).append(i)
+    return out
 
 
 def physical_size(width: int, height: int, spacing_mm: float, mm_per_px: float) -> tuple[int, int]:
@@ -79,23 +110,30 @@ def take(image: np.ndarray, origin: Sequence[int], size: int) -> np.ndarray:
     return out
 
 
-def check_geometry(geometry: CropGeometry, spacing_mm: np.ndarray, sizes: np.ndarray, image_ids: Sequence[str]) -> None:
+def smallest_extent_mm(spacing_mm: np.ndarray, sizes: np.ndarray) -> float:
+    """The shorter side (mm) of the smallest image: no crop may be wider."""
+    return float((np.asarray(sizes, np.float64).min(axis=1) * np.asarray(spacing_mm, np.float64)).min())
+
+
+def check_geometry(mm_per_px: float, crops: dict[str, CropGeometry], spacing_mm: np.ndarray, sizes: np.ndarray,
+                   image_ids: Sequence[str]) -> None:
     """Refuse crop settings the images cannot serve, before any training: a resolution finer than an image's own
-    pixel spacing (the crop would only interpolate), or a crop wider than an image's shorter side."""
+    pixel spacing (the crop would only interpolate), or a landmark's crop wider than an image's shorter side."""
     spacing_mm = np.asarray(spacing_mm, np.float64)
     coarse = int(np.argmax(spacing_mm))
-    if geometry.mm_per_px < spacing_mm[coarse] - 1e-9:
-        raise ValueError(rule_message("refine_mm_per_px", geometry.mm_per_px,
+    if mm_per_px < spacing_mm[coarse] - 1e-9:
+        raise ValueError(rule_message("refine_mm_per_px", mm_per_px,
                                       f">= {spacing_mm[coarse]:g} mm/px, the coarsest pixel spacing of the images "
                                       f"({image_ids[coarse]}): a crop finer than its image only interpolates"))
     extent = np.asarray(sizes, np.float64).min(axis=1) * spacing_mm
     small = int(np.argmin(extent))
-    if geometry.field_mm > extent[small] + 1e-9:
-        w, h = np.asarray(sizes)[small]
-        raise ValueError(rule_message("refine_crop_mm", round(geometry.field_mm, 6),
-                                      f"<= {extent[small]:g} mm, the shorter side of the smallest image "
-                                      f"({image_ids[small]}: {w} x {h} px at {spacing_mm[small]:g} mm/px) "
-                                      f"(the crop is {geometry.size} px at {geometry.mm_per_px:g} mm/px)"))
+    for symbol, geometry in crops.items():
+        if geometry.field_mm > extent[small] + 1e-9:
+            w, h = np.asarray(sizes)[small]
+            raise ValueError(rule_message(entry_name("refine_crop_mm", symbol), round(geometry.field_mm, 6),
+                                          f"<= {extent[small]:g} mm, the shorter side of the smallest image "
+                                          f"({image_ids[small]}: {w} x {h} px at {spacing_mm[small]:g} mm/px) "
+                                          f"(the crop is {geometry.size} px at {geometry.mm_per_px:g} mm/px)"))
 
 
 @dataclass

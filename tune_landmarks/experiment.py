@@ -65,6 +65,7 @@ class SweepSettings:
     max_failures: int = 0
     reduction_factor: float = 2.0
     grace_period: int | None = None  # default: max(1, ceil(largest warmup in the space))
+    arm_grace_period: dict[str, int] = field(default_factory=dict)  # an arm's first ASHA rung when not grace_period
     keep_checkpoints: int = 2
     reuse_actors: bool = True  # False starts a fresh trial process per trial (scripts/bench_ray_overhead.py)
     # distribute: cores a finished trial leaves go to the trials still running (resources.py); fixed: each trial keeps
@@ -88,6 +89,9 @@ class SweepSettings:
              "arm_samples", "a budget >= 1 for arms of --arms")
         need(set(self.arm_epochs) <= set(self.arms) and all(n >= 1 for n in self.arm_epochs.values()),
              "arm_epochs", "epochs >= 1 for arms of --arms")
+        need(set(self.arm_grace_period) <= set(self.arms) and all(n >= 1 for n in self.arm_grace_period.values()),
+             "arm_grace_period", "epochs >= 1 for arms of --arms")
+        need(self.grace_period is None or self.grace_period >= 1, "grace_period", ">= 1")
         need(self.max_concurrent >= 1, "max_concurrent", ">= 1")
         need(self.gpus_per_trial >= 0, "gpus_per_trial", ">= 0")
         need(self.cpus_per_trial > 0, "cpus_per_trial", "> 0")

@@ -19,7 +19,7 @@ from .atomic import write_parquet
 from .build import fixed_options, from_checkpoint
 from .cache import CachedSplit, build_cache, to_original, to_target
 from .config import TrainConfig, from_dict
-from .crops import CropGeometry, PhysicalSplit, build_physical_cache, check_geometry, from_crop, take
+from .crops import CropGeometry, PhysicalSplit, build_physical_cache, check_geometry, from_crop, geometries, ring_shifts, take
 from .device import autocast, device_of, place, resolve_device
 from .metrics import Summary, predictions_table, radial_errors_mm, summarize
 from .model import CheckpointError, LandmarkModel, input_size, read_checkpoint, sha256_file
@@ -138,24 +138,32 @@ def predict_as_run(model: LandmarkModel, cfg: TrainConfig, split: CachedSplit) -
 
 @torch.no_grad()
 def refine_points(model: LandmarkModel, images: Sequence[np.ndarray], scale: np.ndarray, coarse: np.ndarray,
-                  geometry: CropGeometry, device: torch.device, decoder: str = "dark", sigma: float = 2.0,
-                  amp: bool = False, batch_size: int = 32) -> np.ndarray:
-    """Refined points (N, L, 2) in original px. For image n and refined landmark j: the crop of the physical image
-    `images[n]` (`scale[n]`: original -> physical px) around `coarse[n, j]` (original px), channel j of `model`
-    decoded there by `predict_batch` and mapped back exactly (crops.from_crop)."""
-    origins = geometry.origins(to_target(coarse, scale[:, None, :]))
-    jobs = [(n, j) for n in range(coarse.shape[0]) for j in range(coarse.shape[1])]
-    in_crop = np.empty(coarse.shape, np.float64)
+                  crops: Sequence[CropGeometry], device: torch.device, decoder: str = "dark", sigma: float = 2.0,
+                  amp: bool = False, batch_size: int = 32, tta: int = 1) -> np.ndarray:
+    """Refined points (N, L, 2) in original px. For image n and refined landmark j: the crop `crops[j]` of the
+    physical image `images[n]` (`scale[n]`: original -> physical px) around `coarse[n, j]` (original px), channel j
+    of `model` decoded there by `predict_batch` and mapped back exactly (crops.from_crop). Crops of one size are
+    batched together. `tta` > 1: that many crops per landmark, shifted (crops.ring_shifts), their points averaged."""
+    centres = to_target(coarse, scale[:, None, :])
+    origins = np.stack([g.origins(centres[:, j]) for j, g in enumerate(crops)], 1)
+    shifts = [ring_shifts(tta, g.size) for g in crops]
+    jobs = sorted(((n, j, t) for n in range(coarse.shape[0]) for j in range(coarse.shape[1]) for t in range(tta)),
+                  key=lambda job: crops[job[1]].size)
+    points = np.empty((tta, *coarse.shape), np.float64)
     was_training = model.training
     model.eval()
-    for b in range(0, len(jobs), batch_size):
-        chunk = jobs[b:b + batch_size]
-        pts = predict_batch(model, np.stack([take(images[n], origins[n, j], geometry.size) for n, j in chunk]),
+    b = 0
+    while b < len(jobs):
+        size = crops[jobs[b][1]].size
+        chunk = [job for job in jobs[b:b + batch_size] if crops[job[1]].size == size]
+        at = np.stack([origins[n, j] + shifts[j][t] for n, j, t in chunk])
+        pts = predict_batch(model, np.stack([take(images[n], o, size) for (n, _, _), o in zip(chunk, at)]),
                             device, decoder, sigma, amp)
-        for (n, j), p in zip(chunk, pts):
-            in_crop[n, j] = p[j]
+        for (n, j, t), o, p in zip(chunk, at, pts):
+            points[t, n, j] = from_crop(p[j], scale[n], o)
+        b += len(chunk)
     model.train(was_training)
-    return from_crop(in_crop, scale[:, None, :], origins)
+    return points.mean(0)
 
 
 @dataclass
@@ -181,8 +189,14 @@ class Cascade:
         return predict_as_run(self.start, self.start_cfg, split)
 
     @property
-    def geometry(self) -> CropGeometry:
-        return CropGeometry.from_mm(self.cfg.refine_crop_mm, self.cfg.refine_mm_per_px)
+    def crops(self) -> dict[str, CropGeometry]:
+        """Each refined landmark's crop (the run's resolved `refine_crop_mm`; one side for all in older stages)."""
+        return geometries(self.cfg.refine_crop_mm, self.refined, self.cfg.refine_mm_per_px)
+
+    @property
+    def mm_per_px(self) -> float:
+        """The crop resolution: the physical cache a cascade reads."""
+        return self.cfg.refine_mm_per_px
 
     @property
     def channels(self) -> list[int]:
@@ -195,9 +209,9 @@ class Cascade:
         out = coarse.copy()
         points = coarse[:, self.channels]
         for _ in range(self.cfg.refine_passes):
-            points = refine_points(self.refine, images, scale, points, self.geometry,
+            points = refine_points(self.refine, images, scale, points, list(self.crops.values()),
                                    device_of(self.refine), self.cfg.decoder, self.cfg.sigma,
-                                   self.cfg.mixed_precision)
+                                   self.cfg.mixed_precision, tta=self.cfg.refine_tta)
         out[:, self.channels] = points
         return out
 
@@ -206,7 +220,7 @@ class Cascade:
         the crop resolution (`phys`, the same records)."""
         if list(split.image_ids) != list(phys.image_ids):
             raise ValueError(f"{split.path} and {phys.path} hold different images")
-        check_geometry(self.geometry, phys.spacing_mm, phys.orig_size, phys.image_ids)
+        check_geometry(self.mm_per_px, self.crops, phys.spacing_mm, phys.orig_size, phys.image_ids)
         return self.refine_coarse(self.start_points(split), phys.images(), phys.scale)
 
 
@@ -315,7 +329,7 @@ def evaluate_checkpoint(checkpoint: str | Path, dataset_path: str | Path, split:
         start_pl = st.summary.per_landmark
         trained = difficult if cfg.mode in ("masked", "refine") else info.symbols
     if cascade is not None:
-        phys = build_physical_cache(sp.records, split, cascade.geometry.mm_per_px, annotator, cache_dir, progress)
+        phys = build_physical_cache(sp.records, split, cascade.mm_per_px, annotator, cache_dir, progress)
         pred = cascade.predict_cached(cached, phys)
     else:
         model = place(from_checkpoint(ckpt, checkpoint, info.symbols), dev)

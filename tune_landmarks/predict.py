@@ -196,7 +196,7 @@ def predict(model_path: str | Path, inputs: Sequence[str | Path], out: str | Pat
                         raise ValueError(f"{path}: no pixel size, and the refinement stage crops in millimetres: give "
                                          "--pixel-size MM or --pixel-size-csv FILE (its training images had "
                                          f"{cascade.train_spacing_mm[0]:g}-{cascade.train_spacing_mm[1]:g} mm/px)")
-                    check_geometry(cascade.geometry, [spacing.mm], [grey.shape[::-1]], [str(path)])
+                    check_geometry(cascade.mm_per_px, cascade.crops, [spacing.mm], [grey.shape[::-1]], [str(path)])
             except (OSError, cv2.error, ValueError) as exc:
                 report.failed.append((str(path), str(exc).removeprefix(f"{path}: ")))
                 continue
@@ -210,7 +210,7 @@ def predict(model_path: str | Path, inputs: Sequence[str | Path], out: str | Pat
             pts = to_original(predict_batch(model, np.stack([b[3] for b in batch]), dev, cfg.decoder, cfg.sigma,
                                             cfg.mixed_precision, scale), scale[:, None, :])
         if cascade is not None:
-            phys, scale = zip(*(resize(g, physical_size(g.shape[1], g.shape[0], sp.mm, cascade.geometry.mm_per_px))
+            phys, scale = zip(*(resize(g, physical_size(g.shape[1], g.shape[0], sp.mm, cascade.mm_per_px))
                                 for _, g, sp, *_ in batch))
             pts = cascade.refine_coarse(pts, phys, np.stack(scale))
         for (path, grey, spacing, *_), p in zip(batch, pts, strict=True):

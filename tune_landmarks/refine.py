@@ -38,8 +38,19 @@ from . import run
 from .atomic import atomic_path
 from .augment import AugmentConfig, frame_item, train_transform
 from .cache import CachedSplit
-from .config import TrainConfig
-from .crops import CropGeometry, PhysicalSplit, build_physical_cache, check_geometry, take, to_crop
+from .config import DEFAULT_KEY, MAX_CROP_PX, TrainConfig, rule_message
+from .crops import (
+    CropGeometry,
+    PhysicalSplit,
+    build_physical_cache,
+    check_geometry,
+    crop_side_mm,
+    geometries,
+    size_groups,
+    smallest_extent_mm,
+    take,
+    to_crop,
+)
 from .device import amp_dtype, device_of, intra_op_threads, place, resolve_device
 from .infer import Cascade, is_refine, load_cascade, load_model, predict_as_run
 from .landmarks import parse_symbols
@@ -83,27 +94,45 @@ class CropDataset(Dataset):
     drawn from `offsets`, then `transform` (augment.train_transform: rotation, scale, intensity). Items as
     augment.LandmarkDataset's: crop (1, P, P) float in [0, 1], keypoints (L, 2) in crop px, frame. The keypoints of
     the channels that are not this crop's landmark are NaN, so their targets are too and CropObjective leaves them
-    out. Offsets come from the transform's own generator, which run.epoch_loader reseeds each epoch."""
+    out. Offsets come from the transform's own generator, which run.epoch_loader reseeds each epoch. Each landmark
+    has its own crop (`geometries`, one per channel); crops of different sizes go to different batches (`batches`)."""
 
-    def __init__(self, phys: PhysicalSplit, channels: list[int], geometry: CropGeometry, offsets: Offsets,
+    def __init__(self, phys: PhysicalSplit, channels: list[int], geometries: list[CropGeometry], offsets: Offsets,
                  transform: Any):
-        self.phys, self.channels, self.geometry, self.offsets, self.transform = phys, channels, geometry, offsets, transform
+        self.phys, self.channels, self.geometries, self.offsets, self.transform = \
+            phys, channels, geometries, offsets, transform
 
     def __len__(self) -> int:
         return len(self.phys) * len(self.channels)
 
+    def groups(self) -> list[int]:
+        """How many items each crop size has (run.steps_per_epoch counts their batches apart)."""
+        return [len(self.phys) * len(js) for js in size_groups([g.size for g in self.geometries]).values()]
+
+    def batches(self, batch_size: int, generator: torch.Generator) -> list[list[int]] | None:
+        """One epoch's batches when the landmarks' crops differ in size: the items shuffled, batched within each size,
+        the batches shuffled; None when every crop has one size (the DataLoader's own shuffle, as before)."""
+        if len(self.groups()) == 1:
+            return None
+        by_size: dict[int, list[int]] = {}
+        for i in torch.randperm(len(self), generator=generator).tolist():
+            by_size.setdefault(self.geometries[i % len(self.channels)].size, []).append(i)
+        chunks = [idx[b:b + batch_size] for idx in by_size.values() for b in range(0, len(idx), batch_size)]
+        return [chunks[k] for k in torch.randperm(len(chunks), generator=generator).tolist()]
+
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, int]:
         n, j = divmod(i, len(self.channels))
+        geometry = self.geometries[j]
         truth = self.phys.keypoints_orig[n, self.channels[j]]
         centre = to_crop(truth, self.phys.scale[n], 0) + self.offsets.draw(j, self.transform.random_generator) / \
-            self.geometry.mm_per_px
-        origin = self.geometry.origins(centre)
+            geometry.mm_per_px
+        origin = geometry.origins(centre)
         point = to_crop(truth, self.phys.scale[n], origin).astype(np.float32)[None]
-        out = self.transform(image=take(self.phys.image(n), origin, self.geometry.size), keypoints=point)
+        out = self.transform(image=take(self.phys.image(n), origin, geometry.size), keypoints=point)
         kps = np.full((len(self.channels), 2), np.nan, np.float32)
         kps[j] = np.asarray(out["keypoints"], np.float32).reshape(-1, 2)[0]
         image = torch.from_numpy(np.ascontiguousarray(out["image"])).unsqueeze(0).float().div_(255.0)
-        return image, torch.from_numpy(kps), frame_item(np.ones(2), self.geometry.mm_per_px)
+        return image, torch.from_numpy(kps), frame_item(np.ones(2), geometry.mm_per_px)
 
 
 class CropObjective(Objective):
@@ -185,10 +214,40 @@ def start_points(start: LandmarkModel, start_cfg: TrainConfig, start_sha: str, s
     return points
 
 
-def check_crops(geometry: CropGeometry, data: Data) -> None:
+def check_crops(mm_per_px: float, crops: dict[str, CropGeometry], data: Data) -> None:
     """Refuse crop settings the training or selection images cannot serve (crops.check_geometry), before any work."""
     for split in (data.train, data.val):
-        check_geometry(geometry, split.spacing_mm, split.orig_size, split.image_ids)
+        check_geometry(mm_per_px, crops, split.spacing_mm, split.orig_size, split.image_ids)
+
+
+def check_crop_entries(cfg: TrainConfig, symbols: list[str], refined: list[str] | None = None) -> None:
+    """Refuse a `refine_crop_mm` entry that names no landmark of the dataset, or (`refined`: the run's refined set,
+    when the run names it with --difficult) a landmark the stage does not refine. With a threshold the set is chosen
+    by the start model's errors, so an entry for a landmark it leaves out is unused, not wrong (a sweep's trials
+    refine different sets)."""
+    allowed, what = (symbols, "a landmark of the dataset") if refined is None else (refined, "a landmark this stage refines")
+    for key, mm in cfg.refine_crop_mm.items():
+        if key != DEFAULT_KEY and key not in allowed:
+            raise ValueError(rule_message("refine_crop_mm", {key: mm},
+                                          f"keyed by {what} ({', '.join(allowed)}) or `{DEFAULT_KEY}`"))
+
+
+def crop_sides(cfg: TrainConfig, refined: list[str], errors_mm: np.ndarray, limit_mm: float) -> dict[str, float]:
+    """Each refined landmark's crop side (mm): its own `refine_crop_mm` entry, else the `default` one, else derived
+    from how far the start model misses it: `refine_crop_k` x the 99th percentile of its radial errors on the
+    training images (`errors_mm`, (N, L, 2) for `refined`), clipped to [refine_crop_min_mm, refine_crop_max_mm], to
+    `limit_mm` (the smallest image's shorter side) and to MAX_CROP_PX crop pixels. A landmark the start model
+    misses by more needs a wider view to contain the truth; one it places well needs less anatomy and gets a
+    smaller, cheaper crop."""
+    p99 = np.percentile(np.linalg.norm(errors_mm, axis=-1), 99, axis=0) if len(errors_mm) else np.zeros(len(refined))
+    out = {}
+    for j, s in enumerate(refined):
+        if s in cfg.refine_crop_mm or DEFAULT_KEY in cfg.refine_crop_mm:
+            out[s] = crop_side_mm(cfg.refine_crop_mm, s)
+        else:
+            derived = np.clip(cfg.refine_crop_k * p99[j], cfg.refine_crop_min_mm, cfg.refine_crop_max_mm)
+            out[s] = round(float(min(derived, limit_mm, MAX_CROP_PX * cfg.refine_mm_per_px)), 3)
+    return out
 
 
 def physical_splits(data: Data, mm_per_px: float, cfg: TrainConfig) -> dict[str, PhysicalSplit]:
@@ -221,25 +280,29 @@ def _train_refine(cfg: TrainConfig, callback: Callback | None, start_per_landmar
         p.requires_grad_(False)
     cfg = dataclasses.replace(cfg, model=start.cfg.model, image_size=tuple(start.cfg.image_size),  # what the start reads
                               resize=start.cfg.resize, interpolation=start.cfg.interpolation)
-    geometry = CropGeometry.from_mm(cfg.refine_crop_mm, cfg.refine_mm_per_px)
     data = data or run.prepare_data(cfg, cfg.progress)
     symbols = data.info.symbols
     if start.symbols is not None and start.symbols != symbols:
         raise CheckpointError(f"{start.path}: landmark symbols {start.symbols} differ from the dataset's {symbols}")
     if cfg.difficult:
         parse_symbols(cfg.difficult, symbols)
-    check_crops(geometry, data)
+    check_crop_entries(cfg, symbols, cfg.difficult or None)
+    check_crops(cfg.refine_mm_per_px, {key: CropGeometry.from_mm(mm, cfg.refine_mm_per_px)
+                                       for key, mm in cfg.refine_crop_mm.items()}, data)  # the sides given
 
     start_rec = start.record()
     coarse_val, coarse_train = (start.points(sp, symbols, start_rec["sha256"]) for sp in (data.val, data.train))
     start_pl = summarize(radial_errors_mm(coarse_val, data.val.keypoints_orig, data.val.spacing_mm), symbols).per_landmark
     difficult = run.choose_difficult(cfg, start.state, start_per_landmark or start_pl)
     channels = [symbols.index(s) for s in difficult]
-    phys = physical_splits(data, geometry.mm_per_px, cfg)
+    phys = physical_splits(data, cfg.refine_mm_per_px, cfg)
     errors = (coarse_train - data.train.keypoints_orig)[:, channels] * data.train.spacing_mm[:, None, None]
+    limit = min(smallest_extent_mm(sp.spacing_mm, sp.orig_size) for sp in (data.train, data.val))
+    cfg = dataclasses.replace(cfg, refine_crop_mm=crop_sides(cfg, difficult, errors, limit))  # recorded as resolved
+    crops = geometries(cfg.refine_crop_mm, difficult, cfg.refine_mm_per_px)
     offsets = Offsets.fit(errors, cfg.refine_offset_scale)
-    log.info("refine: %s on %d x %d px crops at %g mm/px (%.1f mm); training offsets (RMS mm): %s", cfg.refine_model,
-             geometry.size, geometry.size, geometry.mm_per_px, geometry.field_mm,
+    log.info("refine: %s on crops at %g mm/px (px, mm): %s; training offsets (RMS mm): %s", cfg.refine_model,
+             cfg.refine_mm_per_px, ", ".join(f"{s} {g.size} {g.field_mm:.1f}" for s, g in crops.items()),
              ", ".join(f"{s} {d['rms_mm']:.2f}" for s, d in offsets.describe(difficult).items()))
     model = start.refine or place(create_model(cfg.refine_model, len(difficult)), device)
     cascade = Cascade(start.model, start.cfg, model, cfg, symbols, difficult, given=start.given)
@@ -247,12 +310,13 @@ def _train_refine(cfg: TrainConfig, callback: Callback | None, start_per_landmar
     run.write_run_files(out, cfg, difficult, difficult, start_pl)
 
     record = {"start": start_rec, "refined": difficult,
-              "crop_px": geometry.size, "mm_per_px": geometry.mm_per_px, "offsets": offsets.describe(difficult),
+              "crop_px": {s: g.size for s, g in crops.items()}, "mm_per_px": cfg.refine_mm_per_px,
+              "offsets": offsets.describe(difficult),
               "train_spacing_mm": [float(phys["train"].spacing_mm.min()), float(phys["train"].spacing_mm.max())]}
     objective = CropObjective.from_config(cfg, torch.ones(len(difficult)))
     opt = run.build_optimizer(model, cfg)
-    ds = CropDataset(phys["train"], channels, geometry, offsets, crop_transform(cfg))
-    steps = run.steps_per_epoch(len(ds), cfg.batch_size, cfg.max_steps_per_epoch)
+    ds = CropDataset(phys["train"], channels, list(crops.values()), offsets, crop_transform(cfg))
+    steps = run.steps_per_epoch(len(ds), cfg.batch_size, cfg.max_steps_per_epoch, ds.groups())
     optim = run.Optimisation.create(opt, run.build_scheduler(opt, cfg, steps), device,
                                     amp_dtype(device, cfg.mixed_precision), cfg.grad_clip)
     saver = run.CheckpointSaver(out, cfg, symbols, difficult, start_pl, scratch, extra={"refine": record})

@@ -18,6 +18,7 @@ import random
 import resource
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -196,9 +197,10 @@ def build_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig, steps: int) ->
     return torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(steps * cfg.epochs, int(round(cfg.warmup_epochs * steps))))
 
 
-def steps_per_epoch(n_train: int, batch_size: int, max_steps: int = 0) -> int:
-    """Every batch of the training split (the last may be short), capped by --max-steps-per-epoch."""
-    n = math.ceil(n_train / batch_size)
+def steps_per_epoch(n_train: int, batch_size: int, max_steps: int = 0, groups: Sequence[int] = ()) -> int:
+    """Every batch of the training split (the last may be short), capped by --max-steps-per-epoch; with `groups`
+    (the sizes of groups batched apart, e.g. crops of different sides), every group's batches."""
+    n = sum(math.ceil(g / batch_size) for g in (groups or [n_train]))
     return min(n, max_steps) if max_steps else n
 
 
@@ -279,8 +281,12 @@ def epoch_loader(ds: LandmarkDataset, cfg: TrainConfig, epoch: int) -> DataLoade
     the batches the uninterrupted one would have."""
     seed = cfg.seed * 100003 + epoch
     ds.transform.set_random_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
+    batches = ds.batches(cfg.batch_size, generator) if hasattr(ds, "batches") else None
+    if batches is not None:  # items of different shapes (refine.CropDataset): the dataset groups them
+        return DataLoader(ds, batch_sampler=batches, num_workers=cfg.num_workers)
     return DataLoader(ds, batch_size=cfg.batch_size, shuffle=True, drop_last=False, num_workers=cfg.num_workers,
-                      generator=torch.Generator().manual_seed(seed))
+                      generator=generator)
 
 
 def train_one_epoch(model: LandmarkModel, loader: DataLoader, objective: Objective, optim: Optimisation,

@@ -8,7 +8,6 @@ its results is results.py's. This module only launches, restores and finishes sw
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import json
 import logging
 import math
@@ -290,16 +289,18 @@ def make_searcher(space: SearchSpace, settings: SweepSettings, journal: Path) ->
 
 def make_scheduler(space: SearchSpace, settings: SweepSettings) -> Any:
     """ASHA on the epoch within each arm, up to the arm's epochs; the first rung is never before the largest
-    warmup any arm can draw ends. Under `--resource-policy distribute`, inside Ray's ResourceChangingScheduler
-    (resources.py): cores finished trials leave go to the trials still running."""
+    warmup any arm can draw ends, nor (`--arm-grace-period refine=N`) before an arm's own first rung: a crop network
+    trained from scratch is not judged at its first epochs. Under `--resource-policy distribute`, inside Ray's
+    ResourceChangingScheduler (resources.py): cores finished trials leave go to the trials still running."""
     grace = settings.grace_period or max(1, math.ceil(space.max_warmup()))
 
-    def asha(epochs: int) -> ASHAScheduler:
+    def asha(arm: str, epochs: int) -> ASHAScheduler:
+        first = settings.arm_grace_period.get(arm, grace)
         return ASHAScheduler(time_attr="training_iteration", metric=METRIC, mode="min", max_t=epochs,
-                             grace_period=min(grace, epochs), reduction_factor=settings.reduction_factor)
+                             grace_period=min(first, epochs), reduction_factor=settings.reduction_factor)
 
     epochs = {arm: int(settings.epochs_of(arm)) for arm in settings.arms}
-    by_arm = ArmASHA({arm: asha(n) for arm, n in epochs.items()})
+    by_arm = ArmASHA({arm: asha(arm, n) for arm, n in epochs.items()})
     if settings.resource_policy == "fixed":
         return by_arm
     return resources.make(by_arm, settings.cpus_per_trial, settings.gpus_per_trial, settings.max_concurrent,
@@ -366,15 +367,22 @@ def prepare_crops(space: SearchSpace, base: TrainConfig, data: Any) -> None:
     and selection images (too fine a resolution, a crop larger than an image), and the physical cache of every
     resolution it can sample (a fixed value or choices) built once, for all trials to share; a resolution drawn
     from a range is cached by the first trial that draws it."""
+    from .config import DEFAULT_KEY, assign
     from .crops import CropGeometry
-    from .refine import check_crops, physical_splits
+    from .refine import check_crop_entries, check_crops, physical_splits
 
     def values(name: str) -> list[Any]:
         p = space.get(name)
         return [v for _, v in p.corners()] if p is not None else [getattr(base, name)]
 
-    for crop_mm, mm_per_px in itertools.product(values("refine_crop_mm"), values("refine_mm_per_px")):
-        check_crops(CropGeometry.from_mm(crop_mm, mm_per_px), data)
+    sides = [(p.name.partition(".")[2] or DEFAULT_KEY, [v for _, v in p.corners()]) for p in space.params
+             if p.name.split(".")[0] == "refine_crop_mm"] + [(k, [v]) for k, v in base.refine_crop_mm.items()]
+    check_crop_entries(assign(base, {f"refine_crop_mm.{k}": vs[0] for k, vs in sides}), data.info.symbols)
+    for mm_per_px in values("refine_mm_per_px"):
+        check_crops(mm_per_px, {}, data)
+        for key, mms in sides:
+            for mm in mms:
+                check_crops(mm_per_px, {key: CropGeometry.from_mm(mm, mm_per_px)}, data)
     resolution = space.get("refine_mm_per_px")
     if resolution is None or resolution.type in ("fixed", "categorical"):  # every value it can take, not a range
         for mm_per_px in values("refine_mm_per_px"):

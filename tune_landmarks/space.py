@@ -5,6 +5,8 @@ Each top-level key is a run option (a TrainConfig field) with a spec:
     warmup_epochs: {type: int, low: 0, high: 5}
     mode:          {type: categorical, choices: [masked, weighted]}
     loss:          {type: fixed, value: adaptive_wing}
+A per-landmark option takes one entry a key: `refine_crop_mm.Go: {type: uniform, low: 35, high: 55}` searches
+Gonion's crop, `refine_crop_mm` alone every landmark's (its `default` entry).
 Everything is checked before Ray starts, each error naming the file and the key: fixed values and
 choices against the option's rule, and both endpoints of a range too, because every numeric rule is an
 interval (config.Rule) and an interval holds a range exactly when it holds both endpoints. Rules between
@@ -24,13 +26,26 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .config import OPTIONS, RELATIONS, Relation, TrainConfig, check_field, coerce, load_yaml, rule_message
+from .config import (
+    RELATIONS,
+    Relation,
+    TrainConfig,
+    assign,
+    check_field,
+    coerce,
+    load_yaml,
+    option_of,
+    rule_message,
+    scalar_name,
+    value_of,
+)
 
 # what each arm of a sweep cannot use: `all` trains every landmark (no difficult set, nothing left to distil);
 # `weighted` trains every landmark too (nothing to distil); `masked` has no weights to set; only `refine` has
 # crops, and it never trains the start model (no weights, distillation, frozen stages or whole-image shifts)
-REFINE_ONLY = frozenset({"refine_crop_mm", "refine_mm_per_px", "refine_offset_scale", "refine_model",
-                         "refine_passes"})
+REFINE_ONLY = frozenset({"refine_crop_mm", "refine_crop_k", "refine_crop_min_mm", "refine_crop_max_mm",
+                         "refine_mm_per_px", "refine_offset_scale", "refine_model", "refine_passes",
+                         "refine_tta"})
 ARM_UNUSABLE = {"masked": frozenset({"difficult_weight"}) | REFINE_ONLY,
                 "weighted": frozenset({"distill_weight"}) | REFINE_ONLY,
                 "all": frozenset({"difficult_threshold", "difficult", "difficult_weight", "distill_weight"}) | REFINE_ONLY,
@@ -101,8 +116,11 @@ def _plain(value: Any) -> Any:
 def _param(path: Path, name: str, spec: Any) -> Param:
     """One validated entry; every refusal names the file and the key."""
     where = f"{path}: `{name}`"
-    if name not in OPTIONS:
-        raise SpaceError(f"{where}: unknown option (not a run option; see `tune-landmarks finetune --help`)")
+    try:
+        option = option_of(scalar_name(name))
+    except KeyError:
+        raise SpaceError(f"{where}: unknown option (not a run option, nor SYMBOL entry of a per-landmark one like "
+                         "refine_crop_mm.Go; see `tune-landmarks finetune --help`)") from None
     if name in DRIVER_OWNED:
         raise SpaceError(f"{where}: set by the search command for every trial, not searchable")
     if not isinstance(spec, dict) or "type" not in spec:
@@ -120,7 +138,7 @@ def _param(path: Path, name: str, spec: Any) -> Param:
 
     def check_value(v: Any) -> Any:
         try:
-            return check_field(name, coerce(name, v))
+            return check_field(option.name, coerce(option.name, v))
         except ValueError as exc:
             raise SpaceError(f"{where}: {exc}") from None
 
@@ -130,13 +148,13 @@ def _param(path: Path, name: str, spec: Any) -> Param:
         choices = spec["choices"]
         if not isinstance(choices, list) or not choices:
             raise SpaceError(f"{where}: `choices` must be a non-empty list")
-        if OPTIONS[name].type in (list, tuple):
+        if option.type in (list, tuple):
             raise SpaceError(f"{where}: option is a list, and Optuna's choices are single values; use fixed")
         return Param(name, kind, choices=tuple(check_value(c) for c in choices))
-    return _range(where, name, kind, spec)
+    return _range(where, name, kind, spec, option)
 
 
-def _range(where: str, name: str, kind: str, spec: dict[str, Any]) -> Param:
+def _range(where: str, name: str, kind: str, spec: dict[str, Any], option: Any) -> Param:
     low, high = spec["low"], spec["high"]
     numeric = (int,) if kind == "int" else (int, float)
     for k, v in (("low", low), ("high", high)):
@@ -144,7 +162,6 @@ def _range(where: str, name: str, kind: str, spec: dict[str, Any]) -> Param:
             raise SpaceError(f"{where}: {rule_message(k, v, 'an integer' if kind == 'int' else 'a number')}")
         if not math.isfinite(v):
             raise SpaceError(f"{where}: {rule_message(k, v, 'a finite number')}")
-    option = OPTIONS[name]
     if kind != "int" and option.type is int:
         raise SpaceError(f"{where}: option is an integer; use type int")
     if not option.numeric:  # an integer grid on a float option (e.g. warmup_epochs) is fine
@@ -212,17 +229,17 @@ class SearchSpace:
 
     def _check_relation(self, relation: Relation, base: TrainConfig) -> None:
         """Every combination of the corners of the entries the relation reads; when it reads none, `base`."""
-        entries = [p for p in self.params if p.name in relation.options]
+        entries = [p for p in self.params if p.name.split(".")[0] in relation.options]
         for combo in itertools.product(*(p.corners() for p in entries)):
-            cfg = dataclasses.replace(base, **{p.name: v for p, (_, v) in zip(entries, combo)})
+            cfg = assign(base, {p.name: v for p, (_, v) in zip(entries, combo)})
             broken = relation.check(cfg)
             if broken is None:
                 continue
             name, must = broken
             if not entries:
-                raise SpaceError(f"{self.path}: {rule_message(name, getattr(cfg, name), must)}")
+                raise SpaceError(f"{self.path}: {rule_message(name, value_of(cfg, name), must)}")
             p, (label, v) = next(((p, c) for p, c in zip(entries, combo) if p.name == name), (entries[0], combo[0]))
-            then = "" if p.name == name else f"; then the value of `{name}` is {getattr(cfg, name)!r}"
+            then = "" if p.name == name else f"; then the value of `{name}` is {value_of(cfg, name)!r}"
             raise SpaceError(f"{self.path}: `{p.name}`: {label} {v!r}{then}, but must be {must}.")  # rule_message's words
 
     def for_arm(self, arm: str) -> SearchSpace:
@@ -236,7 +253,8 @@ class SearchSpace:
             raise SpaceError(f"{self.path}: `mode` is searched, but --arms chooses it (e.g. --arms masked,weighted)")
         own = dict(self.per_arm).get(arm, ())
         replaced = {p.name for p in own}
-        keep = tuple(p for p in self.params if p.name not in ARM_UNUSABLE[arm] | replaced and p.name != "mode")
+        keep = tuple(p for p in self.params
+                     if p.name.split(".")[0] not in ARM_UNUSABLE[arm] and p.name not in replaced and p.name != "mode")
         return SearchSpace(self.path, keep + own + (Param("mode", "fixed", value=arm),))
 
     def with_threshold_below(self, max_start_error: float) -> tuple[SearchSpace, str | None]:
@@ -299,7 +317,7 @@ def space_from_dict(data: Any, source: str | Path) -> SearchSpace:
     arm_spaces = [dataclasses.replace(space.for_arm(arm), path=Path(f"{path}: {ARMS_KEY}.{arm}")) for arm, _ in space.per_arm]
     for sub in [space, *arm_spaces]:
         for relation in RELATIONS:  # a relation whose options are all in the space is decided by the space alone
-            if set(relation.options) <= {p.name for p in sub.params}:
+            if set(relation.options) <= {p.name.split(".")[0] for p in sub.params}:
                 sub._check_relation(relation, TrainConfig())
     return space
 
@@ -315,7 +333,7 @@ def _arm_sections(path: Path, sections: Any) -> tuple[tuple[str, tuple[Param, ..
             raise SpaceError(f"{where}: not an arm ({', '.join(ARM_UNUSABLE)})")
         if not isinstance(entries, dict) or not entries:
             raise SpaceError(f"{where}: must be a non-empty mapping of option: spec")
-        bad = sorted((set(entries) & ARM_UNUSABLE[arm]) | ({"mode"} & set(entries)))
+        bad = sorted(k for k in entries if str(k).split(".")[0] in ARM_UNUSABLE[arm] | {"mode"})
         if bad:
             raise SpaceError(f"{where}: {', '.join(bad)} cannot be searched by this arm")
         out.append((str(arm), tuple(_param(Path(f"{path}: {ARMS_KEY}.{arm}"), str(k), v) for k, v in entries.items())))

@@ -141,6 +141,9 @@ def _sweep_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(*flag("reduction_factor"), type=float, default=2.0, dest="reduction_factor")
     p.add_argument(*flag("grace_period"), type=int, default=None, dest="grace_period",
                    help="ASHA's first rung (default: the largest warmup in the space, at least 1)")
+    p.add_argument(*flag("arm_grace_period"), type=budgets, default={}, dest="arm_grace_period", metavar="ARM=N,...",
+                   help="another first rung for some arms (e.g. refine=5: a crop network trained from scratch is not "
+                        "judged at its first epochs)")
     p.add_argument(*flag("keep_checkpoints"), type=int, default=2, dest="keep_checkpoints")
     p.add_argument("--mlflow", metavar="URI",
                    help="track the sweep in MLflow at this tracking URI: a parent run, a run per trial, the verdict "
@@ -171,6 +174,7 @@ def cmd_search(args: argparse.Namespace) -> int:
                              arms=args.arms, arm_samples=args.arm_samples, arm_epochs=args.arm_epochs,
                              max_failures=args.max_failures,
                              reduction_factor=args.reduction_factor, grace_period=args.grace_period,
+                             arm_grace_period=args.arm_grace_period,
                              keep_checkpoints=args.keep_checkpoints, resource_policy=args.resource_policy,
                              mlflow=args.mlflow)
     return run_search(args.space, base, settings, args.lease_timeout)
