@@ -1,8 +1,10 @@
-"""A second (or third) refinement pass: crop again around the refined point and predict once more. Does it help?
+"""A second (or third) refinement pass, or averaged shifted crops: do they help, and at what cost?
 
-Why: the issue leaves a second pass optional, "if it measurably helps". A pass is inference only, so one trained
-refinement stage is scored with 1, 2 and 3 passes (`refine_passes`): how many is chosen on the selection split, and
-judged on a split the choice never saw, paired by image with bootstrap intervals (verdict.paired_bootstrap).
+Why: a second pass (crop again around the refined point, `refine_passes`) and averaging `refine_tta` crops shifted
+on a ring are inference only, so one trained refinement stage is scored with each: 1, 2 and 3 passes, and 1 pass of
+3 and 5 averaged crops (`--passes`, `--tta`). The variant is chosen on the selection split and judged on a split the
+choice never saw, paired by image with bootstrap intervals (verdict.paired_bootstrap), with each variant's
+inference time on that split.
 
     python scripts/bench_refine_passes.py --checkpoint study/refine/best.pt --dataset-path ISBI \
         --selection-split train:0.2 --verdict-split test1      # a trained stage on real images
@@ -11,30 +13,36 @@ judged on a split the choice never saw, paired by image with bootstrap intervals
 """
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import _bench
 import numpy as np
 
 from tune_landmarks.cache import build_cache
-from tune_landmarks.crops import build_physical_cache
+from tune_landmarks.config import coerce
+from tune_landmarks.crops import views
 from tune_landmarks.infer import Cascade, load_cascade
 from tune_landmarks.metrics import radial_errors_mm
 from tune_landmarks.read import describe, load_split
 from tune_landmarks.refine import train_refine
 from tune_landmarks.verdict import paired_bootstrap
 
-PASSES = (1, 2, 3)
 
-
-def refined_errors(cascade: Cascade, dataset: Path, split: str, passes: int, cache: str | None) -> np.ndarray:
-    """(N images, refined landmarks) radial errors in mm of the cascade run with `passes` passes on `split`."""
-    sp = load_split(describe(dataset), split, "mean")
-    cached = build_cache(sp.records, split, tuple(cascade.start_cfg.image_size), "mean", cache, progress=False)
-    phys = build_physical_cache(sp.records, split, cascade.mm_per_px, "mean", cache, progress=False)
-    cascade.cfg.refine_passes = passes
-    pred = cascade.predict_cached(cached, phys)
-    return radial_errors_mm(pred, cached.keypoints_orig, cached.spacing_mm)[:, cascade.channels]
+def refined_errors(cascade: Cascade, dataset: Path, split: str, variant: tuple[int, int], cache: str | None,
+                   skip: frozenset[str]) -> tuple[np.ndarray, float]:
+    """(N images, refined landmarks) radial errors in mm of the cascade run with `variant` = (passes, averaged crops)
+    on `split`, and the seconds the refinement took (the start points, the same for every variant, computed first)."""
+    sp = load_split(describe(dataset), split, "mean", skip=skip)
+    cached = build_cache(sp.records, split, tuple(cascade.start_cfg.image_size), "mean", cache, progress=False,
+                         mode=cascade.start_cfg.resize, interpolation=cascade.start_cfg.interpolation)
+    phys = cascade.physical(sp.records, split, "mean", cache, progress=False)
+    cascade.cfg.refine_passes, cascade.cfg.refine_tta = variant
+    start = cascade.start_points(cached)
+    t0 = time.perf_counter()
+    pred = cascade.refine_coarse(start, views(phys))
+    seconds = time.perf_counter() - t0
+    return radial_errors_mm(pred, cached.keypoints_orig, cached.spacing_mm)[:, cascade.channels], seconds
 
 
 def main() -> None:
@@ -47,7 +55,11 @@ def main() -> None:
     p.add_argument("--selection-split", default="valid", help="where the number of passes is chosen")
     p.add_argument("--verdict-split", default="test", help="where the choice is judged (never used to choose)")
     p.add_argument("--bootstrap", type=int, default=2000)
-    args = _bench.parse(p, _bench.FINETUNE_SMOKE | {"epochs": 2, "synth_size": 160, "bootstrap": 200})
+    p.add_argument("--passes", nargs="+", type=int, default=[1, 2, 3], help="refine_passes to score (1 crop each)")
+    p.add_argument("--tta", nargs="+", type=int, default=[3, 5], help="refine_tta to score (1 pass each)")
+    p.add_argument("--skip-images", default="", help="images left out of both splits (ID,... or @FILE)")
+    args = _bench.parse(p, _bench.FINETUNE_SMOKE | {"epochs": 2, "synth_size": 160, "bootstrap": 200, "passes": [1, 2],
+                                                    "tta": [3]})
     device = _bench.setup(args)
     rec = _bench.Record("bench_refine_passes: one refinement pass vs crop-again passes", args, device)
     rec.repeats = "one trained stage, scored once per split and number of passes (accuracy, not timing)"
@@ -62,23 +74,28 @@ def main() -> None:
                                 refine_mm_per_px=0.15, sigma=1.5, refine_offset_scale=1.5, out=str(work / "refine"))
             checkpoint, cache = train_refine(cfg).out / "best.pt", str(work / "cache")
         cascade = load_cascade(checkpoint, device)
-        errors = {(split, n): refined_errors(cascade, dataset, split, n, cache)
-                  for split in (args.selection_split, args.verdict_split) for n in PASSES}
-    chosen = min(PASSES, key=lambda n: errors[(args.selection_split, n)].mean())
+        skip = frozenset(coerce("skip_images", args.skip_images))
+        variants = [(n, 1) for n in sorted(set(args.passes) | {1})] + [(1, t) for t in sorted(set(args.tta) - {1})]
+        scored = {(split, v): refined_errors(cascade, dataset, split, v, cache, skip)
+                  for split in (args.selection_split, args.verdict_split) for v in variants}
+    errors = {k: e for k, (e, _) in scored.items()}
+    chosen = min(variants, key=lambda v: errors[(args.selection_split, v)].mean())
     rows = []
     for split in (args.selection_split, args.verdict_split):
-        for n in PASSES[1:]:
-            d = paired_bootstrap(errors[(split, 1)], errors[(split, n)], cascade.refined, n_boot=args.bootstrap)[-1]
-            rows.append([split, n, d.ref_mre_mm, d.cand_mre_mm, d.diff_mm, f"[{d.diff_low_mm:+.3f}, {d.diff_high_mm:+.3f}]"])
+        for v in variants[1:]:
+            d = paired_bootstrap(errors[(split, (1, 1))], errors[(split, v)], cascade.refined, n_boot=args.bootstrap)[-1]
+            rows.append([split, *v, d.ref_mre_mm, d.cand_mre_mm, d.diff_mm, f"[{d.diff_low_mm:+.3f}, {d.diff_high_mm:+.3f}]",
+                         scored[(split, v)][1] / scored[(split, (1, 1))][1]])
     rec.value("settings", f"{checkpoint} ({cascade.cfg.refine_model}, crops of "
-                          f"{', '.join(f'{s} {g.size}' for s, g in cascade.crops.items())} px at "
-                          f"{cascade.mm_per_px:g} mm/px) on {dataset}; refined: {', '.join(cascade.refined)}; "
+                          f"{', '.join(f'{s} {g.size} px at {g.mm_per_px:g} mm/px' for s, g in cascade.crops.items())}"
+                          f") on {dataset}; refined: {', '.join(cascade.refined)}; "
                           f"selection split {args.selection_split}, verdict split {args.verdict_split}")
-    rec.table(["split", "passes", "1 pass mm", "n passes mm", "n - 1 mm", "95% interval"], rows)
-    rec.value("passes chosen on the selection split", chosen)
-    one, best = errors[(args.verdict_split, 1)].mean(), errors[(args.verdict_split, chosen)].mean()
+    rec.table(["split", "passes", "averaged crops", "1 crop mm", "variant mm", "variant - 1 crop mm", "95% interval",
+               "refinement time / 1 crop"], rows)
+    rec.value("chosen on the selection split (passes, averaged crops)", chosen)
+    one, best = errors[(args.verdict_split, (1, 1))].mean(), errors[(args.verdict_split, chosen)].mean()
     rec.ratio("refined MRE chosen passes/1 pass on the verdict split", best / one,
-              f"{chosen} pass(es) chosen; < 1: the choice helps on images that did not make it")
+              f"{chosen} (passes, averaged crops) chosen; < 1: the choice helps on images that did not make it")
     _bench.emit(rec)
 
 

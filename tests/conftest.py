@@ -98,7 +98,8 @@ def isbi_model(isbi_small, tmp_path_factory) -> Path:
 
 
 REFINED = ["Go", "Ar"]  # the landmarks the ISBI cascade refines
-CROP = {"refine_model": "resnet18", "refine_mm_per_px": 0.5, "refine_crop_mm": "Go=48,default=32"}  # 96 and 64 px
+# a crop per landmark: Go 48 mm at 0.5 mm/px (96 px), Ar 32 mm at 0.6 mm/px (64 px, 38.4 mm)
+CROP = {"refine_model": "resnet18", "refine_mm_per_px": "Ar=0.6,default=0.5", "refine_crop_mm": "Go=48,default=32"}
 
 
 @pytest.fixture(scope="session")

@@ -115,6 +115,13 @@ def test_bad_refine_settings_fail_before_any_training(synth_root, start_ckpt, tm
     with pytest.raises(ValueError, match=r"`refine_crop_mm` is \{'Po': 9\.6\}, but must be keyed by a landmark this "
                                          r"stage refines \(Go, Ar\) or `default`"):
         train_refine(_refine_cfg(synth_root, start_ckpt, tmp_path / "b", refine_crop_mm={"Po": 9.6}, **hard))
+    with pytest.raises(ValueError, match=r"`refine_mm_per_px.Go` is 0\.1, but must be >= 0\.144 mm/px, the coarsest"):
+        train_refine(_refine_cfg(synth_root, start_ckpt, tmp_path / "b", refine_mm_per_px={"Go": 0.1, "default": 0.15},
+                                 refine_crop_mm=4.8, **hard))
+    with pytest.raises(ValueError, match=r"`refine_mm_per_px` is \{'Po': 0\.2\}, but must be keyed by a landmark this "):
+        train_refine(_refine_cfg(synth_root, start_ckpt, tmp_path / "b", refine_mm_per_px={"Po": 0.2}, **hard))
+    with pytest.raises(ValueError, match=r"`refine_tta` is 0, but must be between 1 and 16"):
+        _refine_cfg(synth_root, start_ckpt, tmp_path / "b", refine_tta=0, **hard).validate()
     with pytest.raises(ValueError, match=r"`refine_crop_mm.Go` is -3\.0, but must be > 0 mm"):
         _refine_cfg(synth_root, start_ckpt, tmp_path / "b", refine_crop_mm={"Go": -3.0}, **hard).validate()
     with pytest.raises(ValueError, match=r"`refine_crop_mm` is 300.0, but must be <= 512 crop pixels"):
@@ -295,17 +302,69 @@ def test_cascade_predicts_all_19_and_leaves_every_other_landmark_bit_identical(i
     assert stage["source_sha256"] == sha256_file(isbi_model)
     meta = json.loads((moved / "model.json").read_text())
     assert meta["refine"]["refined"] == REFINED and meta["symbols"] == ISBI_SYMBOLS
-    # each landmark's own crop (`--refine-crop-mm Go=48,default=32` at 0.5 mm/px) is the run's record, the export's,
-    # and what the exported cascade crops with
+    # each landmark's own crop (`--refine-crop-mm Go=48,default=32 --refine-mm-per-px Ar=0.6,default=0.5`) is the
+    # run's record, the export's, and what the exported cascade crops with, from one physical cache per resolution
     run_cfg = yaml.safe_load((isbi_refine.parent / "config.yaml").read_text())
     assert run_cfg["refine_crop_mm"] == meta["config"]["refine_crop_mm"] == {"Go": 48.0, "Ar": 32.0}
-    assert meta["refine"]["crop_px"] == {"Go": 96, "Ar": 64}
+    assert meta["refine"]["crop_px"] == {"Go": 96, "Ar": 64} and meta["refine"]["mm_per_px"] == {"Go": 0.5, "Ar": 0.6}
     loaded = load_cascade(moved, torch.device("cpu"))
-    assert {s: g.size for s, g in loaded.crops.items()} == {"Go": 96, "Ar": 64}
+    assert {s: (g.size, g.mm_per_px) for s, g in loaded.crops.items()} == {"Go": (96, 0.5), "Ar": (64, 0.6)}
+    assert loaded.resolutions == [0.5, 0.6]
     exported = predict(moved, files, tmp_path / "exported")
     assert not exported.failed
     for c, e in zip(casc.predicted, exported.predicted, strict=True):
         assert np.array_equal(c.points, e.points)
+
+
+def test_averaged_crops_move_only_the_refined_points_and_one_crop_is_the_cascade_itself(isbi_small, isbi_refine,
+                                                                                       tmp_path):
+    """`refine_tta` 3: three crops per landmark (one unshifted, two shifted by whole pixels on a ring of size/8), their
+    points averaged: the refined landmarks move, every other landmark is the start model's, bit for bit."""
+    from tune_landmarks.cache import build_cache
+    from tune_landmarks.crops import ring_shifts
+    from tune_landmarks.read import describe, load_split
+
+    assert ring_shifts(1, 64).tolist() == [[0, 0]]
+    assert ring_shifts(3, 96).tolist() == [[0, 0], [12, 0], [-12, 0]]
+    cascade = load_cascade(isbi_refine, torch.device("cpu"))
+    info = describe(isbi_small)
+    records = load_split(info, "test1").records[:4]
+    cached = build_cache(records, "test1", tuple(cascade.start_cfg.image_size), "mean", tmp_path, False,
+                         cascade.start_cfg.resize, cascade.start_cfg.interpolation)
+    phys = cascade.physical(records, "test1", "mean", tmp_path, progress=False)
+    one = cascade.predict_cached(cached, phys)
+    ev = evaluate_checkpoint(isbi_refine, isbi_small, "test1")
+    assert np.array_equal(one, ev.pred[:4])  # refine_tta 1 is the cascade as evaluated
+    averaged = dataclasses.replace(cascade, cfg=dataclasses.replace(cascade.cfg, refine_tta=3)).predict_cached(cached, phys)
+    refined = [ISBI_SYMBOLS.index(s) for s in REFINED]
+    others = [i for i in range(19) if i not in refined]
+    assert np.array_equal(averaged[:, others], one[:, others])
+    assert np.isfinite(averaged).all() and not np.array_equal(averaged[:, refined], one[:, refined])
+
+
+def test_labels_as_they_are_draw_one_annotator_per_crop_and_judge_on_the_mean(isbi_small, isbi_model, tmp_path):
+    """`--annotator both`: the training crops learn the senior's or the junior's point (each item draws one), while
+    the difficult set, the selection and the verdict stay on their mean (the same start errors as `mean`)."""
+    from tune_landmarks.config import from_dict
+    from tune_landmarks.read import describe, load_split
+    from tune_landmarks.run import prepare_data, training_labels
+
+    cfg = from_dict({"dataset_path": str(isbi_small), "resume": str(isbi_model), "mode": "refine", "difficult": "Go",
+                     "annotator": "both", "refine_model": "resnet18", "refine_mm_per_px": 0.5, "refine_crop_mm": 32,
+                     "epochs": 1, "max_steps_per_epoch": 1, "batch_size": 4, "progress": False, "out": str(tmp_path / "b"),
+                     "model": TINY["model"], "image_size": TINY["image_size"]})
+    data = prepare_data(cfg, False)
+    labels = training_labels(cfg, data)
+    info = describe(isbi_small)
+    senior = {r.image_id: r.keypoints for r in load_split(info, "train", "senior").records}
+    assert labels.shape == (2, len(data.train.image_ids), 19, 2)
+    assert np.array_equal(labels[0], np.stack([senior[i] for i in data.train.image_ids]))
+    assert not np.array_equal(labels[0], labels[1])
+    both = train_refine(cfg)
+    mean = train_refine(dataclasses.replace(cfg, annotator="mean", out=str(tmp_path / "m")))
+    assert both.start_per_landmark == mean.start_per_landmark  # judged on the mean
+    assert yaml.safe_load((both.out / "config.yaml").read_text())["annotator"] == "both"
+    assert both.history[0]["train_loss"] != mean.history[0]["train_loss"]  # it learnt other points
 
 
 def test_a_mismatched_refine_checkpoint_is_refused_before_any_work(isbi_small, isbi_model, isbi_refine, synth_root,

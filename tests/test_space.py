@@ -331,3 +331,14 @@ def test_a_bad_per_landmark_entry_is_refused_naming_it(tmp_path: Path, entry: st
     text = f"lr: {{type: loguniform, low: 1.0e-4, high: 1.0e-3}}\nrefine_mm_per_px: {{type: fixed, value: 0.5}}\n{entry}\n"
     with pytest.raises(SpaceError, match=re.escape(message)):
         load_space(write(tmp_path, text))
+
+
+def test_a_landmarks_crop_is_checked_at_its_own_resolution(tmp_path: Path) -> None:
+    """Gonion's 150 mm crop fits 512 px at its own 0.5 mm/px, not at the others' 0.2."""
+    text = ("lr: {type: loguniform, low: 1.0e-4, high: 1.0e-3}\nrefine_mm_per_px: {type: fixed, value: 0.2}\n"
+            "refine_crop_mm.Go: {type: uniform, low: 35, high: 150}\n")
+    with pytest.raises(SpaceError, match=re.escape("`refine_crop_mm.Go`: The value of `high` is 150, but must be <= 512 "
+                                                   "crop pixels at `refine_mm_per_px` 0.2")):
+        load_space(write(tmp_path, text))
+    space = load_space(write(tmp_path, text + "refine_mm_per_px.Go: {type: categorical, choices: [0.5, 0.6]}\n"))
+    assert {p.name for p in space.params} >= {"refine_mm_per_px.Go", "refine_crop_mm.Go"}

@@ -26,7 +26,7 @@ from .atomic import write_parquet
 from .cache import CachedSplit, build_cache, to_target
 from .check import DEFAULT_MAX_DISAGREEMENT_MM, check_dataset, finish
 from .config import TrainConfig, rule_error
-from .crops import PhysicalSplit, build_physical_cache
+from .crops import PhysicalSplit
 from .metrics import predictions_table, radial_errors_mm
 from .options import add_dataset_options, add_device_options, flag
 from .read import Record, describe
@@ -220,17 +220,16 @@ class AuditModel:
     cascade: Cascade | None = None
 
     def caches(self, records: list[Record], split: str, annotator: str, cache_dir: str | None,
-               progress: bool) -> tuple[CachedSplit, PhysicalSplit | None]:
-        """The split cached as `evaluate` caches it (a cascade's crops also at their resolution)."""
+               progress: bool) -> tuple[CachedSplit, dict[float, PhysicalSplit] | None]:
+        """The split cached as `evaluate` caches it (a cascade's crops also at each of their resolutions)."""
         cfg = self.cfg
         cached = build_cache(records, split, tuple(cfg.image_size), annotator, cache_dir, progress, cfg.resize,
                              cfg.interpolation)
         if self.cascade is None:
             return cached, None
-        return cached, build_physical_cache(records, split, self.cascade.mm_per_px, annotator, cache_dir,
-                                            progress)
+        return cached, self.cascade.physical(records, split, annotator, cache_dir, progress)
 
-    def predict(self, cached: CachedSplit, phys: PhysicalSplit | None) -> np.ndarray:
+    def predict(self, cached: CachedSplit, phys: dict[float, PhysicalSplit] | None) -> np.ndarray:
         """Points (N, K, 2) in original px, as `evaluate` predicts them (infer.predict_as_run, Cascade.predict_cached)."""
         from .infer import predict_as_run
 
@@ -238,7 +237,8 @@ class AuditModel:
             return predict_as_run(self.net, self.cfg, cached)
         return self.cascade.predict_cached(cached, phys)
 
-    def predict_mirrored(self, cached: CachedSplit, phys: PhysicalSplit | None, idx: np.ndarray) -> np.ndarray:
+    def predict_mirrored(self, cached: CachedSplit, phys: dict[float, PhysicalSplit] | None,
+                         idx: np.ndarray) -> np.ndarray:
         """Points (len(idx), K, 2) on films `idx` flipped left-right, in the flipped films' pixels: the same calls on
         flipped inputs (a cascade crops the flipped films at its resolution)."""
         from .infer import predict_as_run
@@ -246,8 +246,8 @@ class AuditModel:
         films = flip_films(cached, idx)
         if self.cascade is None:
             return predict_as_run(self.net, self.cfg, films)
-        return self.cascade.refine_coarse(self.cascade.start_points(films),
-                                          [np.ascontiguousarray(phys.image(i)[:, ::-1]) for i in idx], phys.scale[idx])
+        flipped = {res: ([np.ascontiguousarray(p.image(i)[:, ::-1]) for i in idx], p.scale[idx]) for res, p in phys.items()}
+        return self.cascade.refine_coarse(self.cascade.start_points(films), flipped)
 
 
 def flip_films(split: CachedSplit, idx: np.ndarray) -> CachedSplit:

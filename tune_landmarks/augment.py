@@ -45,11 +45,14 @@ def frame_item(scale: np.ndarray, spacing_mm: float) -> torch.Tensor:
 
 
 class LandmarkDataset(Dataset):
-    """Items: image (1, H, W) float in [0, 1], keypoints (K, 2) in the resized frame, the image's frame_item."""
+    """Items: image (1, H, W) float in [0, 1], keypoints (K, 2) in the resized frame, the image's frame_item. With
+    `labels` (A, N, K, 2) in the resized frame, an item's keypoints are one annotator's, drawn by the transform's
+    generator (`--annotator both`); else the split's own."""
 
-    def __init__(self, split: CachedSplit, transform: A.Compose | None = None):
+    def __init__(self, split: CachedSplit, transform: A.Compose | None = None, labels: np.ndarray | None = None):
         self.split = split
         self.transform = transform
+        self.labels = labels
 
     def __len__(self) -> int:
         return len(self.split)
@@ -57,6 +60,8 @@ class LandmarkDataset(Dataset):
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, int]:
         img = np.array(self.split.images[i])  # a private copy of the read-only memmap row
         kps = self.split.keypoints[i].astype(np.float32)
+        if self.labels is not None and self.transform is not None:
+            kps = self.labels[int(self.transform.random_generator.integers(len(self.labels))), i].astype(np.float32)
         if self.transform is not None:
             out = self.transform(image=img, keypoints=kps)
             img = out["image"]

@@ -26,6 +26,7 @@ import pyarrow.ipc as ipc
 from tqdm import tqdm
 
 from .atomic import staged_dir
+from .config import truth_of
 from .dicom import PREAMBLE_END, decode_dicom, is_dicom
 from .fingerprint import THUMB, thumbnail
 from .read import DatasetError, Record, completeness_problem
@@ -219,5 +220,6 @@ def build_cache(records: list[Record], split: str, size: tuple[int, int], annota
         write_meta(tmp, cols)
 
     how = [] if (mode, interpolation) == ("stretch", "auto") else [mode, interpolation]  # earlier entries stay valid
+    annotator = truth_of(annotator)  # `both` is judged on the mean: the same entry
     key = cache_key(records, split, list(size), annotator, *how)
     return built_once(cache_root, f"{split}-{size[0]}x{size[1]}-{annotator}-{key}", build, _load)

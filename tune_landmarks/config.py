@@ -26,9 +26,11 @@ from typing import Any
 
 import yaml
 
-ANNOTATORS = ("senior", "junior", "mean")
+ANNOTATORS = ("senior", "junior", "mean", "both")
+BOTH = "both"  # the refinement stage's training crops draw one annotator's point each; the truth otherwise is the mean
 FORMATS = ("aariz", "isbi")
 DEFAULT_KEY = "default"  # a per-landmark option's entry for every landmark it does not name
+DEFAULT_MM_PER_PX = 0.3  # a refined landmark's crop resolution when refine_mm_per_px names neither it nor `default`
 DEFAULT_STORAGE = "./sweeps"  # where a sweep's experiment goes, and where a name alone is looked up
 LOSSES = ("adaptive_wing", "mse")
 MODES = ("all", "weighted", "masked", "refine")
@@ -161,12 +163,13 @@ class TrainConfig:
     freeze_stages: int = opt(0, between(0, 4))
     # refine mode: a second, local stage for the difficult landmarks (refine.py; crops.py for the geometry)
     # side of each landmark's square crop (rounded to whole 32-px blocks): {SYMBOL: mm, default: mm}, a plain number
-    # for every landmark; a landmark it leaves out gets refine_crop_k x its start model's p99 error (crops.py)
+    # for every landmark; a landmark it leaves out gets refine_crop_k x its start model's p99 error (refine.crop_sides)
     refine_crop_mm: dict[str, float] = opt(factory=dict, rule=gt(0, " mm"))
-    refine_crop_k: float = opt(6.0, gt(0))  # derived side = k x the start model's 99th-percentile train error
+    refine_crop_k: float = opt(8.0, gt(0))  # derived side = k x the start model's 99th-percentile train error (docs/refine.md §7)
     refine_crop_min_mm: float = opt(19.2, gt(0, " mm"))  # derived sides are clipped to [min, max]
     refine_crop_max_mm: float = opt(57.6, gt(0, " mm"))
-    refine_mm_per_px: float = opt(0.3, gt(0, " mm/px"))  # crop resolution; never finer than the images' spacing
+    # each landmark's crop resolution, same forms (one physical cache per value); never finer than the images' spacing
+    refine_mm_per_px: dict[str, float] = opt(factory=lambda: {DEFAULT_KEY: DEFAULT_MM_PER_PX}, rule=gt(0, " mm/px"))
     refine_offset_scale: float = opt(1.5, ge(0))  # training-crop offsets: x the start model's own train errors
     refine_model: str = opt("hrnet_w18_small", Rule(test=bool, text="a timm backbone name"))  # the crop network
     refine_passes: int = opt(1, between(1, 3))  # crops at inference: 2 = crop again around the refined point
@@ -291,12 +294,19 @@ def crop_pixels(crop_mm: float, mm_per_px: float) -> int:
 MAX_CROP_PX = 512
 
 
+def entry_of(values: dict[str, float], key: str, fallback: float | None = None) -> float | None:
+    """A per-landmark option's value for landmark `key`: its own entry, else `default`, else `fallback`."""
+    return values.get(key, values.get(DEFAULT_KEY, fallback))
+
+
 def _crop_in_pixels(c: TrainConfig) -> tuple[str, str] | None:
     for key, mm in c.refine_crop_mm.items():
-        if mm / c.refine_mm_per_px > MAX_CROP_PX + 16:
+        res = entry_of(c.refine_mm_per_px, key, DEFAULT_MM_PER_PX)
+        if mm / res > MAX_CROP_PX + 16:
+            at = entry_name("refine_mm_per_px", key if key in c.refine_mm_per_px else DEFAULT_KEY)
             return entry_name("refine_crop_mm", key), (
-                f"<= {MAX_CROP_PX} crop pixels at `refine_mm_per_px` {c.refine_mm_per_px:g} "
-                f"(<= {(MAX_CROP_PX + 16) * c.refine_mm_per_px:g} mm): a crop is a local view")
+                f"<= {MAX_CROP_PX} crop pixels at `{at}` {res:g} "
+                f"(<= {(MAX_CROP_PX + 16) * res:g} mm): a crop is a local view")
     return None
 
 
@@ -338,6 +348,12 @@ def rule_message(name: str, value: Any, must: str) -> str:
 def rule_error(name: str, value: Any, must: str) -> ValueError:
     """`raise rule_error("lr", lr, "> 0")`: the one wording as the ValueError the command line reports."""
     return ValueError(rule_message(name, value, must))
+
+
+def truth_of(annotator: str) -> str:
+    """Whose points are the truth for `annotator`: `both` trains on each annotator's own points (refine.py) and is
+    judged, cached and selected on their mean."""
+    return "mean" if annotator == BOTH else annotator
 
 
 def entry_name(name: str, key: str) -> str:

@@ -18,7 +18,7 @@ Pixels outside the image are 0 (border padding).
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +27,7 @@ import pyarrow as pa
 import pyarrow.ipc as ipc
 
 from .cache import built_once, cache_key, decoded_records, resize, to_original, to_target, write_meta
-from .config import DEFAULT_KEY, crop_pixels, entry_name, rule_message
+from .config import DEFAULT_MM_PER_PX, crop_pixels, entry_name, entry_of, rule_message, truth_of
 from .read import Record
 
 
@@ -52,17 +52,31 @@ class CropGeometry:
         return np.round(np.asarray(centres, np.float64) - (self.size - 1) / 2).astype(np.int64)
 
 
+View = tuple[Sequence[np.ndarray], np.ndarray]  # images at one crop resolution, and each one's scale (original -> there)
+
+
 def crop_side_mm(crop_mm: dict[str, float], symbol: str) -> float:
     """A landmark's crop side from a resolved `refine_crop_mm` (its own entry, else `default`)."""
-    side = crop_mm.get(symbol, crop_mm.get(DEFAULT_KEY))
+    side = entry_of(crop_mm, symbol)
     if side is None:
         raise ValueError(f"no crop side for {symbol} in refine_crop_mm {crop_mm}")
     return side
 
 
-def geometries(crop_mm: dict[str, float], refined: Sequence[str], mm_per_px: float) -> dict[str, CropGeometry]:
-    """Each refined landmark's crop: its side (crop_side_mm) at the one crop resolution."""
-    return {s: CropGeometry.from_mm(crop_side_mm(crop_mm, s), mm_per_px) for s in refined}
+def resolution(mm_per_px: dict[str, float], symbol: str) -> float:
+    """A landmark's crop resolution from `refine_mm_per_px` (its own entry, else `default`, else 0.3 mm/px)."""
+    return entry_of(mm_per_px, symbol, DEFAULT_MM_PER_PX)
+
+
+def geometries(crop_mm: dict[str, float], refined: Sequence[str], mm_per_px: dict[str, float]) -> dict[str, CropGeometry]:
+    """Each refined landmark's crop: its side (crop_side_mm) at its resolution."""
+    return {s: CropGeometry.from_mm(crop_side_mm(crop_mm, s), resolution(mm_per_px, s)) for s in refined}
+
+
+def views(phys: Mapping[float, PhysicalSplit], idx: Sequence[int] | None = None) -> dict[float, View]:
+    """Each resolution's images and scales (of images `idx`, default all) for infer.refine_points."""
+    idx = range(len(next(iter(phys.values())))) if idx is None else idx
+    return {res: ([p.image(i) for i in idx], p.scale[list(idx)]) for res, p in phys.items()}
 
 
 def ring_shifts(count: int, size: int) -> np.ndarray:
@@ -115,16 +129,18 @@ def smallest_extent_mm(spacing_mm: np.ndarray, sizes: np.ndarray) -> float:
     return float((np.asarray(sizes, np.float64).min(axis=1) * np.asarray(spacing_mm, np.float64)).min())
 
 
-def check_geometry(mm_per_px: float, crops: dict[str, CropGeometry], spacing_mm: np.ndarray, sizes: np.ndarray,
-                   image_ids: Sequence[str]) -> None:
+def check_geometry(mm_per_px: dict[str, float], crops: dict[str, CropGeometry], spacing_mm: np.ndarray,
+                   sizes: np.ndarray, image_ids: Sequence[str]) -> None:
     """Refuse crop settings the images cannot serve, before any training: a resolution finer than an image's own
-    pixel spacing (the crop would only interpolate), or a landmark's crop wider than an image's shorter side."""
+    pixel spacing (the crop would only interpolate), or a landmark's crop wider than an image's shorter side.
+    `mm_per_px`: the resolutions by entry (`default` or a landmark), `crops` the crops by landmark (or entry)."""
     spacing_mm = np.asarray(spacing_mm, np.float64)
     coarse = int(np.argmax(spacing_mm))
-    if mm_per_px < spacing_mm[coarse] - 1e-9:
-        raise ValueError(rule_message("refine_mm_per_px", mm_per_px,
-                                      f">= {spacing_mm[coarse]:g} mm/px, the coarsest pixel spacing of the images "
-                                      f"({image_ids[coarse]}): a crop finer than its image only interpolates"))
+    for key, res in mm_per_px.items():
+        if res < spacing_mm[coarse] - 1e-9:
+            raise ValueError(rule_message(entry_name("refine_mm_per_px", key), res,
+                                          f">= {spacing_mm[coarse]:g} mm/px, the coarsest pixel spacing of the images "
+                                          f"({image_ids[coarse]}): a crop finer than its image only interpolates"))
     extent = np.asarray(sizes, np.float64).min(axis=1) * spacing_mm
     small = int(np.argmin(extent))
     for symbol, geometry in crops.items():
@@ -200,5 +216,6 @@ def build_physical_cache(records: list[Record], split: str, mm_per_px: float, an
                 offset += small.size
         write_meta(tmp, cols)
 
+    annotator = truth_of(annotator)  # `both` is judged on the mean: the same entry
     key = cache_key(records, "physical", split, mm_per_px, annotator)
     return built_once(cache_root, f"{split}-{mm_per_px:g}mmpx-{annotator}-{key}", build, _load)

@@ -7,7 +7,7 @@ decode and map back to original pixels through these functions, so they cannot d
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -18,12 +18,23 @@ import torch
 from .atomic import write_parquet
 from .build import fixed_options, from_checkpoint
 from .cache import CachedSplit, build_cache, to_original, to_target
-from .config import TrainConfig, from_dict
-from .crops import CropGeometry, PhysicalSplit, build_physical_cache, check_geometry, from_crop, geometries, ring_shifts, take
+from .config import DEFAULT_KEY, TrainConfig, from_dict
+from .crops import (
+    CropGeometry,
+    PhysicalSplit,
+    View,
+    build_physical_cache,
+    check_geometry,
+    from_crop,
+    geometries,
+    ring_shifts,
+    take,
+    views,
+)
 from .device import autocast, device_of, place, resolve_device
 from .metrics import Summary, predictions_table, radial_errors_mm, summarize
 from .model import CheckpointError, LandmarkModel, input_size, read_checkpoint, sha256_file
-from .read import DatasetInfo, describe, load_split, predictions_sha256, read_predictions
+from .read import DatasetInfo, Record, describe, load_split, predictions_sha256, read_predictions
 
 
 @torch.no_grad()
@@ -137,14 +148,17 @@ def predict_as_run(model: LandmarkModel, cfg: TrainConfig, split: CachedSplit) -
 # ---------------------------------------------------------------- the refinement cascade (trained by refine.py)
 
 @torch.no_grad()
-def refine_points(model: LandmarkModel, images: Sequence[np.ndarray], scale: np.ndarray, coarse: np.ndarray,
-                  crops: Sequence[CropGeometry], device: torch.device, decoder: str = "dark", sigma: float = 2.0,
-                  amp: bool = False, batch_size: int = 32, tta: int = 1) -> np.ndarray:
+def refine_points(model: LandmarkModel, at: Mapping[float, View], coarse: np.ndarray, crops: Sequence[CropGeometry],
+                  device: torch.device, decoder: str = "dark", sigma: float = 2.0, amp: bool = False,
+                  batch_size: int = 32, tta: int = 1) -> np.ndarray:
     """Refined points (N, L, 2) in original px. For image n and refined landmark j: the crop `crops[j]` of the
-    physical image `images[n]` (`scale[n]`: original -> physical px) around `coarse[n, j]` (original px), channel j
-    of `model` decoded there by `predict_batch` and mapped back exactly (crops.from_crop). Crops of one size are
-    batched together. `tta` > 1: that many crops per landmark, shifted (crops.ring_shifts), their points averaged."""
-    centres = to_target(coarse, scale[:, None, :])
+    physical image n at that crop's resolution (`at[res]`: the images and their scales, original -> physical px)
+    around `coarse[n, j]` (original px), channel j of `model` decoded there by `predict_batch` and mapped back
+    exactly (crops.from_crop). Crops of one size are batched together. `tta` > 1: that many crops per landmark,
+    shifted (crops.ring_shifts), their points averaged."""
+    images = [at[g.mm_per_px][0] for g in crops]
+    scales = np.stack([at[g.mm_per_px][1] for g in crops], 1)  # (N, L, 2)
+    centres = to_target(coarse, scales)
     origins = np.stack([g.origins(centres[:, j]) for j, g in enumerate(crops)], 1)
     shifts = [ring_shifts(tta, g.size) for g in crops]
     jobs = sorted(((n, j, t) for n in range(coarse.shape[0]) for j in range(coarse.shape[1]) for t in range(tta)),
@@ -156,11 +170,11 @@ def refine_points(model: LandmarkModel, images: Sequence[np.ndarray], scale: np.
     while b < len(jobs):
         size = crops[jobs[b][1]].size
         chunk = [job for job in jobs[b:b + batch_size] if crops[job[1]].size == size]
-        at = np.stack([origins[n, j] + shifts[j][t] for n, j, t in chunk])
-        pts = predict_batch(model, np.stack([take(images[n], o, size) for (n, _, _), o in zip(chunk, at)]),
+        where = np.stack([origins[n, j] + shifts[j][t] for n, j, t in chunk])
+        pts = predict_batch(model, np.stack([take(images[j][n], o, size) for (n, j, _), o in zip(chunk, where)]),
                             device, decoder, sigma, amp)
-        for (n, j, t), o, p in zip(chunk, at, pts):
-            points[t, n, j] = from_crop(p[j], scale[n], o)
+        for (n, j, t), o, p in zip(chunk, where, pts):
+            points[t, n, j] = from_crop(p[j], scales[n, j], o)
         b += len(chunk)
     model.train(was_training)
     return points.mean(0)
@@ -190,38 +204,51 @@ class Cascade:
 
     @property
     def crops(self) -> dict[str, CropGeometry]:
-        """Each refined landmark's crop (the run's resolved `refine_crop_mm`; one side for all in older stages)."""
+        """Each refined landmark's crop (the run's resolved `refine_crop_mm` and `refine_mm_per_px`; one side and
+        resolution for all in older stages)."""
         return geometries(self.cfg.refine_crop_mm, self.refined, self.cfg.refine_mm_per_px)
 
     @property
-    def mm_per_px(self) -> float:
-        """The crop resolution: the physical cache a cascade reads."""
-        return self.cfg.refine_mm_per_px
+    def resolutions(self) -> list[float]:
+        """The crop resolutions: one physical cache each."""
+        return sorted({g.mm_per_px for g in self.crops.values()})
+
+    def check_images(self, spacing_mm: np.ndarray, sizes: np.ndarray, image_ids: Sequence[str]) -> None:
+        """Refuse images the crops cannot serve (crops.check_geometry), naming the image and the landmark."""
+        crops = self.crops
+        by_entry = {(s if s in self.cfg.refine_mm_per_px else DEFAULT_KEY): g.mm_per_px for s, g in crops.items()}
+        check_geometry(by_entry, crops, spacing_mm, sizes, image_ids)
+
+    def physical(self, records: list[Record], split: str, annotator: str, cache_dir: str | Path | None,
+                 progress: bool) -> dict[float, PhysicalSplit]:
+        """A split at each crop resolution (crops.build_physical_cache), as predict_cached reads it."""
+        return {res: build_physical_cache(records, split, res, annotator, cache_dir, progress) for res in self.resolutions}
 
     @property
     def channels(self) -> list[int]:
         return [self.symbols.index(s) for s in self.refined]
 
-    def refine_coarse(self, coarse: np.ndarray, images: Sequence[np.ndarray], scale: np.ndarray) -> np.ndarray:
+    def refine_coarse(self, coarse: np.ndarray, at: Mapping[float, View]) -> np.ndarray:
         """All landmarks (N, K, 2): the start model's points `coarse` with the refined ones replaced; with
         `refine_passes` 2 or 3, each pass crops again around the previous pass's points (the landmark nearer the
         crop's centre, where training put most of its crops)."""
         out = coarse.copy()
         points = coarse[:, self.channels]
         for _ in range(self.cfg.refine_passes):
-            points = refine_points(self.refine, images, scale, points, list(self.crops.values()),
+            points = refine_points(self.refine, at, points, list(self.crops.values()),
                                    device_of(self.refine), self.cfg.decoder, self.cfg.sigma,
                                    self.cfg.mixed_precision, tta=self.cfg.refine_tta)
         out[:, self.channels] = points
         return out
 
-    def predict_cached(self, split: CachedSplit, phys: PhysicalSplit) -> np.ndarray:
+    def predict_cached(self, split: CachedSplit, phys: Mapping[float, PhysicalSplit]) -> np.ndarray:
         """All landmarks (N, K, 2) in original px for a split cached at the start model's input size (`split`) and at
-        the crop resolution (`phys`, the same records)."""
-        if list(split.image_ids) != list(phys.image_ids):
-            raise ValueError(f"{split.path} and {phys.path} hold different images")
-        check_geometry(self.mm_per_px, self.crops, phys.spacing_mm, phys.orig_size, phys.image_ids)
-        return self.refine_coarse(self.start_points(split), phys.images(), phys.scale)
+        each crop resolution (`phys`, the same records: Cascade.physical)."""
+        for p in phys.values():
+            if list(split.image_ids) != list(p.image_ids):
+                raise ValueError(f"{split.path} and {p.path} hold different images")
+            self.check_images(p.spacing_mm, p.orig_size, p.image_ids)
+        return self.refine_coarse(self.start_points(split), views(phys))
 
 
 def is_refine(ckpt: dict[str, Any]) -> bool:
@@ -329,8 +356,7 @@ def evaluate_checkpoint(checkpoint: str | Path, dataset_path: str | Path, split:
         start_pl = st.summary.per_landmark
         trained = difficult if cfg.mode in ("masked", "refine") else info.symbols
     if cascade is not None:
-        phys = build_physical_cache(sp.records, split, cascade.mm_per_px, annotator, cache_dir, progress)
-        pred = cascade.predict_cached(cached, phys)
+        pred = cascade.predict_cached(cached, cascade.physical(sp.records, split, annotator, cache_dir, progress))
     else:
         model = place(from_checkpoint(ckpt, checkpoint, info.symbols), dev)
         # the precision the run validated with, so an export reproduces its recorded metrics

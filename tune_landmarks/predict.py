@@ -156,7 +156,7 @@ def predict(model_path: str | Path, inputs: Sequence[str | Path], out: str | Pat
     image without one is listed, not guessed. `start_predictions`: a folder of another detector's predictions (one JSON per image,
     same stem) whose points the cascade refines instead of its start model's; every other landmark is copied."""
     from .cache import decode_image, resize, to_original
-    from .crops import check_geometry, physical_size
+    from .crops import physical_size
     from .device import resolve_device
     from .infer import is_refine, load_cascade, load_model, predict_batch
     from .model import read_checkpoint
@@ -196,7 +196,7 @@ def predict(model_path: str | Path, inputs: Sequence[str | Path], out: str | Pat
                         raise ValueError(f"{path}: no pixel size, and the refinement stage crops in millimetres: give "
                                          "--pixel-size MM or --pixel-size-csv FILE (its training images had "
                                          f"{cascade.train_spacing_mm[0]:g}-{cascade.train_spacing_mm[1]:g} mm/px)")
-                    check_geometry(cascade.mm_per_px, cascade.crops, [spacing.mm], [grey.shape[::-1]], [str(path)])
+                    cascade.check_images([spacing.mm], [grey.shape[::-1]], [str(path)])
             except (OSError, cv2.error, ValueError) as exc:
                 report.failed.append((str(path), str(exc).removeprefix(f"{path}: ")))
                 continue
@@ -210,9 +210,11 @@ def predict(model_path: str | Path, inputs: Sequence[str | Path], out: str | Pat
             pts = to_original(predict_batch(model, np.stack([b[3] for b in batch]), dev, cfg.decoder, cfg.sigma,
                                             cfg.mixed_precision, scale), scale[:, None, :])
         if cascade is not None:
-            phys, scale = zip(*(resize(g, physical_size(g.shape[1], g.shape[0], sp.mm, cascade.mm_per_px))
-                                for _, g, sp, *_ in batch))
-            pts = cascade.refine_coarse(pts, phys, np.stack(scale))
+            at = {}
+            for res in cascade.resolutions:  # each crop resolution's images, as the physical caches hold them
+                phys, scale = zip(*(resize(g, physical_size(g.shape[1], g.shape[0], sp.mm, res)) for _, g, sp, *_ in batch))
+                at[res] = (phys, np.stack(scale))
+            pts = cascade.refine_coarse(pts, at)
         for (path, grey, spacing, *_), p in zip(batch, pts, strict=True):
             _write_image_outputs(out, path, grey, p, symbols, integer, spacing)
             report.predicted.append(Prediction(path, p, spacing))

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import ANNOTATORS, rule_error
+from .config import ANNOTATORS, rule_error, truth_of
 from .dicom import header_spacing, is_dicom, read_header, size_of
 from .landmarks import AARIZ, ISBI2015, Landmark, symbols
 
@@ -521,6 +521,7 @@ def read_split(info: DatasetInfo, split: str, annotator: str = "mean", skip: fro
     in `Split.problems`, never raised one by one. Images named in `skip` (--skip-images) are left out as if absent,
     before carving."""
     _check_annotator(annotator)
+    annotator = truth_of(annotator)
     name, fraction = parse_split(split)
     if name not in info.splits:
         return Split(split, [], [f"{info.root}: split {name!r} is missing (present: {', '.join(info.splits) or 'none'})"])

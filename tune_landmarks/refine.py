@@ -46,10 +46,12 @@ from .crops import (
     check_geometry,
     crop_side_mm,
     geometries,
+    resolution,
     size_groups,
     smallest_extent_mm,
     take,
     to_crop,
+    views,
 )
 from .device import amp_dtype, device_of, intra_op_threads, place, resolve_device
 from .infer import Cascade, is_refine, load_cascade, load_model, predict_as_run
@@ -95,19 +97,22 @@ class CropDataset(Dataset):
     augment.LandmarkDataset's: crop (1, P, P) float in [0, 1], keypoints (L, 2) in crop px, frame. The keypoints of
     the channels that are not this crop's landmark are NaN, so their targets are too and CropObjective leaves them
     out. Offsets come from the transform's own generator, which run.epoch_loader reseeds each epoch. Each landmark
-    has its own crop (`geometries`, one per channel); crops of different sizes go to different batches (`batches`)."""
+    has its own crop (`geometries`, one per channel) from the images at that crop's resolution (`phys`, by mm/px);
+    crops of different sizes go to different batches (`batches`). `labels` (A, N, K, 2), original px: the points to
+    learn, one array per annotator; with A > 1 each item draws one (run.training_labels)."""
 
-    def __init__(self, phys: PhysicalSplit, channels: list[int], geometries: list[CropGeometry], offsets: Offsets,
-                 transform: Any):
-        self.phys, self.channels, self.geometries, self.offsets, self.transform = \
-            phys, channels, geometries, offsets, transform
+    def __init__(self, phys: dict[float, PhysicalSplit], channels: list[int], geometries: list[CropGeometry],
+                 offsets: Offsets, transform: Any, labels: np.ndarray):
+        self.phys, self.channels, self.geometries, self.offsets, self.transform, self.labels = \
+            phys, channels, geometries, offsets, transform, labels
+        self.images = labels.shape[1]
 
     def __len__(self) -> int:
-        return len(self.phys) * len(self.channels)
+        return self.images * len(self.channels)
 
     def groups(self) -> list[int]:
         """How many items each crop size has (run.steps_per_epoch counts their batches apart)."""
-        return [len(self.phys) * len(js) for js in size_groups([g.size for g in self.geometries]).values()]
+        return [self.images * len(js) for js in size_groups([g.size for g in self.geometries]).values()]
 
     def batches(self, batch_size: int, generator: torch.Generator) -> list[list[int]] | None:
         """One epoch's batches when the landmarks' crops differ in size: the items shuffled, batched within each size,
@@ -123,12 +128,14 @@ class CropDataset(Dataset):
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, int]:
         n, j = divmod(i, len(self.channels))
         geometry = self.geometries[j]
-        truth = self.phys.keypoints_orig[n, self.channels[j]]
-        centre = to_crop(truth, self.phys.scale[n], 0) + self.offsets.draw(j, self.transform.random_generator) / \
+        phys = self.phys[geometry.mm_per_px]
+        who = int(self.transform.random_generator.integers(len(self.labels))) if len(self.labels) > 1 else 0
+        truth = self.labels[who, n, self.channels[j]]
+        centre = to_crop(truth, phys.scale[n], 0) + self.offsets.draw(j, self.transform.random_generator) / \
             geometry.mm_per_px
         origin = geometry.origins(centre)
-        point = to_crop(truth, self.phys.scale[n], origin).astype(np.float32)[None]
-        out = self.transform(image=take(self.phys.image(n), origin, geometry.size), keypoints=point)
+        point = to_crop(truth, phys.scale[n], origin).astype(np.float32)[None]
+        out = self.transform(image=take(phys.image(n), origin, geometry.size), keypoints=point)
         kps = np.full((len(self.channels), 2), np.nan, np.float32)
         kps[j] = np.asarray(out["keypoints"], np.float32).reshape(-1, 2)[0]
         image = torch.from_numpy(np.ascontiguousarray(out["image"])).unsqueeze(0).float().div_(255.0)
@@ -214,7 +221,7 @@ def start_points(start: LandmarkModel, start_cfg: TrainConfig, start_sha: str, s
     return points
 
 
-def check_crops(mm_per_px: float, crops: dict[str, CropGeometry], data: Data) -> None:
+def check_crops(mm_per_px: dict[str, float], crops: dict[str, CropGeometry], data: Data) -> None:
     """Refuse crop settings the training or selection images cannot serve (crops.check_geometry), before any work."""
     for split in (data.train, data.val):
         check_geometry(mm_per_px, crops, split.spacing_mm, split.orig_size, split.image_ids)
@@ -226,10 +233,11 @@ def check_crop_entries(cfg: TrainConfig, symbols: list[str], refined: list[str] 
     by the start model's errors, so an entry for a landmark it leaves out is unused, not wrong (a sweep's trials
     refine different sets)."""
     allowed, what = (symbols, "a landmark of the dataset") if refined is None else (refined, "a landmark this stage refines")
-    for key, mm in cfg.refine_crop_mm.items():
-        if key != DEFAULT_KEY and key not in allowed:
-            raise ValueError(rule_message("refine_crop_mm", {key: mm},
-                                          f"keyed by {what} ({', '.join(allowed)}) or `{DEFAULT_KEY}`"))
+    for name in ("refine_crop_mm", "refine_mm_per_px"):
+        for key, value in getattr(cfg, name).items():
+            if key != DEFAULT_KEY and key not in allowed:
+                raise ValueError(rule_message(name, {key: value},
+                                              f"keyed by {what} ({', '.join(allowed)}) or `{DEFAULT_KEY}`"))
 
 
 def crop_sides(cfg: TrainConfig, refined: list[str], errors_mm: np.ndarray, limit_mm: float) -> dict[str, float]:
@@ -246,15 +254,20 @@ def crop_sides(cfg: TrainConfig, refined: list[str], errors_mm: np.ndarray, limi
             out[s] = crop_side_mm(cfg.refine_crop_mm, s)
         else:
             derived = np.clip(cfg.refine_crop_k * p99[j], cfg.refine_crop_min_mm, cfg.refine_crop_max_mm)
-            out[s] = round(float(min(derived, limit_mm, MAX_CROP_PX * cfg.refine_mm_per_px)), 3)
+            out[s] = round(float(min(derived, limit_mm, MAX_CROP_PX * resolution(cfg.refine_mm_per_px, s))), 3)
     return out
 
 
 def physical_splits(data: Data, mm_per_px: float, cfg: TrainConfig) -> dict[str, PhysicalSplit]:
-    """The training and selection images at the crop resolution (crops.build_physical_cache): decoded once, then
+    """The training and selection images at a crop resolution (crops.build_physical_cache): decoded once, then
     shared by every run and trial at that resolution."""
     return {role: build_physical_cache(sp.records, sp.name, mm_per_px, cfg.annotator, cfg.cache_dir, cfg.progress)
             for role, sp in (("train", data.roles.train), ("val", data.roles.val))}
+
+
+def given_crops(cfg: TrainConfig) -> dict[str, CropGeometry]:
+    """The crops the options give before any landmark is chosen: each `refine_crop_mm` entry at its resolution."""
+    return {key: CropGeometry.from_mm(mm, resolution(cfg.refine_mm_per_px, key)) for key, mm in cfg.refine_crop_mm.items()}
 
 
 def train_refine(cfg: TrainConfig, callback: Callback | None = None, start_per_landmark: dict[str, float] | None = None,
@@ -287,22 +300,21 @@ def _train_refine(cfg: TrainConfig, callback: Callback | None, start_per_landmar
     if cfg.difficult:
         parse_symbols(cfg.difficult, symbols)
     check_crop_entries(cfg, symbols, cfg.difficult or None)
-    check_crops(cfg.refine_mm_per_px, {key: CropGeometry.from_mm(mm, cfg.refine_mm_per_px)
-                                       for key, mm in cfg.refine_crop_mm.items()}, data)  # the sides given
+    check_crops(cfg.refine_mm_per_px, given_crops(cfg), data)
 
     start_rec = start.record()
     coarse_val, coarse_train = (start.points(sp, symbols, start_rec["sha256"]) for sp in (data.val, data.train))
     start_pl = summarize(radial_errors_mm(coarse_val, data.val.keypoints_orig, data.val.spacing_mm), symbols).per_landmark
     difficult = run.choose_difficult(cfg, start.state, start_per_landmark or start_pl)
     channels = [symbols.index(s) for s in difficult]
-    phys = physical_splits(data, cfg.refine_mm_per_px, cfg)
     errors = (coarse_train - data.train.keypoints_orig)[:, channels] * data.train.spacing_mm[:, None, None]
     limit = min(smallest_extent_mm(sp.spacing_mm, sp.orig_size) for sp in (data.train, data.val))
     cfg = dataclasses.replace(cfg, refine_crop_mm=crop_sides(cfg, difficult, errors, limit))  # recorded as resolved
     crops = geometries(cfg.refine_crop_mm, difficult, cfg.refine_mm_per_px)
+    phys = {res: physical_splits(data, res, cfg) for res in sorted({g.mm_per_px for g in crops.values()})}
     offsets = Offsets.fit(errors, cfg.refine_offset_scale)
-    log.info("refine: %s on crops at %g mm/px (px, mm): %s; training offsets (RMS mm): %s", cfg.refine_model,
-             cfg.refine_mm_per_px, ", ".join(f"{s} {g.size} {g.field_mm:.1f}" for s, g in crops.items()),
+    log.info("refine: %s on crops (px at mm/px = mm): %s; training offsets (RMS mm): %s", cfg.refine_model,
+             ", ".join(f"{s} {g.size} at {g.mm_per_px:g} = {g.field_mm:.1f}" for s, g in crops.items()),
              ", ".join(f"{s} {d['rms_mm']:.2f}" for s, d in offsets.describe(difficult).items()))
     model = start.refine or place(create_model(cfg.refine_model, len(difficult)), device)
     cascade = Cascade(start.model, start.cfg, model, cfg, symbols, difficult, given=start.given)
@@ -310,12 +322,13 @@ def _train_refine(cfg: TrainConfig, callback: Callback | None, start_per_landmar
     run.write_run_files(out, cfg, difficult, difficult, start_pl)
 
     record = {"start": start_rec, "refined": difficult,
-              "crop_px": {s: g.size for s, g in crops.items()}, "mm_per_px": cfg.refine_mm_per_px,
+              "crop_px": {s: g.size for s, g in crops.items()}, "mm_per_px": {s: g.mm_per_px for s, g in crops.items()},
               "offsets": offsets.describe(difficult),
-              "train_spacing_mm": [float(phys["train"].spacing_mm.min()), float(phys["train"].spacing_mm.max())]}
+              "train_spacing_mm": [float(data.train.spacing_mm.min()), float(data.train.spacing_mm.max())]}
     objective = CropObjective.from_config(cfg, torch.ones(len(difficult)))
     opt = run.build_optimizer(model, cfg)
-    ds = CropDataset(phys["train"], channels, list(crops.values()), offsets, crop_transform(cfg))
+    ds = CropDataset({res: p["train"] for res, p in phys.items()}, channels, list(crops.values()), offsets,
+                     crop_transform(cfg), run.training_labels(cfg, data))
     steps = run.steps_per_epoch(len(ds), cfg.batch_size, cfg.max_steps_per_epoch, ds.groups())
     optim = run.Optimisation.create(opt, run.build_scheduler(opt, cfg, steps), device,
                                     amp_dtype(device, cfg.mixed_precision), cfg.grad_clip)
@@ -324,10 +337,10 @@ def _train_refine(cfg: TrainConfig, callback: Callback | None, start_per_landmar
     if start.state is not None:
         first_epoch, history = saver.restore(start.state, optim)
         log.info("resumed %s at epoch %d", cfg.resume, first_epoch)
-    val_images = phys["val"].images()
+    val_views = views({res: p["val"] for res, p in phys.items()})
 
     def score(_: torch.nn.Module) -> Summary:
-        pred = cascade.refine_coarse(coarse_val, val_images, phys["val"].scale)
+        pred = cascade.refine_coarse(coarse_val, val_views)
         err = radial_errors_mm(pred, data.val.keypoints_orig, data.val.spacing_mm)
         return summarize(err, symbols, difficult, start_pl, difficult)
 

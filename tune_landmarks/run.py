@@ -32,16 +32,16 @@ from tqdm import tqdm
 from .atomic import write_parquet
 from .augment import AugmentConfig, LandmarkDataset, train_transform
 from .build import from_checkpoint, with_start_model
-from .cache import CachedSplit, build_cache
+from .cache import CachedSplit, build_cache, to_target
 from .check import refuse_shared_films
-from .config import TrainConfig
+from .config import BOTH, TrainConfig
 from .device import amp_dtype, autocast, device_of, intra_op_threads, place, resolve_device
 from .infer import evaluate_split, start_errors
 from .landmarks import parse_symbols
 from .loss import AWingParams, check_finite, landmark_weights, per_landmark, weighted_total
 from .metrics import Summary, format_table, summarize
 from .model import LandmarkModel, create_model, input_size, read_checkpoint, save_atomic
-from .read import DatasetInfo, Roles, describe, load_roles
+from .read import DatasetError, DatasetInfo, Roles, describe, load_roles, load_split, parse_split
 
 log = logging.getLogger(__name__)
 
@@ -270,10 +270,32 @@ def train_step(model: LandmarkModel, x: torch.Tensor, kps: torch.Tensor, frame: 
     return value
 
 
-def train_dataset(split: CachedSplit, cfg: TrainConfig) -> LandmarkDataset:
-    """The training split under the run's augmentation (reseeded every epoch by `epoch_loader`)."""
+def training_labels(cfg: TrainConfig, data: Data) -> np.ndarray:
+    """(A, N, K, 2) original px: the points the training images teach, one array per annotator an item may draw
+    (augment.LandmarkDataset, refine.CropDataset). The run's truth (A = 1), or with `--annotator both` each
+    annotator's own points (A = 2: labels as they are, their disagreement left in rather than averaged away;
+    selection and evaluation stay on the mean)."""
+    if cfg.annotator != BOTH:
+        return data.train.keypoints_orig[None]
+    ids = list(data.train.image_ids)
+    out = []
+    for who in ("senior", "junior"):
+        sp = load_split(data.info, parse_split(data.roles.train.name)[0], who, cfg.skip_bad, frozenset(cfg.skip_images))
+        points = {r.image_id: r.keypoints for r in sp.records}
+        missing = [i for i in ids if i not in points]
+        if missing:
+            raise DatasetError(data.info.root, [f"--annotator both: no {who} points for {len(missing)} training "
+                                                f"image(s): {', '.join(missing[:10])}"])
+        out.append(np.stack([points[i] for i in ids]))
+    return np.stack(out)
+
+
+def train_dataset(split: CachedSplit, cfg: TrainConfig, labels: np.ndarray | None = None) -> LandmarkDataset:
+    """The training split under the run's augmentation (reseeded every epoch by `epoch_loader`); `labels`
+    (training_labels, original px) when its items draw one annotator's points each."""
     return LandmarkDataset(split, train_transform(AugmentConfig(cfg.aug_scale, cfg.aug_rotate, cfg.aug_translate,
-                                                                cfg.aug_brightness_contrast, cfg.aug_clahe_p)))
+                                                                cfg.aug_brightness_contrast, cfg.aug_clahe_p)),
+                           None if labels is None or len(labels) == 1 else to_target(labels, split.scale[:, None, :]))
 
 
 def epoch_loader(ds: LandmarkDataset, cfg: TrainConfig, epoch: int) -> DataLoader:
@@ -492,7 +514,7 @@ def _train(cfg: TrainConfig, callback: Callback | None, start_per_landmark: dict
     objective = Objective.from_config(cfg, weights, teacher)
     frozen = model.freeze(cfg.freeze_stages)
     opt = build_optimizer(model, cfg)
-    ds = train_dataset(data.train, cfg)
+    ds = train_dataset(data.train, cfg, training_labels(cfg, data))
     steps = steps_per_epoch(len(ds), cfg.batch_size, cfg.max_steps_per_epoch)
     optim = Optimisation.create(opt, build_scheduler(opt, cfg, steps), device, amp_dtype(device, cfg.mixed_precision),
                                 cfg.grad_clip)

@@ -364,29 +364,39 @@ def prepare_sweep(space_file: str, base: TrainConfig, settings: SweepSettings) -
 
 def prepare_crops(space: SearchSpace, base: TrainConfig, data: Any) -> None:
     """For the refine arm, before Ray starts: every crop setting the arm can sample checked against the training
-    and selection images (too fine a resolution, a crop larger than an image), and the physical cache of every
-    resolution it can sample (a fixed value or choices) built once, for all trials to share; a resolution drawn
-    from a range is cached by the first trial that draws it."""
+    and selection images (too fine a resolution, a crop larger than an image; each entry, `refine_crop_mm.Go`
+    included, at its landmark's resolutions), and the physical cache of every resolution it can sample (a fixed
+    value or choices) built once, for all trials to share; a resolution drawn from a range is cached by the first
+    trial that draws it."""
     from .config import DEFAULT_KEY, assign
     from .crops import CropGeometry
     from .refine import check_crop_entries, check_crops, physical_splits
 
-    def values(name: str) -> list[Any]:
-        p = space.get(name)
-        return [v for _, v in p.corners()] if p is not None else [getattr(base, name)]
+    def entries(name: str) -> dict[str, list[Any]]:
+        """Each entry (`default` or a landmark) of a per-landmark option: the values the space or the base gives it."""
+        out = {k: [v] for k, v in getattr(base, name).items()}
+        for p in space.params:
+            if p.name.split(".")[0] == name:
+                out[p.name.partition(".")[2] or DEFAULT_KEY] = [v for _, v in p.corners()]
+        return out
 
-    sides = [(p.name.partition(".")[2] or DEFAULT_KEY, [v for _, v in p.corners()]) for p in space.params
-             if p.name.split(".")[0] == "refine_crop_mm"] + [(k, [v]) for k, v in base.refine_crop_mm.items()]
-    check_crop_entries(assign(base, {f"refine_crop_mm.{k}": vs[0] for k, vs in sides}), data.info.symbols)
-    for mm_per_px in values("refine_mm_per_px"):
-        check_crops(mm_per_px, {}, data)
-        for key, mms in sides:
+    sides, resolutions = entries("refine_crop_mm"), entries("refine_mm_per_px")
+    check_crop_entries(assign(base, {f"{name}.{k}": vs[0] for name, got in (("refine_crop_mm", sides),
+                                                                             ("refine_mm_per_px", resolutions))
+                                     for k, vs in got.items()}), data.info.symbols)
+    for key, values in resolutions.items():
+        for res in values:
+            check_crops({key: res}, {}, data)
+    for key, mms in sides.items():
+        for res in resolutions.get(key, resolutions.get(DEFAULT_KEY, [])):
             for mm in mms:
-                check_crops(mm_per_px, {key: CropGeometry.from_mm(mm, mm_per_px)}, data)
-    resolution = space.get("refine_mm_per_px")
-    if resolution is None or resolution.type in ("fixed", "categorical"):  # every value it can take, not a range
-        for mm_per_px in values("refine_mm_per_px"):
-            physical_splits(data, mm_per_px, base)
+                check_crops({}, {key: CropGeometry.from_mm(mm, res)}, data)
+    ranged = {p.name.partition(".")[2] or DEFAULT_KEY for p in space.params
+              if p.name.split(".")[0] == "refine_mm_per_px" and p.type not in ("fixed", "categorical")}
+    for key, values in resolutions.items():
+        if key not in ranged:  # every value it can take, not a range
+            for res in values:
+                physical_splits(data, res, base)
 
 
 def init_ray(address: str | None, start_model: str | None = None) -> None:
