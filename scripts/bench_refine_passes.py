@@ -61,7 +61,7 @@ def main() -> None:
     args = _bench.parse(p, _bench.FINETUNE_SMOKE | {"epochs": 2, "synth_size": 160, "bootstrap": 200, "passes": [1, 2],
                                                     "tta": [3]})
     device = _bench.setup(args)
-    rec = _bench.Record("bench_refine_passes: one refinement pass vs crop-again passes", args, device)
+    rec = _bench.Record("bench_refine_passes: one refinement pass vs crop-again passes and averaged crops", args, device)
     rec.repeats = "one trained stage, scored once per split and number of passes (accuracy, not timing)"
     with _bench.workdir(args) as work:
         if args.checkpoint:
