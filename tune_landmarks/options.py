@@ -52,7 +52,8 @@ def add_dataset_options(p: argparse.ArgumentParser, required: bool | None = True
         p.add_argument(*flag("dataset_path"), dest="dataset_path", required=required, help=_HELP["dataset_path"])
     p.add_argument("--format", choices=FORMATS, help="dataset layout (default: detected)")
     p.add_argument("--annotator", default="mean", choices=ANNOTATORS,
-                   help=annotator_help or "whose points are the truth (mean: both annotators' average)")
+                   help=annotator_help or "whose points are the truth (mean: both annotators' average; both: "
+                                         "judged on the mean, training draws one annotator's points per item)")
     p.add_argument(*flag("skip_images"), dest="skip_images", type=skip_list, default=[], metavar="ID,...|@FILE",
                    help=_HELP["skip_images"])
 

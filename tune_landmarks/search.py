@@ -383,7 +383,7 @@ def prepare_crops(space: SearchSpace, base: TrainConfig, data: Any) -> None:
     sides, resolutions = entries("refine_crop_mm"), entries("refine_mm_per_px")
     check_crop_entries(assign(base, {f"{name}.{k}": vs[0] for name, got in (("refine_crop_mm", sides),
                                                                              ("refine_mm_per_px", resolutions))
-                                     for k, vs in got.items()}), data.info.symbols)
+                                     for k, vs in got.items()}), data.info.symbols, base.difficult or None)
     for key, values in resolutions.items():
         for res in values:
             check_crops({key: res}, {}, data)
