@@ -93,7 +93,7 @@ def test_coerce_converts_yaml_and_flag_text() -> None:
 BAD = [
     ("dataset_path", "", "a dataset directory"),
     ("format", "dicom", "one of aariz, isbi"),
-    ("annotator", "resident", "one of senior, junior, mean"),
+    ("annotator", "resident", "one of senior, junior, mean, both"),
     ("image_size", (0, 0), "two sizes in pixels (width height), each >= 8"),
     ("epochs", 0, ">= 1"),
     ("batch_size", 0, ">= 1"),
